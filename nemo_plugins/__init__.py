@@ -1,0 +1,1 @@
+"""cascade's library: Mistral-family models on megatron-core, conversion, pruning, distillation."""

@@ -1,0 +1,158 @@
+"""Build a megatron-core GPTModel for a MistralConfig, with Transformer Engine when it can run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.model.attention_temperature import query_scale, with_query_scale
+from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.model.masks import is_single_document, packed_causal_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MistralTransformerConfig(TransformerConfig):
+    """TransformerConfig plus the YaRN fields GPTModel reads with getattr when position_embedding_type='yarn'."""
+
+    yarn_rotary_scaling_factor: float = 1.0  # megatron's attention reads it whenever it exists; 1.0 == no YaRN
+    yarn_original_max_position_embeddings: int | None = None
+    yarn_beta_fast: float | None = None
+    yarn_beta_slow: float | None = None
+    yarn_mscale: float | None = None
+    yarn_mscale_all_dim: float | None = None
+    yarn_correction_range_round_to_int: bool = True
+    attention_temperature_beta: float | None = None
+    attention_temperature_period: int | None = None
+
+
+def transformer_engine_usable() -> bool:
+    """TE needs both its package and a GPU; anything else uses megatron's local (pure PyTorch) spec."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32) -> MistralTransformerConfig:
+    model.check_parallel(parallel.tp, parallel.pp)
+    yarn = model.rope_scaling
+    return MistralTransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_kv_heads,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        init_method_std=0.02,
+        yarn_rotary_scaling_factor=yarn.factor if yarn else 1.0,
+        yarn_original_max_position_embeddings=yarn.original_max_position_embeddings if yarn else None,
+        yarn_beta_fast=yarn.beta_fast if yarn else None,
+        yarn_beta_slow=yarn.beta_slow if yarn else None,
+        yarn_mscale=yarn.mscale if yarn else None,
+        yarn_mscale_all_dim=yarn.mscale_all_dim if yarn else None,
+        yarn_correction_range_round_to_int=yarn.truncate if yarn else True,
+        attention_temperature_beta=model.attention_temperature_beta,
+        attention_temperature_period=model.temperature_period,
+    )
+
+
+def layer_spec(config: MistralTransformerConfig, use_te: bool | None = None) -> ModuleSpec:
+    """The layer spec: Transformer Engine when usable (or forced), else local; query scaling when needed."""
+    use_te = transformer_engine_usable() if use_te is None else use_te
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    logger.info("layer spec: %s", "Transformer Engine" if use_te else "megatron-core local (pure PyTorch)")
+    if config.attention_temperature_period is not None:
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules))
+        attention = spec.submodules.self_attention
+        attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules))
+        attention.submodules.core_attention = with_query_scale(attention.submodules.core_attention)
+        spec.submodules.self_attention = attention
+    return spec
+
+
+class MistralGPTModel(GPTModel):
+    """GPTModel whose forward takes per-document ``position_ids`` and derives masks and temperature from them.
+
+    ``position_ids`` [b, s] restart at 0 at each packed document. Plain (unpacked) batches take megatron's
+    implicit causal mask; packed ones get a block-diagonal causal mask. RoPE itself is relative, so
+    megatron's in-pack rotary positions give the same scores as per-document ones under that mask.
+    """
+
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **kwargs):  # type: ignore[override]
+        if attention_mask is None and not is_single_document(position_ids):
+            attention_mask = packed_causal_mask(position_ids)
+        period = self.config.attention_temperature_period
+        if period is not None:
+            extra = dict(kwargs.pop("extra_block_kwargs", None) or {})
+            extra["attention_bias"] = query_scale(position_ids, self.config.attention_temperature_beta, period)
+            kwargs["extra_block_kwargs"] = extra
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+
+
+def build_model(
+    model: MistralConfig,
+    parallel: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+) -> MistralGPTModel:
+    """The model chunk of this pipeline rank; megatron's parallel state must be initialised."""
+    config = transformer_config(model, parallel, dtype)
+    gpt = MistralGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, use_te),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="yarn" if model.rope_scaling else "rope",
+        rotary_base=model.rope_theta,
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
