@@ -7,6 +7,8 @@ megatron-core assumes CUDA in a handful of places (checked on 0.16.1 and 0.19.x)
   communication (shape exchange), the optimizer (loss-scale and found-inf tensors), ``clip_grads``;
 * ``torch.cuda.synchronize`` / ``empty_cache`` in p2p communication and DDP;
 * the CUDA RNG state tracker behind ``model_parallel_cuda_manual_seed`` and dropout;
+* ``LanguageModule.setup_embeddings_and_output_layer`` calling ``weight.data.cuda()`` before the
+  first/last-stage all-reduce of tied embeddings under pipeline parallelism;
 * ``clip_grad_by_total_norm_fp32`` asserting ``grad.type() == 'torch.cuda.FloatTensor'``.
 
 On a machine where CUDA is unavailable every one of those calls would raise, so nothing is lost by
@@ -45,6 +47,13 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.distributed.distributed_data_parallel": "cuda.synchronize / empty_cache",
     "megatron.core.distributed.param_and_grad_buffer": "buffers on current_device",
     "megatron.core.utils": "GlobalMemoryBuffer (attention matmul buffer) on current_device",
+    "megatron.core.tensor_parallel.mappings": "TP gather/reduce-scatter buffers on current_device",
+    "megatron.core.tensor_parallel.layers": "sequence-parallel all-gather buffers on current_device",
+    "megatron.core.tensor_parallel.data": "broadcast_data size/data tensors on cuda",
+    "megatron.core.tensor_parallel.utils": "split/gather helper buffers on current_device",
+    "megatron.core.transformer.module": "Float16Module / embedding-sync tensors on current_device",
+    "megatron.core.dist_checkpointing.exchange_utils": "fully-parallel exchange buffers on cuda",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save-plan agreement tensors on cuda",
 }
 
 _FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "zeros_like", "ones_like", "empty_like")
@@ -153,6 +162,29 @@ def _cpu_clip_grad_by_total_norm_fp32(parameters: Any, max_norm: float, total_no
         torch._foreach_mul_(grads, clip_coeff)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """Inside this block ``Tensor.cuda()`` returns the tensor itself (CPU-only machines)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _patch_tied_embedding_setup() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return original(self, *args, **kwargs)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -181,6 +213,7 @@ def install() -> bool:
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
     if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
         optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    _patch_tied_embedding_setup()
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)

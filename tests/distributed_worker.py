@@ -1,0 +1,77 @@
+"""Worker bodies for multi-process gloo tests (spawned; must be importable top-level functions)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_plugins.convert.model_io import gather_hf_state, load_hf_state
+from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.model.builder import build_model
+
+
+def run(rank: int, world_size: int, port: int, body, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        body(*args)
+    finally:
+        shutdown()
+
+
+def tp_logits_and_loss(config, state_path: str, out_path: str, tp: int) -> None:
+    """Forward with TP=tp: gathered logits and megatron's vocab-parallel cross-entropy."""
+    parallel = ParallelConfig(tp=tp)
+    initialize(parallel)
+    model = build_model(config, parallel).eval()
+    load_hf_state(model, torch.load(state_path), config)
+    tokens, positions = torch.load(out_path + ".inputs")
+    with torch.no_grad():
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(tokens, positions))
+        loss = model(tokens, positions, labels=tokens.roll(-1, dims=1))
+    roundtrip = gather_hf_state(model, config)
+    if dist.get_rank() == 0:
+        torch.save({"logits": logits, "loss": loss, "roundtrip": roundtrip}, out_path)
+
+
+def pp_loss(config, state_path: str, out_path: str, pp: int) -> None:
+    """Mean token loss and gradient norm through megatron's pipeline schedule (p2p over gloo) and grad finalisation."""
+    parallel = ParallelConfig(pp=pp)
+    initialize(parallel)
+    model = build_model(config, parallel)
+    load_hf_state(model, torch.load(state_path), config)
+    model.config.finalize_model_grads_func = finalize_model_grads  # incl. the tied-embedding all-reduce
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    tokens, positions = torch.load(out_path + ".inputs")
+    micro_batches = [(tokens[i : i + 1], positions[i : i + 1]) for i in range(tokens.shape[0])]
+
+    def forward_step(data_iterator, chunk):
+        mb_tokens, mb_positions = next(data_iterator)
+        output = chunk(mb_tokens, mb_positions, labels=mb_tokens.roll(-1, dims=1))
+
+        def loss_func(per_token_loss):
+            loss = per_token_loss.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[ddp],
+        num_microbatches=len(micro_batches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    duplicate = model.output_layer.weight if config.tie_embeddings and not model.pre_process else None
+    grad_sq = sum(p.main_grad.float().pow(2).sum() for p in model.parameters() if p is not duplicate)
+    grad_sq = grad_sq.reshape(1)
+    dist.all_reduce(grad_sq, group=parallel_state.get_pipeline_model_parallel_group())
+    if parallel_state.is_pipeline_last_stage():
+        mean = torch.stack([l["loss"] for l in losses]).mean()
+        torch.save({"loss": mean, "grad_sq": grad_sq}, out_path)

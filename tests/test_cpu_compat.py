@@ -1,0 +1,126 @@
+"""One test per CPU patch of megatron-core (nemo_plugins.cpu_compat): an upgrade that moves a call fails here."""
+
+import importlib
+import time
+
+import pytest
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_plugins import cpu_compat
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.model.builder import build_model
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the patches are inactive where CUDA exists")
+
+
+@pytest.mark.parametrize("module_name", sorted(cpu_compat.PATCHED_MODULES))
+def test_module_sees_cpu_torch(module_name):
+    module = importlib.import_module(module_name)
+    assert module.torch.cuda.current_device() == torch.device("cpu")
+    assert module.torch.zeros(2, device="cuda").device.type == "cpu"
+    assert module.torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+
+
+def test_rotary_embedding_on_cpu():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    emb = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=False)
+    assert emb(8).device.type == "cpu"
+
+
+def test_yarn_embedding_on_cpu():
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    emb = YarnRotaryEmbedding(kv_channels=16, scaling_factor=4.0, original_max_position_embeddings=8, use_cpu_initialization=True)
+    freqs, _ = emb(32)
+    assert freqs.device.type == "cpu" and freqs.shape[0] == 32
+
+
+def test_default_causal_mask_on_cpu():
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    mask = get_default_causal_mask(4)
+    assert mask.device.type == "cpu"
+    assert torch.equal(mask, torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1))
+
+
+def test_global_memory_buffer_on_cpu():
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    assert GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "test").device.type == "cpu"
+
+
+def test_rng_tracker_forks_the_cpu_generator():
+    tensor_parallel.model_parallel_cuda_manual_seed(123, force_reset_rng=True)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    with tracker.fork():
+        first = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before), "fork must restore the default generator"
+    with tracker.fork():
+        second = torch.rand(3)
+    assert not torch.equal(first, second), "the tracked state must advance between forks"
+    tensor_parallel.model_parallel_cuda_manual_seed(123, force_reset_rng=True)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(3), first), "the same seed must reproduce the tracked stream"
+
+
+def _train_step(clip_grad: float):
+    """Schedule (total_num_tokens), DDP grad buffers, optimizer (found_inf/loss scale), clip_grads, all on CPU."""
+    config = tiny_config()
+    model = build_model(config, ParallelConfig())
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=clip_grad, use_distributed_optimizer=False), [ddp])
+    tokens = torch.randint(0, config.vocab_size, (2, 16))
+    positions = torch.arange(16).expand(2, -1)
+
+    def forward_step(_data, chunk):
+        logits = chunk(tokens, positions)
+
+        def loss_func(output):
+            loss = torch.nn.functional.cross_entropy(output.float().flatten(0, 1), tokens.flatten())
+            return loss, {"loss": loss.detach()}
+
+        return logits, loss_func
+
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=[ddp],
+        num_microbatches=1,
+        seq_length=16,
+        micro_batch_size=2,
+        forward_only=False,
+    )
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    success, grad_norm, _ = optimizer.step()
+    moved = max((p.detach() - before[k]).abs().max().item() for k, p in model.named_parameters())
+    return losses, success, grad_norm, moved
+
+
+def test_training_step_with_grad_clipping_on_cpu():
+    losses, success, grad_norm, moved = _train_step(clip_grad=1e-3)
+    assert success and grad_norm > 1e-3  # the clip path ran (coefficient < 1)
+    assert torch.isfinite(losses[0]["loss"])
+    assert moved > 0
+
+
+def test_distributed_optimizer_is_gpu_only():
+    assert cpu_compat.use_distributed_optimizer_allowed() is False
+
+
+def test_forward_backward_of_two_layer_model_runs_in_seconds():
+    model = build_model(tiny_config(hidden_size=256, ffn_hidden_size=512, head_dim=64), ParallelConfig())
+    tokens = torch.randint(0, 128, (2, 128))
+    start = time.perf_counter()
+    model(tokens, torch.arange(128).expand(2, -1)).float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    print(f"2-layer forward+backward: {time.perf_counter() - start:.3f}s")
