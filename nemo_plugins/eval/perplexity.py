@@ -1,0 +1,90 @@
+"""Perplexity of a (TP/PP/DP-parallel) megatron model on token windows, through megatron's schedules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
+
+from nemo_plugins.distributed import device
+
+
+def token_windows(tokenizer, documents: Iterable[tuple[str, str]], seq_len: int, max_windows: int) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len + 1]`` windows of the EOS-joined token stream (inputs + shifted labels)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    need = max_windows * (seq_len + 1)
+    for _, text in documents:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= need:
+            break
+    n = min(max_windows, len(stream) // (seq_len + 1))
+    if n == 0:
+        raise ValueError(f"only {len(stream)} tokens of text: fewer than one window of {seq_len + 1}")
+    return torch.tensor(stream[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    tokens: int
+    mean_nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "mean_nll": self.mean_nll, "perplexity": self.perplexity}
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: torch.nn.Module, windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+    """Mean next-token NLL over all windows; data-parallel ranks take interleaved windows."""
+    model.eval()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mine = windows[dp_rank::dp_size]
+    seq_len = windows.shape[1] - 1
+    batches = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    positions = torch.arange(seq_len, device=device())
+    totals = torch.zeros(2, dtype=torch.float64, device=device())
+    counts_here = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    forward_backward = get_forward_backward_func()
+    bar = tqdm(total=len(mine) * seq_len, unit="tok", unit_scale=True, desc="perplexity", disable=not progress or dist.get_rank() != 0)
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator).to(device())
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        per_token = chunk(inputs, positions.expand_as(inputs), labels=labels)
+
+        def reduce(loss):
+            return loss.sum(), {"nll_sum": loss.double().sum(), "tokens": loss.numel()}
+
+        return per_token, reduce
+
+    for batch in batches:
+        outputs = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter([batch]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=seq_len,
+            micro_batch_size=batch.shape[0],
+            forward_only=True,
+        )
+        if counts_here:
+            for out in outputs:
+                totals[0] += out["nll_sum"]
+                totals[1] += out["tokens"]
+        bar.update(batch.numel() - batch.shape[0])
+    bar.close()
+    dist.all_reduce(totals)
+    return PerplexityResult(tokens=int(totals[1].item()), mean_nll=(totals[0] / totals[1]).item())

@@ -1,0 +1,61 @@
+"""Perplexity of a checkpoint on real text; writes a JSON result.
+
+    python -m recipes.evaluate                                  # the embedded SmolLM2 parent
+    python -m recipes.evaluate model.source=megatron:runs/x/ckpt model.architecture=null
+    torchrun --nproc-per-node 2 -m recipes.evaluate parallel.tp=2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, load_model, tokenizer_dir
+from nemo_plugins.data.text_files import iter_documents
+from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
+from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
+from nemo_plugins.logs import setup_logging
+from nemo_plugins.model.config import ConfigError
+
+logger = logging.getLogger("recipes.evaluate")
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.model.source:
+        raise ConfigError("model.source is null: say where the weights are, e.g. model.source=hf:/path/to/dir")
+    parallel = ParallelConfig(**cfg.parallel)
+    source = ModelSource.parse(cfg.model.source)
+    initialize(parallel)
+    config, model = load_model(source, parallel, getattr(torch, cfg.dtype))
+    check_declared(declared_architecture(cfg.model.architecture), config, cfg.model.source)
+    tokenizer = load_tokenizer(tokenizer_dir(source))
+    check_vocab(tokenizer, config)
+    windows = token_windows(tokenizer, iter_documents(list(cfg.data.paths)), cfg.data.seq_len, cfg.data.max_windows)
+    result = evaluate_perplexity(model, windows, cfg.micro_batch_size)
+    report = {"source": cfg.model.source, "data": list(cfg.data.paths), "seq_len": cfg.data.seq_len, **result.to_dict()}
+    if dist.get_rank() == 0:
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("perplexity %.3f over %d tokens -> %s", result.perplexity, result.tokens, out)
+    return report
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        run(cfg)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
