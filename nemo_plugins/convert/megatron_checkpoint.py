@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_plugins.model.config import ConfigError, MistralConfig
 
@@ -58,6 +59,6 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
         raise ConfigError(f"{weights}: no dist_checkpointing metadata; the checkpoint is incomplete")
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
-    except Exception as err:  # dist_checkpointing raises several types for missing/corrupt shard files
+    except (Exception, CheckpointException) as err:  # several types (CheckpointException is a BaseException)
         raise ConfigError(f"{weights}: cannot load checkpoint shards ({type(err).__name__}: {err})") from err
     model.load_state_dict(state, strict=True)

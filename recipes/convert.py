@@ -1,0 +1,79 @@
+"""Convert weights between Hugging Face / GGUF and megatron-core checkpoints.
+
+    python -m recipes.convert --src embedded:smollm2 --to-megatron runs/parent/megatron
+    python -m recipes.convert --src hf:/data/Mistral-Small-3.1-24B --to-megatron ckpt --tp 8   # under torchrun
+    python -m recipes.convert --src megatron:runs/parent/megatron --to-hf runs/parent/hf
+
+Megatron checkpoints are megatron-core dist_checkpointing directories, loadable at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from nemo_plugins.convert import hf_io, megatron_checkpoint
+from nemo_plugins.convert.model_io import gather_hf_state
+from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
+from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.logs import setup_logging
+
+logger = logging.getLogger("recipes.convert")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", required=True, help="embedded:NAME | gguf:FILE | hf:DIR | megatron:DIR")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-megatron", metavar="DIR", help="write a megatron dist checkpoint")
+    target.add_argument("--to-hf", metavar="DIR", help="write a Hugging Face directory (safetensors)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--max-shard-gb", type=float, default=4.0, help="HF safetensors shard size")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    source = ModelSource.parse(args.src)
+    initialize(parallel)
+    config, model = load_model(source, parallel, getattr(torch, args.dtype))
+    tokenizer = tokenizer_dir(source)
+    if args.to_megatron:
+        out = megatron_checkpoint.save_model(model, config, args.to_megatron, tokenizer_dir=tokenizer)
+    else:
+        state = gather_hf_state(model, config)
+        out = args.to_hf
+        if dist.get_rank() == 0:
+            extra = {p.name: p for p in tokenizer.iterdir() if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json"}
+            hf_io.write_model_dir(state, config, out, max_shard_bytes=int(args.max_shard_gb * 2**30), extra_files=extra)
+        dist.barrier()
+    summary = {
+        "src": args.src,
+        "dst": str(out),
+        "parameters": config.num_parameters(),
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # ru_maxrss is KiB
+    }
+    logger.info("converted: %s", json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    try:
+        run(parse_args(argv))
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
