@@ -198,6 +198,14 @@ def use_distributed_optimizer_allowed() -> bool:
     return cuda_available()
 
 
+def resolve_distributed_optimizer(requested: bool) -> bool:
+    """The ``use_distributed_optimizer`` to pass megatron: as requested on GPUs, plain optimizer (logged) on CPU."""
+    if requested and not use_distributed_optimizer_allowed():
+        logger.warning("DistributedOptimizer is CUDA-only in megatron-core: using the plain megatron optimizer on CPU")
+        return False
+    return requested
+
+
 def install() -> bool:
     """Patch megatron-core for CPU execution if (and only if) CUDA is unavailable. Idempotent.
 

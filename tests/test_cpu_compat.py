@@ -113,8 +113,17 @@ def test_training_step_with_grad_clipping_on_cpu():
     assert moved > 0
 
 
-def test_distributed_optimizer_is_gpu_only():
+def test_distributed_optimizer_falls_back_on_cpu(caplog):
     assert cpu_compat.use_distributed_optimizer_allowed() is False
+    with caplog.at_level("WARNING", logger="nemo_plugins.cpu_compat"):
+        assert cpu_compat.resolve_distributed_optimizer(True) is False
+    assert "plain megatron optimizer" in caplog.text
+    assert cpu_compat.resolve_distributed_optimizer(False) is False
+
+
+def test_patches_stay_off_where_cuda_exists(monkeypatch):
+    monkeypatch.setattr(cpu_compat, "cuda_available", lambda: True)
+    assert cpu_compat.install() is False
 
 
 def test_forward_backward_of_two_layer_model_runs_in_seconds():

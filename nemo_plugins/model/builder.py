@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.model.attention_temperature import query_scale, with_query_scale
-from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.model.config import ConfigError, MistralConfig
 from nemo_plugins.model.masks import is_single_document, packed_causal_mask
 
 logger = logging.getLogger(__name__)
@@ -96,9 +96,8 @@ def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: to
     )
 
 
-def layer_spec(config: MistralTransformerConfig, use_te: bool | None = None) -> ModuleSpec:
-    """The layer spec: Transformer Engine when usable (or forced), else local; query scaling when needed."""
-    use_te = transformer_engine_usable() if use_te is None else use_te
+def layer_spec(config: MistralTransformerConfig, use_te: bool) -> ModuleSpec:
+    """The layer spec: Transformer Engine or megatron's local one, with query scaling when needed."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -123,8 +122,16 @@ class MistralGPTModel(GPTModel):
     megatron's in-pack rotary positions give the same scores as per-document ones under that mask.
     """
 
+    uses_transformer_engine: bool = False
+
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **kwargs):  # type: ignore[override]
         if attention_mask is None and not is_single_document(position_ids):
+            if self.uses_transformer_engine:
+                # TE's causal kernels ignore an explicit mask: documents would silently attend to each other.
+                raise ConfigError(
+                    "packed documents with the Transformer Engine spec need THD packed_seq_params, which is not "
+                    "wired yet; run unpacked batches or the local spec (use_te=False)"
+                )
             attention_mask = packed_causal_mask(position_ids)
         period = self.config.attention_temperature_period
         if period is not None:
@@ -142,6 +149,7 @@ def build_model(
 ) -> MistralGPTModel:
     """The model chunk of this pipeline rank; megatron's parallel state must be initialised."""
     config = transformer_config(model, parallel, dtype)
+    use_te = transformer_engine_usable() if use_te is None else use_te
     gpt = MistralGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te),
@@ -153,6 +161,7 @@ def build_model(
         position_embedding_type="yarn" if model.rope_scaling else "rope",
         rotary_base=model.rope_theta,
     )
+    gpt.uses_transformer_engine = use_te
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
