@@ -9,10 +9,10 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
 from nemo_plugins.distributed import device
+from nemo_plugins.model.forward import forward_only
 
 
 def token_windows(tokenizer, documents: Iterable[tuple[str, str]], seq_len: int, max_windows: int) -> torch.Tensor:
@@ -48,43 +48,25 @@ class PerplexityResult:
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True) -> PerplexityResult:
     """Mean next-token NLL over all windows; data-parallel ranks take interleaved windows."""
-    model.eval()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = windows[dp_rank::dp_size]
     seq_len = windows.shape[1] - 1
-    batches = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-    positions = torch.arange(seq_len, device=device())
-    totals = torch.zeros(2, dtype=torch.float64, device=device())
-    counts_here = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    forward_backward = get_forward_backward_func()
+    positions = torch.arange(seq_len).expand(micro_batch_size, -1)
     bar = tqdm(total=len(mine) * seq_len, unit="tok", unit_scale=True, desc="perplexity", disable=not progress or dist.get_rank() != 0)
 
-    def forward_step(data_iterator, chunk):
-        batch = next(data_iterator).to(device())
-        inputs, labels = batch[:, :-1], batch[:, 1:]
-        per_token = chunk(inputs, positions.expand_as(inputs), labels=labels)
+    def batches():
+        for i in range(0, len(mine), micro_batch_size):
+            batch = mine[i : i + micro_batch_size]
+            yield batch[:, :-1], positions[: len(batch)], batch[:, 1:]
+            bar.update(batch.numel() - len(batch))
 
-        def reduce(loss):
-            return loss.sum(), {"nll_sum": loss.double().sum(), "tokens": loss.numel()}
-
-        return per_token, reduce
-
-    for batch in batches:
-        outputs = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iter([batch]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=seq_len,
-            micro_batch_size=batch.shape[0],
-            forward_only=True,
-        )
-        if counts_here:
-            for out in outputs:
-                totals[0] += out["nll_sum"]
-                totals[1] += out["tokens"]
-        bar.update(batch.numel() - batch.shape[0])
+    outputs = forward_only(model, batches(), lambda loss: {"nll_sum": loss.double().sum(), "tokens": loss.numel()})
     bar.close()
+    totals = torch.zeros(2, dtype=torch.float64, device=device())
+    if parallel_state.get_tensor_model_parallel_rank() == 0:  # TP ranks hold the same loss
+        for out in outputs:
+            totals[0] += out["nll_sum"]
+            totals[1] += out["tokens"]
     dist.all_reduce(totals)
     return PerplexityResult(tokens=int(totals[1].item()), mean_nll=(totals[0] / totals[1]).item())

@@ -1,0 +1,39 @@
+"""Width pruning of SwiGLU FFNs: keep the intermediate channels with the largest mean |silu(W1 x) * W3 x|."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from nemo_plugins.model.config import ConfigError
+from nemo_plugins.prune.state import ModelState, layer_key
+
+FfnMethod = Literal["activation", "random"]
+
+
+def select_channels(scores: torch.Tensor, keep: int, method: FfnMethod = "activation", seed: int = 0) -> torch.Tensor:
+    """``[layers, keep]`` ascending channel indices per layer (``scores`` is ``[layers, ffn]``)."""
+    layers, total = scores.shape
+    if not 1 <= keep <= total:
+        raise ConfigError(f"target ffn_hidden_size={keep} must be between 1 and the parent's {total}")
+    if method == "activation":
+        chosen = torch.topk(scores, keep, dim=1).indices
+    elif method == "random":
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.stack([torch.randperm(total, generator=generator)[:keep] for _ in range(layers)])
+    else:
+        raise ConfigError(f"prune.ffn.method={method!r} is not one of activation, random")
+    return torch.sort(chosen, dim=1).values
+
+
+def keep_channels(state: ModelState, kept: torch.Tensor) -> ModelState:
+    """Rows of W1 (gate) and W3 (up), and the matching columns of W2 (down), for each layer's kept channels."""
+    tensors = dict(state.tensors)
+    for layer in range(state.config.num_layers):
+        rows = kept[layer]
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            tensors[layer_key(layer, name)] = state.tensors[layer_key(layer, name)][rows].contiguous()
+        down = layer_key(layer, "mlp.down_proj")
+        tensors[down] = state.tensors[down][:, rows].contiguous()
+    return ModelState(state.config.replace(ffn_hidden_size=int(kept.shape[1])), tensors)

@@ -1,0 +1,130 @@
+"""Hidden-size pruning with ONE rotation of the residual stream for the whole network (SliceGPT-style).
+
+1. ``fold_norms``: every RMSNorm weight is folded into the linears it feeds (q/k/v, gate/up, output layer)
+   so that all norms become weightless; a weightless RMSNorm commutes with any rotation of its input,
+   hence a full-rank rotation changes no logit.
+2. ``hidden_basis``: PCA of the second moment of the attention-norm and FFN-norm inputs of every block,
+   concatenated (summed moments). The PCA is **uncentred** by default: the network has no biases and RMSNorm
+   does not subtract a mean, so the subspace that keeps the most of E[x x^T] (the energy the blocks actually
+   see, mean included) is the one to keep; a centred PCA can discard a large mean direction. ``centred=True``
+   is available for ablation. ``magnitude`` is the Minitron-style baseline: keep the k channels with the
+   largest energy, no rotation.
+3. ``rotate_hidden``: apply the k leading basis vectors to the embedding, every block's input and output
+   projections and the output layer.
+4. RMSNorm over k < d channels divides by the RMS of the kept channels only, which is larger than the parent's
+   RMS by about sqrt(d/k) when the kept subspace holds most of the energy. ``norm_scale`` compensates per norm
+   site: c = sqrt(d/k * retained energy fraction), so that the child's normalised activations match the
+   parent's projected ones on average ("energy"); "dim_ratio" uses sqrt(d/k), "none" leaves 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from nemo_plugins.model.config import ConfigError
+from nemo_plugins.prune.state import READS_RESIDUAL, WRITES_RESIDUAL, ModelState, layer_key
+
+HiddenMethod = Literal["pca", "magnitude"]
+NormCompensation = Literal["energy", "dim_ratio", "none"]
+NORM_SITES = ("input_layernorm", "post_attention_layernorm")
+
+
+def fold_norms(state: ModelState) -> ModelState:
+    """Equivalent model whose RMSNorms are all ones; untied, since the output layer absorbs the final norm."""
+    t = dict(state.tensors)
+    config = state.config
+    for layer in range(config.num_layers):
+        for norm, readers in (("input_layernorm", READS_RESIDUAL[:3]), ("post_attention_layernorm", READS_RESIDUAL[3:])):
+            gamma = t[layer_key(layer, norm)]
+            for reader in readers:
+                t[layer_key(layer, reader)] = t[layer_key(layer, reader)] * gamma[None, :]
+            t[layer_key(layer, norm)] = torch.ones_like(gamma)
+    gamma = t["model.norm.weight"]
+    t["lm_head.weight"] = state.output_weight() * gamma[None, :]
+    t["model.norm.weight"] = torch.ones_like(gamma)
+    return ModelState(config.replace(tie_embeddings=False), t)
+
+
+@dataclass(frozen=True)
+class HiddenBasis:
+    """Orthonormal columns ``[d, d]`` ordered by importance, with the importance of each."""
+
+    vectors: torch.Tensor
+    importance: torch.Tensor
+
+    def explained(self) -> torch.Tensor:
+        """Cumulative fraction of the total importance kept by the first k columns, k = 1..d."""
+        return torch.cumsum(self.importance, 0) / self.importance.sum()
+
+
+def hidden_basis(moment: torch.Tensor, mean: torch.Tensor | None = None, method: HiddenMethod = "pca", centred: bool = False) -> HiddenBasis:
+    """Basis of the residual stream from its (fp64) second moment E[x x^T] (and mean, for centred PCA)."""
+    moment = moment.to(torch.float64)
+    if method == "magnitude":
+        energy = torch.diagonal(moment).clone()
+        order = torch.argsort(energy, descending=True)
+        return HiddenBasis(torch.eye(moment.shape[0], dtype=torch.float64)[:, order], energy[order])
+    if method != "pca":
+        raise ConfigError(f"prune.hidden.method={method!r} is not one of pca, magnitude")
+    if centred:
+        if mean is None:
+            raise ConfigError("centred PCA needs the activation mean")
+        mean = mean.to(torch.float64)
+        moment = moment - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh((moment + moment.T) / 2)
+    order = torch.argsort(values, descending=True)
+    return HiddenBasis(vectors[:, order], values[order].clamp_min(0))
+
+
+def norm_scale(site_moment: torch.Tensor, basis_k: torch.Tensor, mode: NormCompensation) -> float:
+    """Weight for a child RMSNorm over k of d channels (see the module docstring)."""
+    d, k = basis_k.shape
+    if mode == "none":
+        return 1.0
+    if mode == "dim_ratio":
+        return math.sqrt(d / k)
+    if mode != "energy":
+        raise ConfigError(f"prune.hidden.norm_compensation={mode!r} is not one of energy, dim_ratio, none")
+    total = torch.trace(site_moment).item()
+    kept = torch.trace(basis_k.T @ site_moment.to(torch.float64) @ basis_k).item()
+    return math.sqrt(d / k * kept / total) if total > 0 else 1.0
+
+
+def rotate_hidden(folded: ModelState, basis_k: torch.Tensor, scales: dict[str, float] | None = None) -> ModelState:
+    """Project the residual stream of a norm-folded model onto ``basis_k`` ``[d, k]`` (orthonormal columns).
+
+    ``scales`` maps norm names (``model.layers.i.input_layernorm`` ..., ``model.norm``) to their weight in the
+    child; missing ones stay 1.
+    """
+    config = folded.config
+    if config.tie_embeddings:
+        raise ConfigError("rotate_hidden needs a norm-folded (untied) model: call fold_norms first")
+    d, k = basis_k.shape
+    if d != config.hidden_size:
+        raise ConfigError(f"basis has {d} rows but the model's hidden_size is {config.hidden_size}")
+    if not 1 <= k <= d:
+        raise ConfigError(f"target hidden_size={k} must be between 1 and the parent's {d}")
+    scales = scales or {}
+    t = dict(folded.tensors)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t[name] = _matmul(folded.tensors[name], basis_k)
+    for layer in range(config.num_layers):
+        for reader in READS_RESIDUAL:
+            t[layer_key(layer, reader)] = _matmul(folded.tensors[layer_key(layer, reader)], basis_k)
+        for writer in WRITES_RESIDUAL:
+            t[layer_key(layer, writer)] = _matmul(basis_k.T, folded.tensors[layer_key(layer, writer)])
+        for site in NORM_SITES:
+            prefix = f"model.layers.{layer}.{site}"
+            t[f"{prefix}.weight"] = torch.full((k,), scales.get(prefix, 1.0), dtype=folded.tensors[f"{prefix}.weight"].dtype)
+    t["model.norm.weight"] = torch.full((k,), scales.get("model.norm", 1.0), dtype=folded.tensors["model.norm.weight"].dtype)
+    return ModelState(config.replace(hidden_size=k), t)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Product in fp64, returned in the weights' dtype (keeps a full-rank rotation exact to fp32 rounding)."""
+    dtype = a.dtype if a.dtype != torch.float64 else b.dtype
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(dtype).contiguous()
