@@ -77,7 +77,12 @@ def hidden_basis(moment: torch.Tensor, mean: torch.Tensor | None = None, method:
         moment = moment - torch.outer(mean, mean)
     values, vectors = torch.linalg.eigh((moment + moment.T) / 2)
     order = torch.argsort(values, descending=True)
-    return HiddenBasis(vectors[:, order], values[order].clamp_min(0))
+    vectors = vectors[:, order]
+    # eigenvectors are defined up to sign: make each one's largest component positive so that the same
+    # statistics give the same child on every rank and machine
+    largest = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[largest, torch.arange(vectors.shape[1])])
+    return HiddenBasis(vectors * torch.where(signs == 0, 1.0, signs), values[order].clamp_min(0))
 
 
 def norm_scale(site_moment: torch.Tensor, basis_k: torch.Tensor, mode: NormCompensation) -> float:

@@ -1,0 +1,119 @@
+"""Algorithm 2 end to end: layers -> hidden size (one PCA rotation) -> FFN channels -> embedding tying.
+
+``prune`` only needs a ``calibrate(state, statistics)`` callable, so it runs the same with a megatron model
+under any TP/PP/DP (the recipe) or with a toy calibrator (tests). By default every step is calibrated on the
+model the previous step left; ``recalibrate=False`` reuses one pass over the parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from nemo_plugins.model.config import ConfigError
+from nemo_plugins.prune.calibration import STATISTICS, CalibrationStats
+from nemo_plugins.prune.embeddings import TieMethod, set_tied
+from nemo_plugins.prune.ffn import FfnMethod, keep_channels, select_channels
+from nemo_plugins.prune.hidden import HiddenMethod, NormCompensation, fold_norms, hidden_basis, norm_scale, rotate_hidden
+from nemo_plugins.prune.layers import LayerMethod, keep_layers, select_layers
+from nemo_plugins.prune.state import ModelState, count_parameters
+
+Calibrator = Callable[[ModelState, frozenset[str]], CalibrationStats]
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """The child's shape; heads and head_dim are never pruned (Ministral 3 keeps 32 q / 8 kv heads)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    tie_embeddings: bool
+
+    def check_against(self, parent, tensor_parallel: int = 1) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size"):
+            value, limit = getattr(self, name), getattr(parent, name)
+            if not 1 <= value <= limit:
+                raise ConfigError(f"prune.target.{name}={value} must be between 1 and the parent's {limit}")
+        if self.ffn_hidden_size % tensor_parallel:
+            raise ConfigError(f"prune.target.ffn_hidden_size={self.ffn_hidden_size} is not divisible by parallel.tp={tensor_parallel}")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    layer_method: LayerMethod = "norm_ratio"
+    hidden_method: HiddenMethod = "pca"
+    centred: bool = False
+    norm_compensation: NormCompensation = "energy"
+    ffn_method: FfnMethod = "activation"
+    tie_method: TieMethod = "embedding"
+    recalibrate: bool = True
+    seed: int = 0
+
+
+def _same_on_every_rank(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's copy: eigen-solvers may differ in the last bits across CPU types."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def prune(parent: ModelState, target: PruneTarget, options: PruneOptions, calibrate: Calibrator) -> tuple[ModelState, dict]:
+    target.check_against(parent.config)
+    report: dict = {"options": dataclasses.asdict(options), "target": dataclasses.asdict(target),
+                    "parameters": {"parent": count_parameters(parent)}}
+    once = None if options.recalibrate else calibrate(parent, frozenset(STATISTICS))
+
+    # 1. layers
+    stats = once or calibrate(parent, frozenset({"layers"}))
+    scores = stats.layer_scores()
+    kept = select_layers(scores, target.num_layers, options.layer_method, options.seed)
+    state = keep_layers(parent, kept)
+    report["layers"] = {"scores": scores.tolist(), "kept": kept, "calibration_tokens": stats.tokens,
+                        "calibration_seconds": stats.seconds}
+
+    # 2. hidden size: fold norms, one basis for the whole network, compensate RMSNorm over fewer channels
+    stats = once or calibrate(state, frozenset({"hidden"}))
+    layer_index = kept if once else list(range(state.config.num_layers))
+    moment, mean = stats.hidden_moment(layer_index)
+    basis = hidden_basis(moment, mean, options.hidden_method, options.centred)
+    vectors = _same_on_every_rank(basis.vectors)
+    basis_k = vectors[:, : target.hidden_size]
+    sites = stats.site_moments()
+    if once:  # parent numbering -> child numbering
+        sites = {_renumber(name, kept): m for name, m in sites.items() if _renumber(name, kept) is not None}
+    scales = {name: norm_scale(m, basis_k, options.norm_compensation) for name, m in sites.items()}
+    state = rotate_hidden(fold_norms(state), basis_k, scales)
+    explained = basis.explained()
+    report["hidden"] = {"importance": basis.importance.tolist(), "explained": explained.tolist(),
+                        "explained_at_target": explained[target.hidden_size - 1].item(),
+                        "norm_scales": scales, "calibration_tokens": stats.tokens}
+
+    # 3. FFN channels
+    stats = once or calibrate(state, frozenset({"ffn"}))
+    ffn_scores = stats.ffn_scores()[layer_index]
+    channels = select_channels(ffn_scores, target.ffn_hidden_size, options.ffn_method, options.seed)
+    state = keep_channels(state, channels)
+    kept_mass = torch.gather(ffn_scores, 1, channels).sum(1) / ffn_scores.sum(1)
+    report["ffn"] = {"score_quantiles": torch.quantile(ffn_scores.float(), torch.tensor([0.1, 0.5, 0.9]), dim=1).T.tolist(),
+                     "kept_score_fraction": kept_mass.tolist(), "calibration_tokens": stats.tokens}
+
+    # 4. embeddings
+    state = set_tied(state, target.tie_embeddings, options.tie_method)
+    report["parameters"]["child"] = count_parameters(state)
+    report["child_config"] = state.config.to_dict()
+    return state, report
+
+
+def _renumber(name: str, kept: list[int]) -> str | None:
+    if not name.startswith("model.layers."):
+        return name
+    _, _, index, rest = name.split(".", 3)
+    if int(index) not in kept:
+        return None
+    return f"model.layers.{kept.index(int(index))}.{rest}"
