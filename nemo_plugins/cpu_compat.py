@@ -80,6 +80,9 @@ class _NullStream:
     def wait_stream(self, _other: Any) -> None:
         return None
 
+    def wait_event(self, _event: Any) -> None:
+        return None
+
     def synchronize(self) -> None:
         return None
 

@@ -75,3 +75,19 @@ def pp_loss(config, state_path: str, out_path: str, pp: int) -> None:
     if parallel_state.is_pipeline_last_stage():
         mean = torch.stack([l["loss"] for l in losses]).mean()
         torch.save({"loss": mean, "grad_sq": grad_sq}, out_path)
+
+
+def prune_tiny(config, state_path: str, out_path: str, tp: int) -> None:
+    """Algorithm 2 with calibration under TP=tp; rank 0 saves the child and the report."""
+    from nemo_plugins.prune.megatron_calibrator import megatron_calibrator
+    from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune
+    from nemo_plugins.prune.state import ModelState
+
+    parallel = ParallelConfig(tp=tp)
+    initialize(parallel)
+    tokens, positions = torch.load(out_path + ".inputs")
+    target = PruneTarget(num_layers=3, hidden_size=32, ffn_hidden_size=64, tie_embeddings=False)
+    child, report = prune(ModelState(config, torch.load(state_path)), target, PruneOptions(),
+                          megatron_calibrator(parallel, tokens, positions, progress=False))
+    if dist.get_rank() == 0:
+        torch.save({"tensors": child.tensors, "config": child.config, "report": report}, out_path)

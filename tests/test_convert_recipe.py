@@ -57,3 +57,15 @@ def test_missing_megatron_shard_is_reported(tiny_hf_dir, tmp_path):
         data_file.unlink()
     with pytest.raises(ConfigError, match="cannot load checkpoint shards"):
         convert.run(convert.parse_args(["--src", f"megatron:{tmp_path / 'meg'}", "--to-hf", str(tmp_path / "x")]))
+
+
+def test_checkpoint_from_newer_megatron_is_named(tiny_hf_dir, tmp_path):
+    from nemo_plugins.convert.megatron_checkpoint import _megatron_version
+
+    if _megatron_version() >= (0, 19):
+        pytest.skip("megatron-core >= 0.19 reads both layouts")
+    src, _ = tiny_hf_dir
+    convert.run(convert.parse_args(["--src", f"hf:{src}", "--to-megatron", str(tmp_path / "meg")]))
+    (tmp_path / "meg" / megatron_checkpoint.WEIGHTS_DIR / "common.pt").unlink()
+    with pytest.raises(ConfigError, match="megatron-core >= 0.19"):
+        convert.run(convert.parse_args(["--src", f"megatron:{tmp_path / 'meg'}", "--to-hf", str(tmp_path / "x")]))

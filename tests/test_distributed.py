@@ -71,3 +71,20 @@ def test_pipeline_parallel_2_equals_1(tmp_path, tied):
     one, two = torch.load(out1), torch.load(out2)
     assert abs(one["loss"].item() - two["loss"].item()) <= 1e-5
     torch.testing.assert_close(two["grad_sq"], one["grad_sq"], rtol=1e-5, atol=1e-8)
+
+
+def test_tensor_parallel_calibration_prunes_the_same_model(tmp_path):
+    config = tiny_config(num_layers=4)
+    torch.save(hf_state(hf_model(config)), tmp_path / "state.pt")
+    outputs = {}
+    for tp in (1, 2):
+        out = tmp_path / f"prune_tp{tp}.pt"
+        _inputs(config, tmp_path / "prune_tp1.pt", batch=6, length=24) if tp == 1 else torch.save(
+            torch.load(str(tmp_path / "prune_tp1.pt") + ".inputs"), str(out) + ".inputs")
+        _spawn(distributed_worker.prune_tiny, config, str(tmp_path / "state.pt"), str(out), tp, world_size=tp)
+        outputs[tp] = torch.load(out, weights_only=False)
+    one, two = outputs[1], outputs[2]
+    assert one["config"] == two["config"]
+    assert one["report"]["layers"]["kept"] == two["report"]["layers"]["kept"]
+    for name, tensor in one["tensors"].items():
+        torch.testing.assert_close(two["tensors"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -52,11 +52,23 @@ def read_config(ckpt_dir: str | Path) -> MistralConfig:
     return MistralConfig.from_dict(json.loads(path.read_text()))
 
 
+def _megatron_version() -> tuple[int, int]:
+    from megatron.core.package_info import __version__
+
+    major, minor = __version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Load this rank's shards; a missing or damaged shard file is reported with the directory to fix."""
     weights = Path(ckpt_dir) / WEIGHTS_DIR
     if not (weights / "metadata.json").is_file():
         raise ConfigError(f"{weights}: no dist_checkpointing metadata; the checkpoint is incomplete")
+    if not (weights / "common.pt").is_file() and _megatron_version() < (0, 19):
+        # megatron-core 0.19 stores the common state inside the shards; older versions cannot read that
+        raise ConfigError(
+            f"{weights} was written by megatron-core >= 0.19 (no common.pt); load it with megatron-core >= 0.19"
+        )
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
     except (Exception, CheckpointException) as err:  # several types (CheckpointException is a BaseException)

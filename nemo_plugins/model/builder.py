@@ -117,6 +117,9 @@ def layer_spec(config: MistralTransformerConfig, use_te: bool) -> ModuleSpec:
 class MistralGPTModel(GPTModel):
     """GPTModel whose forward takes per-document ``position_ids`` and derives masks and temperature from them.
 
+    megatron-core 0.19 logs "GPTModel IS DEPRECATED" in favour of HybridModel; GPTModel still works
+    unchanged there (checked against 0.19.2), so we stay on it until it stops doing so.
+
     ``position_ids`` [b, s] restart at 0 at each packed document. Plain (unpacked) batches take megatron's
     implicit causal mask; packed ones get a block-diagonal causal mask. RoPE itself is relative, so
     megatron's in-pack rotary positions give the same scores as per-document ones under that mask.
