@@ -63,7 +63,7 @@ def test_near_identity_block_is_the_one_dropped():
     assert abs(scores[2] - 1.0) < 1e-3 and min(scores[0], scores[1], scores[3]) > scores[2]
 
 
-def stored_statistics(state: ModelState, tokens: torch.Tensor):
+def stored_statistics(state: ModelState, tokens: torch.Tensor, token_normalized: bool):
     """The same statistics from every activation stored by hooks on the transformers model."""
     model = hf_model(state.config)
     model.load_state_dict({**state.tensors, **({"lm_head.weight": state.tensors["model.embed_tokens.weight"]} if state.config.tie_embeddings else {})})
@@ -81,6 +81,9 @@ def stored_statistics(state: ModelState, tokens: torch.Tensor):
     with torch.no_grad():
         model(tokens)
     flat = {k: torch.cat(v).reshape(-1, v[0].shape[-1]).double() for k, v in store.items()}
+    if token_normalized:
+        for key in [k for k in flat if "norm" in k]:
+            flat[key] = flat[key] / flat[key].pow(2).mean(dim=1, keepdim=True).sqrt()
     L = state.config.num_layers
     ratios = torch.stack([(flat[f"out{i}"].norm(dim=1) / flat[f"in{i}"].norm(dim=1)).sum() for i in range(L)])
     moments = torch.stack([torch.stack([flat[f"{s}{i}"].T @ flat[f"{s}{i}"] for s in ("attn_norm", "ffn_norm")]) for i in range(L)])
@@ -88,12 +91,13 @@ def stored_statistics(state: ModelState, tokens: torch.Tensor):
     return ratios, moments, ffn
 
 
-def test_streaming_statistics_equal_stored_activations():
+@pytest.mark.parametrize("token_normalized", [True, False])
+def test_streaming_statistics_equal_stored_activations(token_normalized):
     state = parent_state(num_layers=2)
     tokens, positions = calibration_batch(state.config, rows=6, length=16)
     model = model_from_state(state, ParallelConfig())
-    stats = calibrate(model, state.config, tokens, positions, micro_batch_size=4, progress=False)
-    ratios, moments, ffn = stored_statistics(state, tokens)
+    stats = calibrate(model, state.config, tokens, positions, micro_batch_size=4, progress=False, token_normalized=token_normalized)
+    ratios, moments, ffn = stored_statistics(state, tokens, token_normalized)
     assert stats.tokens == tokens.numel()
     torch.testing.assert_close(stats.layer_ratio_sum, ratios, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.norm_moments, moments, rtol=1e-5, atol=1e-5)

@@ -148,3 +148,17 @@ def declared_architecture(node) -> MistralConfig | None:
     if node is None:
         return None
     return MistralConfig.from_dict(OmegaConf.to_container(node, resolve=True))
+
+
+def read_model_state(source: ModelSource, parallel: ParallelConfig) -> tuple[MistralConfig, dict[str, torch.Tensor]]:
+    """Full HF-layout tensors of a source on every rank (gathered from the shards for megatron checkpoints)."""
+    import torch.distributed as dist
+
+    from nemo_plugins.convert.model_io import gather_hf_state
+
+    if source.kind != "megatron":
+        return source_config(source), hf_io.read_state(hf_dir(source))
+    config, model = load_model(source, parallel)
+    payload = [gather_hf_state(model, config)]
+    dist.broadcast_object_list(payload, src=0)
+    return config, payload[0]

@@ -34,3 +34,11 @@ def pack_documents(documents: Iterable[list[int]], seq_len: int, rows: int, eos_
     first_doc = torch.cumsum((pos == 0).to(torch.int64), dim=1) == 0
     pos = torch.where(first_doc, pos - starts, pos)
     return tok, pos
+
+
+def pack_text(tokenizer, paths: list[str], seq_len: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows of real text from files/directories (see ``text_files.resolve`` for ``stdlib:``)."""
+    from nemo_plugins.data.text_files import iter_documents
+    from nemo_plugins.data.tokenizer import token_documents
+
+    return pack_documents(token_documents(tokenizer, iter_documents(paths)), seq_len, rows, tokenizer.eos_token_id)

@@ -27,3 +27,9 @@ def check_vocab(tokenizer, config: MistralConfig) -> None:
             f"tokenizer has {size} tokens but the model's vocab_size is {config.vocab_size}; "
             "use the tokenizer the model was trained with"
         )
+
+
+def token_documents(tokenizer, documents):
+    """Token ids of each (path, text) document, without special tokens (packing adds EOS)."""
+    for _, text in documents:
+        yield tokenizer(text, add_special_tokens=False)["input_ids"]

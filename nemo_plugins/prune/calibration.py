@@ -4,7 +4,10 @@ Nothing but running sums is kept (fp64 accumulators, each batch's contribution c
 dtype), so memory does not grow with the number of calibration tokens:
 * ``layer_ratio_sum[l]``: sum over tokens of ||x_out|| / ||x_in|| of block l's residual stream;
 * ``norm_moments[l, s]`` / ``norm_sums[l, s]``: sum of x x^T and of x for the inputs of block l's attention
-  norm (s=0) and FFN norm (s=1); ``final_moment``: the same for the final norm (for norm compensation);
+  norm (s=0) and FFN norm (s=1); ``final_moment``: the same for the final norm (for norm compensation).
+  With ``token_normalized`` (the default) each x is first scaled to RMS 1, i.e. the statistics are those of
+  what the (weightless, folded) RMSNorm hands the next linear: every token weighs the same, and the few
+  tokens with massive residual activations no longer decide the principal directions;
 * ``ffn_sums[l, c]``: sum of |silu(W1 x) * W3 x| for intermediate channel c.
 Masked tokens (padding) do not count. Under TP each rank sees replicated hidden states (or its sequence
 shard with sequence parallelism, then summed) and its own FFN channels (then gathered); under PP each stage
@@ -69,6 +72,7 @@ class _Accumulator:
     config: MistralConfig
     want: frozenset[str]
     sequence_parallel: bool
+    token_normalized: bool = True
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: torch.Tensor | None = None  # [s, b] for the batch in flight
     pending_in_norm: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -105,6 +109,8 @@ class _Accumulator:
         mask = self._residual_mask(hidden)
         x = hidden.reshape(-1, hidden.shape[-1])[mask.reshape(-1).bool()]
         x = x.float()
+        if self.token_normalized:
+            x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-12))
         self.stats["norm_moments" if key == "norm" else "final_moment"][index] += (x.T @ x).double()
         if key == "norm":
             self.stats["norm_sums"][index] += x.sum(dim=0).double()
@@ -167,6 +173,7 @@ def calibrate(
     micro_batch_size: int = 4,
     mask: torch.Tensor | None = None,
     progress: bool = True,
+    token_normalized: bool = True,
 ) -> CalibrationStats:
     """Statistics of ``want`` over all rows of ``tokens`` / ``positions`` ``[n, s]``; this DP rank takes every dp-th row.
 
@@ -181,7 +188,7 @@ def calibrate(
     mask = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     rows = range(dp_rank, tokens.shape[0], dp_size)
-    acc = _Accumulator(config, want, model.config.sequence_parallel)
+    acc = _Accumulator(config, want, model.config.sequence_parallel, token_normalized)
     handles = _register_hooks(model, acc)
     counted = 0
     start = time.perf_counter()

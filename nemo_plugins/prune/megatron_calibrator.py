@@ -25,9 +25,11 @@ def megatron_calibrator(
     micro_batch_size: int = 4,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    token_normalized: bool = True,
 ) -> Calibrator:
     def run(state: ModelState, want: frozenset[str]) -> CalibrationStats:
         model = model_from_state(state, parallel, dtype)
-        return calibrate(model, state.config, tokens, positions, want, micro_batch_size, progress=progress)
+        return calibrate(model, state.config, tokens, positions, want, micro_batch_size, progress=progress,
+                         token_normalized=token_normalized)
 
     return run
