@@ -1,0 +1,93 @@
+"""Held-out perplexity right after pruning the real SmolLM2-135M parent to each demo child shape, per method.
+
+Rows: the default (norm-ratio layers, token-normalised uncentred PCA, activation FFN scores, re-calibration)
+and one change at a time: random / drop-last layers, magnitude channel slicing instead of PCA, raw (not
+token-normalised) PCA statistics, random FFN channels, one calibration pass, and for the tied child the
+ways of forming the single embedding matrix.
+    python bench/prune_ablation.py [--calibration-tokens 8192] [--eval-windows 8] > table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from nemo_plugins.convert.sources import ModelSource, read_model_state, tokenizer_dir
+from nemo_plugins.data.packing import pack_text
+from nemo_plugins.data.text_files import iter_documents
+from nemo_plugins.data.tokenizer import load_tokenizer
+from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
+from nemo_plugins.logs import setup_logging
+from nemo_plugins.prune.megatron_calibrator import megatron_calibrator, model_from_state
+from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune
+from nemo_plugins.prune.state import ModelState
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "default": {},
+    "random layers": {"layer_method": "random"},
+    "drop-last layers": {"layer_method": "drop_last"},
+    "magnitude slicing (no PCA)": {"hidden_method": "magnitude"},
+    "raw PCA statistics": {"raw": True},
+    "random FFN channels": {"ffn_method": "random"},
+    "one calibration pass": {"recalibrate": False},
+}
+TIE_VARIANTS = {"tie: output matrix": {"tie_method": "output"}, "tie: mean": {"tie_method": "mean"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    args = parser.parse_args()
+    setup_logging()
+    parallel = ParallelConfig()
+    initialize(parallel)
+    stage = OmegaConf.load(ROOT / "conf/stage/prune.yaml")
+    children = OmegaConf.load(ROOT / "conf/cascade/demo.yaml").children
+    source = ModelSource.parse("embedded:smollm2")
+    config, tensors = read_model_state(source, parallel)
+    parent = ModelState(config, tensors)
+    tokenizer = load_tokenizer(tokenizer_dir(source))
+    seq_len = stage.calibration.seq_len
+    calib = pack_text(tokenizer, list(stage.calibration.paths), seq_len, args.calibration_tokens // seq_len)
+    windows = token_windows(tokenizer, iter_documents(list(stage.eval.paths)), stage.eval.seq_len, args.eval_windows)
+
+    def perplexity(state: ModelState) -> float:
+        return evaluate_perplexity(model_from_state(state, parallel), windows, progress=False).perplexity
+
+    print(f"parent SmolLM2-135M: held-out perplexity {perplexity(parent):.2f} "
+          f"({windows.numel() - len(windows)} tokens of {', '.join(stage.eval.paths)}); "
+          f"calibration {calib[0].numel()} tokens of {', '.join(stage.calibration.paths)}\n")
+    header = "| variant | " + " | ".join(
+        f"{c.name} ({c.num_layers}L/{c.hidden_size}h/{c.ffn_hidden_size}f{'/tied' if c.tie_embeddings else ''})" for c in children) + " |"
+    rows: dict[str, list[str]] = {}
+    for child in children:
+        target = PruneTarget(child.num_layers, child.hidden_size, child.ffn_hidden_size, child.tie_embeddings)
+        variants = {**VARIANTS, **(TIE_VARIANTS if child.tie_embeddings else {})}
+        for name, change in variants.items():
+            change = dict(change)
+            raw = change.pop("raw", False)
+            options = dataclasses.replace(PruneOptions(), **change)
+            calibrator = megatron_calibrator(parallel, *calib, progress=False, token_normalized=not raw)
+            start = time.perf_counter()
+            state, report = prune(parent, target, options, calibrator)
+            value = perplexity(state)
+            rows.setdefault(name, ["n/a"] * len(children))[list(children).index(child)] = f"{value:,.1f}"
+            print(f"  {child.name} / {name}: {value:,.1f} ({report['parameters']['child'] / 1e6:.1f}M params, "
+                  f"{time.perf_counter() - start:.0f}s)", flush=True)
+    print("\n" + header)
+    print("|" + "---|" * (len(children) + 1))
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(values) + " |")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
