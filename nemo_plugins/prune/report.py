@@ -22,8 +22,10 @@ def _layer_plot(report: dict, out: Path) -> Path:
     scores = report["layers"]["scores"]
     kept = set(report["layers"]["kept"])
     fig, ax = plt.subplots(figsize=(8, 3))
-    ax.bar(range(len(scores)), scores, color=["tab:blue" if i in kept else "tab:red" for i in range(len(scores))])
-    ax.set_ylim(min(scores) * 0.98, max(scores) * 1.02)
+    blocks = range(len(scores))
+    ax.plot(blocks, scores, color="lightgray", zorder=1)
+    ax.scatter(blocks, scores, c=["tab:blue" if i in kept else "tab:red" for i in blocks], zorder=2)
+    ax.set_yscale("log")  # the first block often scales the stream by >10x, the rest by a few percent
     ax.set_xlabel("block")
     ax.set_ylabel("mean ||x_out|| / ||x_in||")
     ax.set_title(f"layer scores ({report['options']['layer_method']}): blue kept, red dropped")
