@@ -15,7 +15,5 @@ def setup_logging(level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    # megatron warns once per optional accelerator it lacks; the layer-spec log line already says which was used
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")

@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -19,10 +18,10 @@ from omegaconf import DictConfig
 from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, load_model, tokenizer_dir
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
-from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
-from nemo_plugins.logs import setup_logging
 from nemo_plugins.model.config import ConfigError
+from recipes._entry import hydra_entry
 
 logger = logging.getLogger("recipes.evaluate")
 
@@ -48,13 +47,7 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    try:
-        run(cfg)
-    finally:
-        shutdown()
+main = hydra_entry("evaluate", run)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -21,10 +20,10 @@ from nemo_plugins.convert.sources import ModelSource, check_declared, declared_a
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
-from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
-from nemo_plugins.logs import setup_logging
 from nemo_plugins.model.config import ConfigError
+from recipes._entry import hydra_entry
 from nemo_plugins.prune.megatron_calibrator import megatron_calibrator, model_from_state
 from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune
 from nemo_plugins.prune.report import write_report
@@ -74,13 +73,7 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(config_path="../conf", config_name="prune", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    try:
-        run(cfg)
-    finally:
-        shutdown()
+main = hydra_entry("prune", run)
 
 
 if __name__ == "__main__":

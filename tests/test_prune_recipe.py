@@ -1,7 +1,6 @@
 """recipes.prune end to end on a tiny model with the real tokenizer and real text."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from recipes import prune as prune_recipe
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from recipes._entry import CONF_DIR as CONF
 
 
 @pytest.fixture

@@ -1,0 +1,27 @@
+"""The one Hydra entry point shape every recipe shares: compose conf/<name>.yaml, log, run, tear down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from nemo_plugins.distributed import shutdown
+from nemo_plugins.logs import setup_logging
+
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def hydra_entry(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
+    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        setup_logging()
+        try:
+            run(cfg)
+        finally:
+            shutdown()
+
+    return main
