@@ -91,3 +91,24 @@ def prune_tiny(config, state_path: str, out_path: str, tp: int) -> None:
                           megatron_calibrator(parallel, tokens, positions, progress=False))
     if dist.get_rank() == 0:
         torch.save({"tensors": child.tensors, "config": child.config, "report": report}, out_path)
+
+
+def kl_loss_tp(problem_path: str, out_path: str, tp: int) -> None:
+    """The fused KL loss with the vocabulary split over TP ranks; rank 0 saves loss and gathered grads."""
+    from nemo_plugins.distill.kl_loss import KLOptions, fused_kl_loss
+
+    initialize(ParallelConfig(tp=tp))
+    h, w, teacher, mask, labels = torch.load(problem_path)
+    rank, group = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_group()
+    w_shard = w.chunk(tp)[rank].clone().requires_grad_()
+    h = h.clone().requires_grad_()
+    results = {}
+    for name, options in {"kl": KLOptions(chunk_tokens=8), "ce": KLOptions(ce_weight=0.5, chunk_tokens=8)}.items():
+        h.grad, w_shard.grad = None, None
+        loss = fused_kl_loss(h, w_shard, teacher.chunk(tp, dim=1)[rank], mask, labels, options, tp_group=group)
+        loss.backward()
+        shards = [torch.zeros_like(w_shard) for _ in range(tp)]
+        dist.all_gather(shards, w_shard.grad, group=group)
+        results[name] = (loss.detach(), h.grad.clone(), torch.cat(shards))
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)

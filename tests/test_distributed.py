@@ -88,3 +88,16 @@ def test_tensor_parallel_calibration_prunes_the_same_model(tmp_path):
     assert one["report"]["layers"]["kept"] == two["report"]["layers"]["kept"]
     for name, tensor in one["tensors"].items():
         torch.testing.assert_close(two["tensors"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_vocab_parallel_kl_loss_equals_single_rank(tmp_path):
+    from tests.test_kl_loss import problem
+
+    torch.save(problem(tokens=21, vocab=64), tmp_path / "problem.pt")
+    results = {}
+    for tp in (1, 2):
+        _spawn(distributed_worker.kl_loss_tp, str(tmp_path / "problem.pt"), str(tmp_path / f"kl{tp}.pt"), tp, world_size=tp)
+        results[tp] = torch.load(tmp_path / f"kl{tp}.pt")
+    for name in ("kl", "ce"):
+        for one, two in zip(results[1][name], results[2][name]):
+            torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,1 @@
+"""Logit distillation: the forward-KL loss against the parent's logits."""

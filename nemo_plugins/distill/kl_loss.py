@@ -1,0 +1,157 @@
+"""Forward KL(teacher || student) on next-token distributions, fused with the student's output layer.
+
+Why fused: at 131k vocabulary a micro-batch of 8k tokens has 4 GiB of fp32 logits per [tokens x vocab]
+tensor, and the naive loss keeps several (logits, log-probabilities, their gradient). Here the student's
+logits are made chunk by chunk from its final hidden states, and the gradient with respect to the hidden
+states and the output weight is computed in the same pass (the loss is the last op, so nothing is
+recomputed): peak extra memory is one [chunk x vocab] block, and the matmul count equals a plain output layer's
+forward + backward.
+
+Vocab-parallel: under tensor parallelism each rank holds a vocabulary shard of the output weight and of the
+teacher's logits; the softmax max and sum-exp and the KL sum are all-reduced over the TP group, exactly as
+megatron's ``vocab_parallel_cross_entropy`` does, and the gradient of the hidden states is summed over it.
+
+Options: ``temperature`` (both distributions at z / T), ``ce_weight`` (mix in next-token cross-entropy on
+``labels``, (1 - w) KL + w CE; 0 = the paper's KL alone) and ``reverse`` (KL(student || teacher), ablations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_plugins.model.config import ConfigError
+
+
+@dataclass(frozen=True)
+class KLOptions:
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    reverse: bool = False
+    chunk_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ConfigError(f"distill.ce_weight must be in [0, 1], got {self.ce_weight}")
+        if self.chunk_tokens < 1:
+            raise ConfigError("distill.chunk_tokens must be >= 1")
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
+    """Log-softmax over a vocabulary split across ``group`` (fp32)."""
+    maximum = _all_reduce(logits.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX, group)
+    shifted = logits - maximum
+    sum_exp = _all_reduce(shifted.exp().sum(dim=-1, keepdim=True), dist.ReduceOp.SUM, group)
+    return shifted - sum_exp.log()
+
+
+def _vocab_start(vocab_local: int, group) -> int:
+    return (dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0) * vocab_local
+
+
+def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions, group, vocab_start):
+    """Per-token loss [c] and d(loss)/d(student logits) [c, v] for one chunk (fp32)."""
+    t = options.temperature
+    logp_s = _log_softmax(z_student / t, group)
+    logp_t = _log_softmax(z_teacher / t, group)
+    p_s, p_t = logp_s.exp(), logp_t.exp()
+    if options.reverse:
+        per_vocab = p_s * (logp_s - logp_t)
+        kl = _all_reduce(per_vocab.sum(-1), dist.ReduceOp.SUM, group)
+        grad = p_s * (logp_s - logp_t - kl[:, None]) / t
+    else:
+        kl = _all_reduce((p_t * (logp_t - logp_s)).sum(-1), dist.ReduceOp.SUM, group)
+        grad = (p_s - p_t) / t
+    loss = kl
+    if options.ce_weight > 0:
+        logp_1 = logp_s if t == 1.0 else _log_softmax(z_student, group)
+        local = labels - vocab_start
+        here = (local >= 0) & (local < z_student.shape[-1])
+        picked = torch.where(here, logp_1.gather(-1, local.clamp(0, z_student.shape[-1] - 1)[:, None])[:, 0], torch.zeros_like(kl))
+        ce = -_all_reduce(picked, dist.ReduceOp.SUM, group)
+        grad_ce = logp_1.exp()
+        grad_ce[here, local[here]] -= 1.0
+        loss = (1 - options.ce_weight) * kl + options.ce_weight * ce
+        grad = (1 - options.ce_weight) * grad + options.ce_weight * grad_ce
+    return loss * mask, grad * mask[:, None]
+
+
+class _FusedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_logits, mask, labels, options: KLOptions, group):
+        tokens = hidden.shape[0]
+        count = mask.sum().clamp_min(1.0)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        vocab_start = _vocab_start(weight.shape[0], group)
+        for start in range(0, tokens, options.chunk_tokens):
+            rows = slice(start, start + options.chunk_tokens)
+            h = hidden[rows]
+            z_student = (h @ weight.T).float()
+            loss, grad = _chunk_loss_and_grad(z_student, teacher_logits[rows].float(), mask[rows].float(),
+                                              None if labels is None else labels[rows], options, group, vocab_start)
+            total += loss.sum()
+            grad = (grad / count).to(weight.dtype)
+            grad_hidden[rows] = grad @ weight
+            grad_weight += (grad.T @ h).float()
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
+
+
+def fused_kl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    options: KLOptions = KLOptions(),
+    tp_group=None,
+) -> torch.Tensor:
+    """Mean over unmasked tokens of KL(p_teacher || p_student), student logits = ``hidden @ weight.T``.
+
+    Shapes: ``hidden`` [tokens, hidden], ``weight`` [vocab_shard, hidden], ``teacher_logits`` [tokens,
+    vocab_shard] (any dtype; converted to fp32 one chunk at a time), ``mask`` [tokens], ``labels`` [tokens]
+    (global ids; only with ``ce_weight > 0``). The teacher receives no gradient.
+    """
+    if options.ce_weight > 0 and labels is None:
+        raise ConfigError("distill.ce_weight > 0 needs labels")
+    if teacher_logits.shape != (hidden.shape[0], weight.shape[0]):
+        raise ConfigError(
+            f"teacher logits {tuple(teacher_logits.shape)} do not match student tokens x vocab shard "
+            f"({hidden.shape[0]}, {weight.shape[0]}): teacher and student need the same vocabulary and TP layout"
+        )
+    return _FusedKL.apply(hidden, weight, teacher_logits.detach(), mask, labels, options, tp_group)
+
+
+def naive_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                  labels: torch.Tensor | None = None, options: KLOptions = KLOptions()) -> torch.Tensor:
+    """The textbook reference on full (unsharded) logits, built on ``torch.nn.functional.kl_div``."""
+    t = options.temperature
+    logp_s = torch.log_softmax(student_logits.float() / t, -1)
+    logp_t = torch.log_softmax(teacher_logits.float() / t, -1)
+    if options.reverse:
+        per_token = torch.nn.functional.kl_div(logp_t, logp_s, log_target=True, reduction="none").sum(-1)
+    else:
+        per_token = torch.nn.functional.kl_div(logp_s, logp_t, log_target=True, reduction="none").sum(-1)
+    if options.ce_weight > 0:
+        ce = torch.nn.functional.cross_entropy(student_logits.float(), labels, reduction="none")
+        per_token = (1 - options.ce_weight) * per_token + options.ce_weight * ce
+    mask = mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
