@@ -47,12 +47,13 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
-def _log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
-    """Log-softmax over a vocabulary split across ``group`` (fp32)."""
+def _softmax(logits: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities, probabilities) over a vocabulary split across ``group`` (fp32), one exp per logit."""
     maximum = _all_reduce(logits.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX, group)
     shifted = logits - maximum
-    sum_exp = _all_reduce(shifted.exp().sum(dim=-1, keepdim=True), dist.ReduceOp.SUM, group)
-    return shifted - sum_exp.log()
+    exp = shifted.exp()
+    sum_exp = _all_reduce(exp.sum(dim=-1, keepdim=True), dist.ReduceOp.SUM, group)
+    return shifted.sub_(sum_exp.log()), exp.div_(sum_exp)
 
 
 def _vocab_start(vocab_local: int, group) -> int:
@@ -62,9 +63,8 @@ def _vocab_start(vocab_local: int, group) -> int:
 def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions, group, vocab_start):
     """Per-token loss [c] and d(loss)/d(student logits) [c, v] for one chunk (fp32)."""
     t = options.temperature
-    logp_s = _log_softmax(z_student / t, group)
-    logp_t = _log_softmax(z_teacher / t, group)
-    p_s, p_t = logp_s.exp(), logp_t.exp()
+    logp_s, p_s = _softmax(z_student / t if t != 1.0 else z_student, group)
+    logp_t, p_t = _softmax(z_teacher / t if t != 1.0 else z_teacher, group)
     if options.reverse:
         per_vocab = p_s * (logp_s - logp_t)
         kl = _all_reduce(per_vocab.sum(-1), dist.ReduceOp.SUM, group)
@@ -74,12 +74,12 @@ def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions,
         grad = (p_s - p_t) / t
     loss = kl
     if options.ce_weight > 0:
-        logp_1 = logp_s if t == 1.0 else _log_softmax(z_student, group)
+        logp_1, p_1 = (logp_s, p_s) if t == 1.0 else _softmax(z_student, group)
         local = labels - vocab_start
         here = (local >= 0) & (local < z_student.shape[-1])
         picked = torch.where(here, logp_1.gather(-1, local.clamp(0, z_student.shape[-1] - 1)[:, None])[:, 0], torch.zeros_like(kl))
         ce = -_all_reduce(picked, dist.ReduceOp.SUM, group)
-        grad_ce = logp_1.exp()
+        grad_ce = p_1.clone()
         grad_ce[here, local[here]] -= 1.0
         loss = (1 - options.ce_weight) * kl + options.ce_weight * ce
         grad = (1 - options.ce_weight) * grad + options.ce_weight * grad_ce
