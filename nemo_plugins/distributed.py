@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from nemo_plugins import cpu_compat
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

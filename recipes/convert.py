@@ -15,13 +15,13 @@ import logging
 import resource
 import time
 
-import torch
 import torch.distributed as dist
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.model_io import gather_hf_state
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.errors import torch_dtype
 from nemo_plugins.logs import setup_logging
 
 logger = logging.getLogger("recipes.convert")
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
     source = ModelSource.parse(args.src)
     initialize(parallel)
-    config, model = load_model(source, parallel, getattr(torch, args.dtype))
+    config, model = load_model(source, parallel, torch_dtype(args.dtype))
     tokenizer = tokenizer_dir(source)
     if args.to_megatron:
         out = megatron_checkpoint.save_model(model, config, args.to_megatron, tokenizer_dir=tokenizer)

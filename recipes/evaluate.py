@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
@@ -20,7 +19,7 @@ from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError, torch_dtype, typed
 from recipes._entry import hydra_entry
 
 logger = logging.getLogger("recipes.evaluate")
@@ -29,10 +28,10 @@ logger = logging.getLogger("recipes.evaluate")
 def run(cfg: DictConfig) -> dict:
     if not cfg.model.source:
         raise ConfigError("model.source is null: say where the weights are, e.g. model.source=hf:/path/to/dir")
-    parallel = ParallelConfig(**cfg.parallel)
+    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
     source = ModelSource.parse(cfg.model.source)
     initialize(parallel)
-    config, model = load_model(source, parallel, getattr(torch, cfg.dtype))
+    config, model = load_model(source, parallel, torch_dtype(cfg.dtype))
     check_declared(declared_architecture(cfg.model.architecture), config, cfg.model.source)
     tokenizer = load_tokenizer(tokenizer_dir(source))
     check_vocab(tokenizer, config)

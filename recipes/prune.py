@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +21,7 @@ from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError, torch_dtype, typed
 from recipes._entry import hydra_entry
 from nemo_plugins.prune.megatron_calibrator import megatron_calibrator, model_from_state
 from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune
@@ -36,10 +35,10 @@ def run(cfg: DictConfig) -> dict:
     stage = cfg.stage.prune
     if not cfg.model.source:
         raise ConfigError("model.source is null: say where the parent's weights are, e.g. model.source=hf:/path")
-    parallel = ParallelConfig(**cfg.parallel)
-    target = PruneTarget(**stage.target)
-    options = PruneOptions(**stage.options)
-    dtype = getattr(torch, cfg.dtype)
+    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    target = typed(PruneTarget, stage.target, "stage.prune.target")
+    options = typed(PruneOptions, stage.options, "stage.prune.options")
+    dtype = torch_dtype(cfg.dtype)
     source = ModelSource.parse(cfg.model.source)
     initialize(parallel)
     config, tensors = read_model_state(source, parallel)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 from recipes import convert
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state

@@ -7,7 +7,8 @@ from nemo_plugins.convert.mapping import hf_to_megatron
 from nemo_plugins.convert.sources import ModelSource, check_declared
 from nemo_plugins.data.tokenizer import check_vocab
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
 
@@ -71,7 +72,7 @@ def test_gqa_groups_must_be_whole():
 
 
 def test_unknown_config_key_is_named():
-    with pytest.raises(ConfigError, match="hidden_dim"):
+    with pytest.raises(ConfigError, match="model.architecture.hidden_dim"):
         MistralConfig.from_dict({**tiny_config().to_dict(), "hidden_dim": 3})
 
 
@@ -83,3 +84,11 @@ def test_bad_source_string():
 def test_declared_architecture_must_match_weights():
     with pytest.raises(ConfigError, match="model.architecture.num_layers: config says 2, .* has 3"):
         check_declared(tiny_config(), tiny_config(num_layers=3), "hf:/x")
+
+
+def test_misspelt_stage_key_is_named():
+    from nemo_plugins.errors import typed
+    from nemo_plugins.prune.pipeline import PruneOptions
+
+    with pytest.raises(ConfigError, match=r"stage.prune.options.layer_metod.*allowed"):
+        typed(PruneOptions, {"layer_metod": "random"}, "stage.prune.options")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nemo_plugins.distill.kl_loss import KLOptions, fused_kl_loss, naive_kl_loss
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 
 
 def problem(tokens=37, hidden=16, vocab=50, seed=0):

@@ -76,7 +76,7 @@ def test_query_scale_formula():
 def test_packed_documents_refused_where_the_kernel_would_ignore_the_mask():
     import pytest
 
-    from nemo_plugins.model.config import ConfigError
+    from nemo_plugins.errors import ConfigError
 
     config = long_config()
     model = megatron_from_hf(config, hf_model(config))

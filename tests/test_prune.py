@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.calibration import calibrate
 from nemo_plugins.prune.megatron_calibrator import megatron_calibrator, model_from_state
 from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune

@@ -55,7 +55,7 @@ def test_prune_recipe_writes_checkpoint_hf_dir_and_report(tiny_parent_with_token
 
 
 def test_prune_recipe_refuses_a_target_larger_than_the_parent(tiny_parent_with_tokenizer, tmp_path):
-    from nemo_plugins.model.config import ConfigError
+    from nemo_plugins.errors import ConfigError
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="prune", overrides=[f"model.source=hf:{tiny_parent_with_tokenizer}", "model.architecture=null",

@@ -14,7 +14,8 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 
 _NAME_MAP = {
     "token_embd.weight": "model.embed_tokens.weight",

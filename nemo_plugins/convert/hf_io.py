@@ -12,7 +12,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

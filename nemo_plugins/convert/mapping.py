@@ -18,7 +18,8 @@ from typing import Literal
 
 import torch
 
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 
 Fusion = Literal["direct", "qkv", "gated"]
 Split = Literal["replicated", "column", "row"]

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 
 CONFIG_NAME = "model_config.json"
 WEIGHTS_DIR = "weights"

@@ -8,7 +8,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from nemo_plugins.convert.mapping import MISTRAL_MAPPINGS, TE_NAME_ALIASES, hf_to_megatron, megatron_to_hf, shard
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 
 
 def local_layers(model: torch.nn.Module) -> range:

@@ -25,7 +25,8 @@ from nemo_plugins.convert.gguf_reader import read_gguf
 from nemo_plugins.convert.model_io import load_hf_state
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.model.builder import build_model
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 
 DEFAULT_SUFFIXES = (".py", ".txt", ".rst", ".md")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 
 # Models pad their embedding to a round size; more slack than this means a different tokenizer.
 MAX_VOCAB_PADDING = 1024

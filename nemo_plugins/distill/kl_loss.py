@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 
 
 @dataclass(frozen=True)

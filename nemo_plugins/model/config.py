@@ -10,16 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from nemo_plugins.errors import ConfigError, typed
+
 # HF architectures we read and write; all share the same tensor layout.
 HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "LlamaForCausalLM": "llama",
     "Ministral3ForCausalLM": "ministral3",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says which key and what to change."""
 
 
 @dataclass(frozen=True)
@@ -128,17 +126,13 @@ class MistralConfig:
 
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MistralConfig":
-        """Build from a plain mapping (Hydra node, manifest JSON); unknown keys are an error."""
+    def from_dict(cls, values: Mapping[str, Any], key: str = "model.architecture") -> "MistralConfig":
+        """Build from a plain mapping (Hydra node, manifest JSON); unknown keys are an error naming them."""
         values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config key(s) {unknown}; allowed: {sorted(known)}")
         scaling = values.get("rope_scaling")
         if scaling is not None and not isinstance(scaling, YarnScaling):
-            values["rope_scaling"] = YarnScaling(**dict(scaling))
-        return cls(**values)
+            values["rope_scaling"] = typed(YarnScaling, scaling, f"{key}.rope_scaling")
+        return typed(cls, values, key)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from nemo_plugins.convert.model_io import local_layers
 from nemo_plugins.distributed import device
-from nemo_plugins.model.config import ConfigError, MistralConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.forward import forward_only
 
 STATISTICS = ("layers", "hidden", "ffn")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.state import ModelState
 
 TieMethod = Literal["embedding", "output", "mean"]

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.state import READS_RESIDUAL, WRITES_RESIDUAL, ModelState, layer_key
 
 HiddenMethod = Literal["pca", "magnitude"]

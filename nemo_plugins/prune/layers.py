@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.state import ModelState
 
 LayerMethod = Literal["norm_ratio", "random", "drop_last"]

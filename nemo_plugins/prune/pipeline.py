@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nemo_plugins.model.config import ConfigError
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.calibration import STATISTICS, CalibrationStats
 from nemo_plugins.prune.embeddings import TieMethod, set_tied
 from nemo_plugins.prune.ffn import FfnMethod, keep_channels, select_channels
