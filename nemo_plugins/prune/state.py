@@ -27,9 +27,6 @@ class ModelState:
         """The output projection, whether tied to the input embedding or not."""
         return self.tensors["model.embed_tokens.weight" if self.config.tie_embeddings else "lm_head.weight"]
 
-    def copy(self) -> "ModelState":
-        return ModelState(self.config, dict(self.tensors))
-
 
 def count_parameters(state: ModelState) -> int:
     return sum(t.numel() for t in state.tensors.values())
