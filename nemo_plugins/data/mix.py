@@ -1,0 +1,103 @@
+"""A weighted mix of token files read in ONE pass by a cursor that travels from stage to stage.
+
+The cursor records how many tokens each source has handed out. Which source supplies the next row
+depends only on the cursor (smooth weighted round robin: the source furthest behind its share goes next),
+so a run resumed from a saved cursor reads exactly what an uninterrupted run would have, and the next stage
+(or child) continues where the previous one stopped: no token is read twice. The last ``heldout_fraction``
+of every source is never handed out for training; it is the evaluation split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nemo_plugins.data.token_store import TokenFile
+from nemo_plugins.errors import ConfigError
+
+
+@dataclass
+class Cursor:
+    """Tokens consumed per source (training split) and rows handed out; JSON-serialisable."""
+
+    offsets: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"offsets": dict(self.offsets), "rows": dict(self.rows)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Cursor":
+        return cls(dict(values.get("offsets", {})), dict(values.get("rows", {})))
+
+    def tokens(self) -> int:
+        return sum(self.offsets.values())
+
+
+@dataclass(frozen=True)
+class MixSource:
+    name: str
+    file: TokenFile
+    weight: float
+
+
+class DataMix:
+    def __init__(self, sources: list[MixSource], heldout_fraction: float = 0.02) -> None:
+        if not sources:
+            raise ConfigError("data mix has no sources")
+        if not 0.0 <= heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data source names must be unique, got {names}")
+        for s in sources:
+            if s.weight <= 0:
+                raise ConfigError(f"data source {s.name!r} has weight {s.weight}; weights must be > 0")
+        self.sources = sources
+        self.train_end = {s.name: int(len(s.file) * (1.0 - heldout_fraction)) for s in sources}
+
+    def _pick(self, cursor: Cursor, seq_len: int) -> MixSource:
+        open_sources = [s for s in self.sources if cursor.offsets.get(s.name, 0) + seq_len <= self.train_end[s.name]]
+        if not open_sources:
+            raise ConfigError(
+                f"the data mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
+                "add data or lower the stage's token budget"
+            )
+        return min(open_sources, key=lambda s: ((cursor.rows.get(s.name, 0) + 1) / s.weight, s.name))
+
+    def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, Cursor]:
+        """``rows`` training rows of ``seq_len`` tokens with per-document positions, and the advanced cursor."""
+        cursor = Cursor.from_dict(cursor.to_dict())
+        tokens = np.empty((rows, seq_len), dtype=np.int64)
+        positions = np.empty((rows, seq_len), dtype=np.int64)
+        for r in range(rows):
+            source = self._pick(cursor, seq_len)
+            start = cursor.offsets.get(source.name, 0)
+            tokens[r], positions[r] = _row(source.file, start, seq_len)
+            cursor.offsets[source.name] = start + seq_len
+            cursor.rows[source.name] = cursor.rows.get(source.name, 0) + 1
+        return torch.from_numpy(tokens), torch.from_numpy(positions), cursor
+
+    def heldout_rows(self, seq_len: int, max_rows_per_source: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation rows from the held-out tail of every source (never part of training)."""
+        rows = []
+        for s in self.sources:
+            start = self.train_end[s.name]
+            for i in range(max_rows_per_source):
+                begin = start + i * seq_len
+                if begin + seq_len > len(s.file):
+                    break
+                rows.append(_row(s.file, begin, seq_len))
+        if not rows:
+            raise ConfigError(f"held-out split holds fewer than {seq_len} tokens per source: raise data.heldout_fraction")
+        return torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
+
+
+def _row(file: TokenFile, start: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and positions of one row; a document cut at the row start restarts at position 0."""
+    positions = file.positions(start, start + seq_len)
+    first_doc = np.cumsum(positions == 0) == 0
+    positions = np.where(first_doc, positions - positions[0], positions)
+    return np.asarray(file.tokens[start : start + seq_len], dtype=np.int64), positions
