@@ -3,7 +3,7 @@
 Rows: the default (norm-ratio layers, token-normalised uncentred PCA, activation FFN scores, re-calibration)
 and one change at a time: random / drop-last layers, magnitude channel slicing instead of PCA, raw (not
 token-normalised) PCA statistics, random FFN channels, one calibration pass, and for the tied child the
-ways of forming the single embedding matrix.
+ways of forming the single embedding matrix (the default fits a per-channel final-norm scale).
     python bench/prune_ablation.py [--calibration-tokens 8192] [--eval-windows 8] > table.md
 """
 
@@ -38,19 +38,25 @@ VARIANTS = {
     "random FFN channels": {"ffn_method": "random"},
     "one calibration pass": {"recalibrate": False},
 }
-TIE_VARIANTS = {"tie: output matrix": {"tie_method": "output"}, "tie: mean": {"tie_method": "mean"}}
+TIE_VARIANTS = {
+    "tie: input embedding, no fit": {"tie_method": "embedding"},
+    "tie: output matrix": {"tie_method": "output"},
+    "tie: mean": {"tie_method": "mean"},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--children", nargs="*", help="only these demo children (default: all)")
+    parser.add_argument("--variants", nargs="*", help="only these rows (default: all)")
     args = parser.parse_args()
     setup_logging()
     parallel = ParallelConfig()
     initialize(parallel)
     stage = OmegaConf.load(ROOT / "conf/stage/prune.yaml")
-    children = OmegaConf.load(ROOT / "conf/cascade/demo.yaml").children
+    children = [c for c in OmegaConf.load(ROOT / "conf/cascade/demo.yaml").children if not args.children or c.name in args.children]
     source = ModelSource.parse("embedded:smollm2")
     config, tensors = read_model_state(source, parallel)
     parent = ModelState(config, tensors)
@@ -72,6 +78,8 @@ def main() -> None:
         target = PruneTarget(child.num_layers, child.hidden_size, child.ffn_hidden_size, child.tie_embeddings)
         variants = {**VARIANTS, **(TIE_VARIANTS if child.tie_embeddings else {})}
         for name, change in variants.items():
+            if args.variants and name not in args.variants:
+                continue
             change = dict(change)
             raw = change.pop("raw", False)
             options = dataclasses.replace(PruneOptions(), **change)

@@ -170,3 +170,24 @@ def test_checkpoint_not_matching_its_config_is_refused():
     state.tensors["model.layers.0.mlp.gate_proj.weight"] = torch.zeros(64, 48)
     with pytest.raises(ConfigError, match="gate_proj.weight.*\\(64, 48\\).*\\(96, 48\\)"):
         model_from_state(state, ParallelConfig())
+
+
+def test_tying_with_a_fitted_norm_scale_beats_plain_tying():
+    """Tied parent, full-rank child that must be tied: the fitted final-norm scale makes norm(h) diag(s) E^T the
+    least-squares fit of the folded output layer, so the logits move closer to the parent's."""
+    from nemo_plugins.prune.embeddings import set_tied
+    from nemo_plugins.prune.hidden import fold_norms
+
+    parent = parent_state(tie_embeddings=True)
+    with torch.no_grad():
+        parent.tensors["model.norm.weight"].copy_(torch.linspace(0.2, 3.0, parent.config.hidden_size))
+    folded = fold_norms(parent)
+    output = folded.tensors["lm_head.weight"]
+    fit = set_tied(folded, True, "embedding_fit")
+    plain = set_tied(folded, True, "embedding")
+    fitted_output = fit.tensors["model.embed_tokens.weight"] * fit.tensors["model.norm.weight"]
+    assert (fitted_output - output).norm() < (plain.tensors["model.embed_tokens.weight"] - output).norm()
+    tokens, positions = calibration_batch(parent.config)
+    reference = logits(parent, tokens, positions)
+    error = {name: (logits(s, tokens, positions) - reference).abs().mean().item() for name, s in (("fit", fit), ("plain", plain))}
+    assert error["fit"] < 1e-4 < error["plain"], error  # no rotation here: the scale is exactly gamma

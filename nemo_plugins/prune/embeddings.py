@@ -2,8 +2,11 @@
 
 Untying is exact (``fold_norms`` already gives the output layer its own matrix). Tying an untied model
 must pick one matrix for both roles; the options are compared by perplexity right after pruning:
-``embedding`` keeps the input embedding (the input side stays exact), ``output`` keeps the output layer (the
-logits stay exact), ``mean`` averages the two.
+``embedding_fit`` keeps the input embedding E (the input side stays exact) and moves onto the final RMSNorm
+weight the per-channel scale s_i = <E_i, W_i> / ||E_i||^2 that best fits the output layer W column by column
+(least squares), so that logits = norm(h) diag(s) E^T approximate norm(h) W^T; this recovers what folding
+the parent's final-norm weight into W put there. ``embedding`` keeps E alone, ``output`` keeps W (the
+logits stay exact, the input side does not), ``mean`` averages the two.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from typing import Literal
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.state import ModelState
 
-TieMethod = Literal["embedding", "output", "mean"]
+TieMethod = Literal["embedding_fit", "embedding", "output", "mean"]
 
 
-def set_tied(state: ModelState, tied: bool, method: TieMethod = "embedding") -> ModelState:
+def set_tied(state: ModelState, tied: bool, method: TieMethod = "embedding_fit") -> ModelState:
     if tied == state.config.tie_embeddings:
         return state
     t = dict(state.tensors)
@@ -24,13 +27,18 @@ def set_tied(state: ModelState, tied: bool, method: TieMethod = "embedding") -> 
         t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
         return ModelState(state.config.replace(tie_embeddings=False), t)
     embedding, output = t["model.embed_tokens.weight"], t.pop("lm_head.weight")
-    if method == "embedding":
+    if method == "embedding_fit":
+        e, w = embedding.double(), output.double()
+        scale = (e * w).sum(0) / (e * e).sum(0).clamp_min(1e-30)
+        t["model.norm.weight"] = (t["model.norm.weight"].double() * scale).to(t["model.norm.weight"].dtype)
+        shared = embedding
+    elif method == "embedding":
         shared = embedding
     elif method == "output":
         shared = output
     elif method == "mean":
         shared = (embedding + output) / 2
     else:
-        raise ConfigError(f"prune.tie_method={method!r} is not one of embedding, output, mean")
+        raise ConfigError(f"prune.options.tie_method={method!r} is not one of embedding_fit, embedding, output, mean")
     t["model.embed_tokens.weight"] = shared.contiguous()
     return ModelState(state.config.replace(tie_embeddings=True), t)
