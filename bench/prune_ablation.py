@@ -3,7 +3,7 @@
 Rows: the default (norm-ratio layers, token-normalised uncentred PCA, activation FFN scores, re-calibration)
 and one change at a time: random / drop-last layers, magnitude channel slicing instead of PCA, raw (not
 token-normalised) PCA statistics, random FFN channels, one calibration pass, and for the tied child the
-ways of forming the single embedding matrix (the default fits a per-channel final-norm scale).
+ways of forming the single embedding matrix (the default keeps the output matrix).
     python bench/prune_ablation.py [--calibration-tokens 8192] [--eval-windows 8] > table.md
 """
 
@@ -39,8 +39,8 @@ VARIANTS = {
     "one calibration pass": {"recalibrate": False},
 }
 TIE_VARIANTS = {
-    "tie: input embedding, no fit": {"tie_method": "embedding"},
-    "tie: output matrix": {"tie_method": "output"},
+    "tie: input embedding + fitted norm scale": {"tie_method": "embedding_fit"},
+    "tie: input embedding": {"tie_method": "embedding"},
     "tie: mean": {"tie_method": "mean"},
 }
 

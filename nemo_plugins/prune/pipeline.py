@@ -50,7 +50,7 @@ class PruneOptions:
     centred: bool = False
     norm_compensation: NormCompensation = "energy"
     ffn_method: FfnMethod = "activation"
-    tie_method: TieMethod = "embedding_fit"
+    tie_method: TieMethod = "output"
     recalibrate: bool = True
     seed: int = 0
 
