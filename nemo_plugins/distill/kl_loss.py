@@ -30,7 +30,7 @@ class KLOptions:
     temperature: float = 1.0
     ce_weight: float = 0.0
     reverse: bool = False
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
