@@ -188,15 +188,14 @@ def calibrate(
         raise ConfigError("calibration data is empty: give prune.calibration.tokens > 0 and a non-empty data mix")
     mask = torch.ones_like(tokens, dtype=torch.float32) if mask is None else mask.float()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    rows = range(dp_rank, tokens.shape[0], dp_size)
+    chosen = list(range(dp_rank, tokens.shape[0], dp_size))
     acc = _Accumulator(config, want, model.config.sequence_parallel, token_normalized)
     handles = _register_hooks(model, acc)
     counted = 0
     start = time.perf_counter()
-    bar = tqdm(total=int(mask[rows.start :: dp_size].sum().item()), unit="tok", unit_scale=True, desc="calibration",
+    bar = tqdm(total=int(mask[chosen].sum().item()), unit="tok", unit_scale=True, desc="calibration",
                disable=not progress or dist.get_rank() != 0)
     try:
-        chosen = list(rows)
         for i in range(0, len(chosen), micro_batch_size):
             index = chosen[i : i + micro_batch_size]
             acc.mask = mask[index].T.contiguous().to(device())
