@@ -39,7 +39,7 @@ def _pca_plot(report: dict, out: Path) -> Path:
     ax.plot(range(1, len(explained) + 1), explained)
     ax.axvline(k, color="tab:red", linestyle="--", label=f"kept {k}: {explained[k - 1]:.3f}")
     ax.set_xlabel("components kept")
-    ax.set_ylabel("fraction of E[x x^T] kept")
+    ax.set_ylabel("fraction of norm-input energy kept")
     ax.set_title(f"hidden size ({report['options']['hidden_method']})")
     ax.legend()
     return _save(fig, out / "pca_explained.png")
