@@ -54,3 +54,20 @@ def test_vocab_mismatch_is_named():
     h, w, teacher, mask, _ = problem()
     with pytest.raises(ConfigError, match="same vocabulary"):
         fused_kl_loss(h, w, teacher[:, :-1], mask)
+
+
+def test_fused_teacher_equals_dense_teacher_logits():
+    from nemo_plugins.distill.kl_loss import DenseTeacher, FusedTeacher
+
+    h, w, _, mask, _ = problem()
+    g = torch.Generator().manual_seed(3)
+    teacher_hidden, teacher_weight = torch.randn(h.shape[0], 24, generator=g), torch.randn(w.shape[0], 24, generator=g) * 0.5
+    losses, grads = [], []
+    for teacher in (DenseTeacher(teacher_hidden @ teacher_weight.T), FusedTeacher(teacher_hidden, teacher_weight)):
+        student = h.clone().requires_grad_()
+        loss = fused_kl_loss(student, w, teacher, mask, options=KLOptions(chunk_tokens=6))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(student.grad)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -11,6 +11,10 @@ Vocab-parallel: under tensor parallelism each rank holds a vocabulary shard of t
 teacher's logits; the softmax max and sum-exp and the KL sum are all-reduced over the TP group, exactly as
 megatron's ``vocab_parallel_cross_entropy`` does, and the gradient of the hidden states is summed over it.
 
+The teacher is either its logits (``DenseTeacher``, any dtype, converted to fp32 one chunk at a time) or
+its final hidden states and output weight (``FusedTeacher``): then the teacher's logits are also made
+chunk by chunk and no [tokens x vocab] tensor exists at all.
+
 Options: ``temperature`` (both distributions at z / T), ``ce_weight`` (mix in next-token cross-entropy on
 ``labels``, (1 - w) KL + w CE; 0 = the paper's KL alone) and ``reverse`` (KL(student || teacher), ablations).
 """
@@ -39,6 +43,36 @@ class KLOptions:
             raise ConfigError(f"distill.ce_weight must be in [0, 1], got {self.ce_weight}")
         if self.chunk_tokens < 1:
             raise ConfigError("distill.chunk_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class DenseTeacher:
+    """Teacher logits ``[tokens, vocab_shard]`` as the teacher model produced them."""
+
+    logits: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.logits.shape)
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        return self.logits[rows].detach().float()
+
+
+@dataclass(frozen=True)
+class FusedTeacher:
+    """Teacher final hidden states ``[tokens, hidden_t]`` and output weight ``[vocab_shard, hidden_t]``."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.hidden.shape[0], self.weight.shape[0])
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            return (self.hidden[rows] @ self.weight.T).float()
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
@@ -88,7 +122,7 @@ def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions,
 
 class _FusedKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_logits, mask, labels, options: KLOptions, group):
+    def forward(ctx, hidden, weight, teacher, mask, labels, options: KLOptions, group):
         tokens = hidden.shape[0]
         count = mask.sum().clamp_min(1.0)
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -99,7 +133,7 @@ class _FusedKL(torch.autograd.Function):
             rows = slice(start, start + options.chunk_tokens)
             h = hidden[rows]
             z_student = (h @ weight.T).float()
-            loss, grad = _chunk_loss_and_grad(z_student, teacher_logits[rows].float(), mask[rows].float(),
+            loss, grad = _chunk_loss_and_grad(z_student, teacher.chunk(rows), mask[rows].float(),
                                               None if labels is None else labels[rows], options, group, vocab_start)
             total += loss.sum()
             grad = (grad / count).to(weight.dtype)
@@ -118,7 +152,7 @@ class _FusedKL(torch.autograd.Function):
 def fused_kl_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: DenseTeacher | FusedTeacher | torch.Tensor,
     mask: torch.Tensor,
     labels: torch.Tensor | None = None,
     options: KLOptions = KLOptions(),
@@ -126,18 +160,20 @@ def fused_kl_loss(
 ) -> torch.Tensor:
     """Mean over unmasked tokens of KL(p_teacher || p_student), student logits = ``hidden @ weight.T``.
 
-    Shapes: ``hidden`` [tokens, hidden], ``weight`` [vocab_shard, hidden], ``teacher_logits`` [tokens,
-    vocab_shard] (any dtype; converted to fp32 one chunk at a time), ``mask`` [tokens], ``labels`` [tokens]
-    (global ids; only with ``ce_weight > 0``). The teacher receives no gradient.
+    Shapes: ``hidden`` [tokens, hidden], ``weight`` [vocab_shard, hidden], ``teacher`` a ``DenseTeacher`` /
+    ``FusedTeacher`` (a plain tensor means dense logits [tokens, vocab_shard]), ``mask`` [tokens], ``labels``
+    [tokens] (global ids; only with ``ce_weight > 0``). The teacher receives no gradient.
     """
     if options.ce_weight > 0 and labels is None:
         raise ConfigError("distill.ce_weight > 0 needs labels")
-    if teacher_logits.shape != (hidden.shape[0], weight.shape[0]):
+    if isinstance(teacher, torch.Tensor):
+        teacher = DenseTeacher(teacher)
+    if teacher.shape != (hidden.shape[0], weight.shape[0]):
         raise ConfigError(
-            f"teacher logits {tuple(teacher_logits.shape)} do not match student tokens x vocab shard "
+            f"teacher logits {teacher.shape} do not match student tokens x vocab shard "
             f"({hidden.shape[0]}, {weight.shape[0]}): teacher and student need the same vocabulary and TP layout"
         )
-    return _FusedKL.apply(hidden, weight, teacher_logits.detach(), mask, labels, options, tp_group)
+    return _FusedKL.apply(hidden, weight, teacher, mask, labels, options, tp_group)
 
 
 def naive_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
