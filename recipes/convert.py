@@ -20,6 +20,7 @@ import torch.distributed as dist
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.model_io import gather_hf_state
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
+from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
 from nemo_plugins.errors import torch_dtype
 from nemo_plugins.logs import setup_logging
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> dict:
         state = gather_hf_state(model, config)
         out = args.to_hf
         if dist.get_rank() == 0:
-            extra = {p.name: p for p in tokenizer.iterdir() if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json"}
-            hf_io.write_model_dir(state, config, out, max_shard_bytes=int(args.max_shard_gb * 2**30), extra_files=extra)
+            hf_io.write_model_dir(state, config, out, max_shard_bytes=int(args.max_shard_gb * 2**30), extra_files=tokenizer_files(tokenizer))
         dist.barrier()
     summary = {
         "src": args.src,

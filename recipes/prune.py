@@ -18,7 +18,7 @@ from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, read_model_state, tokenizer_dir
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.text_files import iter_documents
-from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
+from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer, tokenizer_files
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
 from nemo_plugins.errors import ConfigError, torch_dtype, typed
@@ -62,8 +62,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     megatron_checkpoint.save_model(child_model, child.config, out / "megatron", tokenizer_dir=tokenizer_dir(source))
     if dist.get_rank() == 0:
-        tokenizer_files = {p.name: p for p in tokenizer_dir(source).iterdir() if p.name.startswith("tokenizer")}
-        hf_io.write_model_dir(child.tensors, child.config, out / "hf", extra_files=tokenizer_files)
+        hf_io.write_model_dir(child.tensors, child.config, out / "hf", extra_files=tokenizer_files(tokenizer_dir(source)))
         write_report(report, out)
         logger.info("child %s: %d -> %d parameters, held-out perplexity %.2f -> %.2f; wrote %s",
                     json.dumps(report["target"]), report["parameters"]["parent"], report["parameters"]["child"],

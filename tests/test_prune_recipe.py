@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, hf_dir
+from nemo_plugins.data.tokenizer import tokenizer_files
 from recipes import prune as prune_recipe
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
@@ -19,8 +20,8 @@ from recipes._entry import CONF_DIR as CONF
 def tiny_parent_with_tokenizer(tmp_path):
     """A tied toy parent with SmolLM2's vocabulary and tokenizer files."""
     config = tiny_config(vocab_size=49_152, tie_embeddings=True, num_layers=4)
-    tokenizer_files = {p.name: p for p in hf_dir(ModelSource.parse("embedded:smollm2")).iterdir() if p.name.startswith("tokenizer")}
-    return hf_io.write_model_dir(hf_state(hf_model(config)), config, tmp_path / "parent", extra_files=tokenizer_files)
+    tokenizer = tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2")))
+    return hf_io.write_model_dir(hf_state(hf_model(config)), config, tmp_path / "parent", extra_files=tokenizer)
 
 
 def test_prune_recipe_writes_checkpoint_hf_dir_and_report(tiny_parent_with_tokenizer, tmp_path):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 
@@ -32,9 +33,8 @@ def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Pat
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if tokenizer_dir is not None:
             (tmp / TOKENIZER_DIR).mkdir()
-            for path in Path(tokenizer_dir).iterdir():
-                if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
-                    shutil.copy(path, tmp / TOKENIZER_DIR / path.name)
+            for name, path in tokenizer_files(tokenizer_dir).items():
+                shutil.copy(path, tmp / TOKENIZER_DIR / name)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / WEIGHTS_DIR))
     dist.barrier()

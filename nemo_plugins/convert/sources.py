@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.gguf_reader import read_gguf
 from nemo_plugins.convert.model_io import load_hf_state
+from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.errors import ConfigError
@@ -70,13 +72,9 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> Path:
 
     config, state = read_gguf(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer_dir = out_dir.with_name(f".{out_dir.name}.tokenizer")
-    tokenizer.save_pretrained(str(tokenizer_dir))
-    extra = {p.name: p for p in tokenizer_dir.iterdir()}
-    hf_io.write_model_dir(state, config, out_dir, extra_files=extra)
-    for p in tokenizer_dir.iterdir():
-        p.unlink()
-    tokenizer_dir.rmdir()
+    with tempfile.TemporaryDirectory() as saved:
+        tokenizer.save_pretrained(saved)
+        hf_io.write_model_dir(state, config, out_dir, extra_files=tokenizer_files(saved))
     return out_dir
 
 
