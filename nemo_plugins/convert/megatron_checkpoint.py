@@ -20,10 +20,13 @@ WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+               extra_sharded: dict | None = None, json_files: dict[str, dict] | None = None) -> Path:
     """Write ``out_dir`` via a sibling temp dir renamed into place once every rank has written its shards.
 
-    The tokenizer files travel with the weights so that every later stage tokenises the same way.
+    The tokenizer files travel with the weights so that every later stage tokenises the same way. Training
+    checkpoints add their optimizer / RNG shards (``extra_sharded``, saved beside the model's) and small JSON
+    files (written by rank 0 before the rename): they stay loadable as plain model checkpoints.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
@@ -35,8 +38,10 @@ def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Pat
             (tmp / TOKENIZER_DIR).mkdir()
             for name, path in tokenizer_files(tokenizer_dir).items():
                 shutil.copy(path, tmp / TOKENIZER_DIR / name)
+        for name, values in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(values, indent=2) + "\n")
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / WEIGHTS_DIR))
+    dist_checkpointing.save({"model": model.sharded_state_dict(), **(extra_sharded or {})}, str(tmp / WEIGHTS_DIR))
     dist.barrier()
     if dist.get_rank() == 0:
         if out_dir.exists():
@@ -60,8 +65,11 @@ def _megatron_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Load this rank's shards; a missing or damaged shard file is reported with the directory to fix."""
+def load_weights(model: torch.nn.Module, ckpt_dir: str | Path, extra_sharded: dict | None = None) -> dict:
+    """Load this rank's shards; a missing or damaged shard file is reported with the directory to fix.
+
+    ``extra_sharded`` requests more of a training checkpoint (optimizer, RNG); their loaded values are returned.
+    """
     weights = Path(ckpt_dir) / WEIGHTS_DIR
     if not (weights / "metadata.json").is_file():
         raise ConfigError(f"{weights}: no dist_checkpointing metadata; the checkpoint is incomplete")
@@ -71,7 +79,8 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
             f"{weights} was written by megatron-core >= 0.19 (no common.pt); load it with megatron-core >= 0.19"
         )
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
+        state = dist_checkpointing.load({"model": model.sharded_state_dict(), **(extra_sharded or {})}, str(weights))
     except (Exception, CheckpointException) as err:  # several types (CheckpointException is a BaseException)
         raise ConfigError(f"{weights}: cannot load checkpoint shards ({type(err).__name__}: {err})") from err
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state.pop("model"), strict=True)
+    return state

@@ -41,6 +41,9 @@ class ModelSource:
     kind: str
     location: str
 
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.location}"
+
     @classmethod
     def parse(cls, text: str) -> "ModelSource":
         kind, sep, location = str(text).partition(":")
@@ -111,10 +114,15 @@ def source_config(source: ModelSource) -> MistralConfig:
     return hf_io.read_config(hf_dir(source))
 
 
-def load_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32) -> tuple[MistralConfig, torch.nn.Module]:
-    """Build this rank's model chunk and fill it from the source."""
-    config = source_config(source)
-    model = build_model(config, parallel, dtype)
+def load_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
+               config: MistralConfig | None = None, fp8: str | None = None) -> tuple[MistralConfig, torch.nn.Module]:
+    """Build this rank's model chunk and fill it from the source.
+
+    ``config`` replaces the source's own when a stage changes what does not touch the weights' shapes
+    (context extension: YaRN, attention temperature, maximum positions).
+    """
+    config = config or source_config(source)
+    model = build_model(config, parallel, dtype, fp8=fp8)
     if source.kind == "megatron":
         megatron_checkpoint.load_weights(model, source.location)
     else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nemo_plugins.data.token_store import TokenFile
+from nemo_plugins.data.token_store import TokenFile, tokenize_to_file
 from nemo_plugins.errors import ConfigError
 
 
@@ -41,6 +41,23 @@ class MixSource:
     name: str
     file: TokenFile
     weight: float
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One corpus of the mix: files / directories / jsonl (``stdlib:`` = this Python's standard library)."""
+
+    name: str
+    paths: list[str]
+    weight: float = 1.0
+
+
+def build_mix(tokenizer, sources: list[SourceSpec], cache_dir: str, heldout_fraction: float) -> "DataMix":
+    """Tokenise every source once into a cached token file and mix them."""
+    if not sources:
+        raise ConfigError("data.sources is empty")
+    return DataMix([MixSource(s.name, tokenize_to_file(tokenizer, list(s.paths), cache_dir, s.name), s.weight)
+                    for s in sources], heldout_fraction)
 
 
 class DataMix:

@@ -122,12 +122,13 @@ def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions,
 
 class _FusedKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, mask, labels, options: KLOptions, group):
+    def forward(ctx, hidden, weight, teacher, mask, labels, options: KLOptions, group, needs_grad: bool):
         tokens = hidden.shape[0]
         count = mask.sum().clamp_min(1.0)
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if needs_grad:
+            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         vocab_start = _vocab_start(weight.shape[0], group)
         for start in range(0, tokens, options.chunk_tokens):
             rows = slice(start, start + options.chunk_tokens)
@@ -136,17 +137,19 @@ class _FusedKL(torch.autograd.Function):
             loss, grad = _chunk_loss_and_grad(z_student, teacher.chunk(rows), mask[rows].float(),
                                               None if labels is None else labels[rows], options, group, vocab_start)
             total += loss.sum()
-            grad = (grad / count).to(weight.dtype)
-            grad_hidden[rows] = grad @ weight
-            grad_weight += (grad.T @ h).float()
-        _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+            if needs_grad:
+                grad = (grad / count).to(weight.dtype)
+                grad_hidden[rows] = grad @ weight
+                grad_weight += (grad.T @ h).float()
+        if needs_grad:
+            _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
+            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         return total / count
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None, None
 
 
 def fused_kl_loss(
@@ -173,7 +176,36 @@ def fused_kl_loss(
             f"teacher logits {teacher.shape} do not match student tokens x vocab shard "
             f"({hidden.shape[0]}, {weight.shape[0]}): teacher and student need the same vocabulary and TP layout"
         )
-    return _FusedKL.apply(hidden, weight, teacher, mask, labels, options, tp_group)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _FusedKL.apply(hidden, weight, teacher, mask, labels, options, tp_group, needs_grad)
+
+
+@torch.no_grad()
+def token_kl_and_nll(hidden: torch.Tensor, weight: torch.Tensor, teacher: FusedTeacher, labels: torch.Tensor,
+                     chunk_tokens: int = 256, tp_group=None) -> dict[str, torch.Tensor]:
+    """Per-token KL(teacher || student) and both models' next-token NLL of ``labels`` (evaluation, fp32).
+
+    Same chunking and vocab-parallel reductions as the loss, so evaluation also never holds full logits.
+    """
+    vocab_local = weight.shape[0]
+    vocab_start = _vocab_start(vocab_local, tp_group)
+    out = {name: torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+           for name in ("kl", "student_nll", "teacher_nll")}
+
+    def nll(logp, local, here):
+        picked = logp.gather(-1, local.clamp(0, vocab_local - 1)[:, None])[:, 0]
+        return -_all_reduce(torch.where(here, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, tp_group)
+
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        logp_s, _ = _softmax((hidden[rows] @ weight.T).float(), tp_group)
+        logp_t, p_t = _softmax(teacher.chunk(rows), tp_group)
+        out["kl"][rows] = _all_reduce((p_t * (logp_t - logp_s)).sum(-1), dist.ReduceOp.SUM, tp_group)
+        local = labels[rows] - vocab_start
+        here = (local >= 0) & (local < vocab_local)
+        out["student_nll"][rows] = nll(logp_s, local, here)
+        out["teacher_nll"][rows] = nll(logp_t, local, here)
+    return out
 
 
 def naive_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -49,10 +49,13 @@ def transformer_engine_usable() -> bool:
     return True
 
 
-def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32) -> MistralTransformerConfig:
+def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
+                       fp8: str | None = None) -> MistralTransformerConfig:
+    """``fp8`` ("hybrid" or "e4m3") turns on Transformer Engine's FP8 GEMMs (megatron's delayed-scaling recipe)."""
     model.check_parallel(parallel.tp, parallel.pp)
     yarn = model.rope_scaling
     return MistralTransformerConfig(
+        fp8=fp8,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -127,8 +130,12 @@ class MistralGPTModel(GPTModel):
     """
 
     uses_transformer_engine: bool = False
+    _return_hidden: bool = False
 
-    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **kwargs):  # type: ignore[override]
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, return_hidden: bool = False, **kwargs):  # type: ignore[override]
+        """Logits (or per-token loss with ``labels``); with ``return_hidden`` the final-norm hidden states
+        ``[s, b, h]`` instead (sequence-sharded under sequence parallelism), for losses fused with the output
+        layer that must never see full logits."""
         if attention_mask is None and not is_single_document(position_ids):
             if self.uses_transformer_engine:
                 # TE's causal kernels ignore an explicit mask: documents would silently attend to each other.
@@ -142,7 +149,24 @@ class MistralGPTModel(GPTModel):
             extra = dict(kwargs.pop("extra_block_kwargs", None) or {})
             extra["attention_bias"] = query_scale(position_ids, self.config.attention_temperature_beta, period)
             kwargs["extra_block_kwargs"] = extra
-        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        self._return_hidden = return_hidden
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        finally:
+            self._return_hidden = False
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        # GPTModel's output stage (a private megatron method, same shape in 0.16 and 0.19); the decoder has
+        # already applied the final norm, so these are exactly the output layer's inputs.
+        if self._return_hidden and self.post_process:
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight on the last pipeline stage ([vocab shard, hidden]), tied or not."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
 
 
 def build_model(
@@ -150,10 +174,16 @@ def build_model(
     parallel: ParallelConfig,
     dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
+    fp8: str | None = None,
 ) -> MistralGPTModel:
     """The model chunk of this pipeline rank; megatron's parallel state must be initialised."""
-    config = transformer_config(model, parallel, dtype)
+    config = transformer_config(model, parallel, dtype, fp8)
     use_te = transformer_engine_usable() if use_te is None else use_te
+    if parallel.cp > 1 and not use_te:
+        raise ConfigError(f"parallel.cp={parallel.cp} needs Transformer Engine attention on GPUs (megatron's local "
+                          "attention has no context parallelism): set parallel.cp=1 or install TE")
+    if fp8 and not use_te:
+        raise ConfigError(f"train.fp8={fp8!r} needs Transformer Engine on a GPU (none usable here): set train.fp8=null")
     gpt = MistralGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te),

@@ -15,11 +15,13 @@ def forward_only(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     reduce: Callable[[torch.Tensor], dict] | None = None,
+    forward_kwargs: dict | None = None,
 ) -> list[dict]:
     """Run ``(tokens, position_ids, labels|None)`` batches; on the last stage ``reduce(output)`` per batch.
 
-    ``output`` is megatron's per-token loss ``[b, s]`` when labels are given, else the logits. Returns the
-    reduced dicts on the last pipeline stage, an empty list elsewhere.
+    ``output`` is megatron's per-token loss ``[b, s]`` when labels are given, else the logits (or, with
+    ``forward_kwargs={"return_hidden": True}``, the final hidden states). Returns the reduced dicts on the
+    last pipeline stage, an empty list elsewhere.
     """
     model.eval()
     results: list[dict] = []
@@ -27,7 +29,7 @@ def forward_only(
 
     def forward_step(data_iterator, chunk):
         tokens, positions, labels = (t.to(device()) if t is not None else None for t in next(data_iterator))
-        output = chunk(tokens, positions, labels=labels)
+        output = chunk(tokens, positions, labels=labels, **(forward_kwargs or {}))
 
         def loss_func(out):
             return torch.zeros((), device=out.device), (reduce(out) if reduce else {})

@@ -1,0 +1,133 @@
+"""One distillation stage (short- or long-context) from config to artefacts: teacher + student loading,
+optional context extension, the training run, long-context evaluation before and after, a manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_plugins.convert.sources import ModelSource, load_model, source_config
+from nemo_plugins.data.mix import Cursor, DataMix
+from nemo_plugins.data.text_files import iter_documents
+from nemo_plugins.distill.context import ContextExtension
+from nemo_plugins.distill.kl_loss import KLOptions
+from nemo_plugins.distill.teacher import Teacher
+from nemo_plugins.distill.trainer import DistillRun
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.eval.long_context import passkey_accuracy, perplexity_by_position, plot_long_context
+from nemo_plugins.eval.perplexity import token_windows
+from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.train.config import OptimizerSettings, TrainSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LongContextEval:
+    """Perplexity by position on ``paths`` (windows of the stage's seq_len) and passkey retrieval at ``lengths``."""
+
+    paths: list[str] = field(default_factory=lambda: ["stdlib:json", "stdlib:logging"])
+    windows: int = 2
+    buckets: int = 4
+    passkey_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    passkey_samples: int = 4
+
+
+@dataclass(frozen=True)
+class DistillStage:
+    name: str
+    train: TrainSettings
+    optimizer: OptimizerSettings
+    kl: KLOptions
+    context: ContextExtension | None = None
+    long_eval: LongContextEval | None = None
+
+    @classmethod
+    def from_config(cls, node, key: str) -> "DistillStage":
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(node, resolve=True)
+        unknown = set(values) - {"name", "train", "optimizer", "kl", "context", "long_eval"}
+        if unknown:
+            raise ConfigError(f"unknown key(s) {sorted(unknown)} in {key}; allowed: name, train, optimizer, kl, context, long_eval")
+        stage = cls(
+            name=values.get("name") or key.rsplit(".", 1)[-1],
+            train=typed(TrainSettings, values.get("train") or {}, f"{key}.train"),
+            optimizer=typed(OptimizerSettings, values.get("optimizer") or {}, f"{key}.optimizer"),
+            kl=typed(KLOptions, values.get("kl") or {}, f"{key}.kl"),
+            context=typed(ContextExtension, values["context"], f"{key}.context") if values.get("context") else None,
+            long_eval=typed(LongContextEval, values["long_eval"], f"{key}.long_eval") if values.get("long_eval") else None,
+        )
+        if stage.context is not None and stage.train.seq_len > stage.context.max_context:
+            raise ConfigError(f"{key}.train.seq_len={stage.train.seq_len} exceeds the extended context "
+                              f"{stage.context.max_context} (original_context x yarn_factor)")
+        return stage
+
+
+def student_config(stage: DistillStage, source: ModelSource) -> MistralConfig:
+    config = source_config(source)
+    return stage.context.apply(config) if stage.context is not None else config
+
+
+def check_teacher_student(teacher: MistralConfig, student: MistralConfig) -> None:
+    if teacher.vocab_size != student.vocab_size:
+        raise ConfigError(f"teacher vocabulary {teacher.vocab_size} != student vocabulary {student.vocab_size}: "
+                          "logit distillation needs the same tokenizer")
+
+
+def _long_context(model, tokenizer, stage: DistillStage) -> dict:
+    spec = stage.long_eval
+    windows = token_windows(tokenizer, iter_documents(spec.paths), stage.train.seq_len, spec.windows)
+    return {"position_perplexity": perplexity_by_position(model, windows, spec.buckets),
+            "passkey": passkey_accuracy(model, tokenizer, [n for n in spec.passkey_lengths if n <= stage.train.seq_len],
+                                        spec.passkey_samples)}
+
+
+def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: ModelSource, mix: DataMix, tokenizer,
+              tokenizer_dir: Path, cursor: Cursor, out_dir: Path, parallel: ParallelConfig) -> dict:
+    """Train ``student_source`` against ``teacher_source`` from ``cursor``; returns the stage's manifest.
+
+    The student's newest checkpoint (``manifest["checkpoint"]``) is the stage's output model.
+    """
+    started = time.monotonic()
+    dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
+    s_config = student_config(stage, student_source)
+    t_config = source_config(teacher_source)
+    check_teacher_student(t_config, s_config)
+    _, teacher_model = load_model(teacher_source, parallel, dtype)
+    _, student = load_model(student_source, parallel, dtype, config=s_config, fp8=stage.train.fp8)
+    teacher = Teacher(teacher_model)
+    long_context = {}
+    if stage.long_eval is not None:
+        long_context["before"] = _long_context(student, tokenizer, stage)
+    result = DistillRun(student, s_config, teacher, mix, stage.train, stage.optimizer, stage.kl, out_dir,
+                        tokenizer_dir, stage.name).run(cursor)
+    if stage.long_eval is not None:
+        long_context["after"] = _long_context(student, tokenizer, stage)
+    manifest = {
+        "stage": stage.name,
+        "teacher": str(teacher_source),
+        "student_input": str(student_source),
+        "student_config": s_config.to_dict(),
+        "parameters": s_config.num_parameters(),
+        **result,
+        "long_context": long_context,
+        "train_flops": 6 * s_config.num_parameters() * result["tokens"] + 2 * t_config.num_parameters() * result["tokens"],
+        "wall_seconds": time.monotonic() - started,
+    }
+    if dist.get_rank() == 0:
+        if long_context:
+            plot_long_context({f"{stage.name} {k}": v for k, v in long_context.items()}, Path(out_dir) / "long_context.png")
+        (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        logger.info("%s done: %d tokens, held-out KL %.4f, student ppl %.2f (teacher %.2f), %.0f s", stage.name,
+                    result["tokens"], result["eval"]["kl"], result["eval"]["student_ppl"], result["eval"]["teacher_ppl"],
+                    manifest["wall_seconds"])
+    dist.barrier()
+    return manifest

@@ -1,0 +1,67 @@
+"""megatron-core's DDP wrapper, optimizer and learning-rate / weight-decay schedule for one model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from nemo_plugins.cpu_compat import resolve_distributed_optimizer
+from nemo_plugins.train.config import OptimizerSettings
+
+
+def wrap_for_training(model: torch.nn.Module, use_distributed_optimizer: bool = True) -> tuple[DistributedDataParallel, bool]:
+    """megatron DDP (contiguous fp32 grad buffers, reduced in ``finalize_model_grads``)."""
+    distributed = resolve_distributed_optimizer(use_distributed_optimizer)
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                      use_distributed_optimizer=distributed),
+        model,
+    )
+    # the schedules call these after the last micro-batch: DP all-reduce, tied-embedding and SP-norm grads
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return ddp, distributed
+
+
+def build_optimizer(ddp: DistributedDataParallel, settings: OptimizerSettings, total_steps: int,
+                    distributed: bool) -> tuple[object, OptimizerParamScheduler]:
+    """Adam (AdamW-style decay) with fp32 main weights under bf16, and its step-based schedule."""
+    config = ddp.module.config
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=settings.lr,
+            min_lr=settings.min_lr,
+            weight_decay=settings.weight_decay,
+            adam_beta1=settings.adam_beta1,
+            adam_beta2=settings.adam_beta2,
+            adam_eps=settings.adam_eps,
+            clip_grad=settings.clip_grad,
+            bf16=config.bf16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=distributed,
+        ),
+        [ddp],
+    )
+    config.grad_scale_func = optimizer.scale_loss
+    warmup = math.ceil(settings.warmup_fraction * total_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=settings.lr,
+        min_lr=settings.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=settings.decay_style,
+        start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(settings.wsd_decay_fraction * total_steps)) if settings.decay_style == "WSD" else None,
+        lr_wsd_decay_style="cosine" if settings.decay_style == "WSD" else None,
+    )
+    return optimizer, scheduler

@@ -1,0 +1,64 @@
+"""One distillation stage: the parent (model.source) teaches a student; resumable, single-pass data.
+
+    python -m recipes.distill student=megatron:runs/prune/22L_384h_1024f/megatron
+    python -m recipes.distill stage@stage.distill=distill_long student=megatron:runs/distill/distill_short/checkpoints/step_00000016 \\
+        cursor=runs/distill/distill_short/manifest.json
+    torchrun --nproc-per-node 2 -m recipes.distill parallel.tp=2 student=...
+
+Running the same command again after a kill resumes from the newest checkpoint under output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, source_config, tokenizer_dir
+from nemo_plugins.data.mix import Cursor, SourceSpec, build_mix
+from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
+from nemo_plugins.distill.stage import DistillStage, run_stage
+from nemo_plugins.distributed import ParallelConfig, initialize
+from nemo_plugins.errors import ConfigError, typed
+from recipes._entry import hydra_entry
+
+
+def data_sources(node) -> list[SourceSpec]:
+    return [typed(SourceSpec, s, f"data.sources[{i}]") for i, s in enumerate(OmegaConf.to_container(node.sources, resolve=True))]
+
+
+def read_cursor(path: str | None) -> Cursor:
+    """The data cursor a previous stage ended at (its manifest's ``cursor_end``); the data's start if none."""
+    if not path:
+        return Cursor()
+    manifest = Path(path)
+    if not manifest.is_file():
+        raise ConfigError(f"cursor={path}: no such manifest (a finished stage writes <output_dir>/manifest.json)")
+    return Cursor.from_dict(json.loads(manifest.read_text())["cursor_end"])
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.model.source:
+        raise ConfigError("model.source is null: say where the teacher's weights are")
+    if not cfg.student:
+        raise ConfigError("student is null: say where the student starts, e.g. student=megatron:runs/prune/<child>/megatron")
+    stage = DistillStage.from_config(cfg.stage.distill, "stage.distill")
+    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    sources = data_sources(cfg.data)
+    teacher_source, student_source = ModelSource.parse(cfg.model.source), ModelSource.parse(cfg.student)
+    initialize(parallel, stage.train.seed)
+    check_declared(declared_architecture(cfg.model.architecture), source_config(teacher_source), cfg.model.source)
+    tok_dir = tokenizer_dir(teacher_source)
+    tokenizer = load_tokenizer(tok_dir)
+    check_vocab(tokenizer, source_config(teacher_source))
+    mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction)
+    return run_stage(stage, teacher_source, student_source, mix, tokenizer, tok_dir, read_cursor(cfg.cursor),
+                     Path(cfg.output_dir), parallel)
+
+
+main = hydra_entry("distill", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""recipes.distill as a user runs it: SIGKILL at a random step, the same command again, the same trajectory."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nemo_plugins.convert import megatron_checkpoint
+from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.model.builder import build_model
+from nemo_plugins.train.metrics import MetricsLog
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny teacher and student on SmolLM2's real tokenizer (vocabulary 49,152), as megatron checkpoints."""
+    root = tmp_path_factory.mktemp("distill_recipe")
+    tok = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
+    for name, config, seed in (("teacher", tiny_config(vocab_size=49152), 0),
+                               ("student", tiny_config(vocab_size=49152, hidden_size=32, ffn_hidden_size=64), 1)):
+        torch.manual_seed(seed)
+        megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, root / name, tokenizer_dir=tok)
+    return root
+
+
+def _command(root, out_dir):
+    return [sys.executable, "-m", "recipes.distill", "model=tiny", f"model.source=megatron:{root / 'teacher'}",
+            "model.architecture=null", f"student=megatron:{root / 'student'}", f"data.cache_dir={root / 'tokens'}",
+            "data.sources=[{name: json, paths: [stdlib:json], weight: 1.0}]", "stage.distill.train.seq_len=64",
+            "stage.distill.train.micro_batch_size=2", "stage.distill.train.global_batch_size=4",
+            f"stage.distill.train.train_tokens={STEPS * 256}", "stage.distill.train.save_interval=2",
+            "stage.distill.train.eval_rows_per_source=2", "stage.distill.optimizer.lr=3e-3", f"output_dir={out_dir}"]
+
+
+def _train_records(out_dir):
+    return [r for r in MetricsLog.read(out_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_sigkill_then_same_command_continues_bit_identically(checkpoints, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_command(checkpoints, reference), check=True, env=env, capture_output=True)
+
+    kill_after = random.randrange(1, STEPS - 1)
+    interrupted = tmp_path / "interrupted"
+    job = subprocess.Popen(_command(checkpoints, interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(_train_records(interrupted)) <= kill_after and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
+    subprocess.run(_command(checkpoints, interrupted), check=True, env=env, capture_output=True)
+
+    expected, resumed = _train_records(reference), _train_records(interrupted)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), f"killed after step {kill_after + 1}"
+    assert resumed == expected, f"trajectory differs after a SIGKILL after step {kill_after + 1}"
+    assert expected[-1]["loss"] < expected[0]["loss"]
+    one, two = (MetricsLog.read(d / "metrics.jsonl")[-1] for d in (reference, interrupted))
+    assert one == two
