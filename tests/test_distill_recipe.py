@@ -36,7 +36,7 @@ def checkpoints(tmp_path_factory):
 def _command(root, out_dir):
     return [sys.executable, "-m", "recipes.distill", "model=tiny", f"model.source=megatron:{root / 'teacher'}",
             "model.architecture=null", f"student=megatron:{root / 'student'}", f"data.cache_dir={root / 'tokens'}",
-            "data.sources=[{name: json, paths: [stdlib:json], weight: 1.0}]", "stage.distill.train.seq_len=64",
+            "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0}]", "stage.distill.train.seq_len=64",
             "stage.distill.train.micro_batch_size=2", "stage.distill.train.global_batch_size=4",
             f"stage.distill.train.train_tokens={STEPS * 256}", "stage.distill.train.save_interval=2",
             "stage.distill.train.eval_rows_per_source=2", "stage.distill.optimizer.lr=3e-3", f"output_dir={out_dir}"]
