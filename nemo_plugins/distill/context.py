@@ -34,7 +34,10 @@ class ContextExtension:
         if config.rope_scaling is not None:
             raise ConfigError("this student already has rope_scaling: the long-context stage extends a short-context "
                               "checkpoint (the output of distill_short), not an already extended one")
+        # the attention temperature exists in Hugging Face only as Ministral 3's llama_4_scaling_beta
+        architecture = "Ministral3ForCausalLM" if self.attention_temperature_beta else config.architecture
         return config.replace(
+            architecture=architecture,
             rope_scaling=YarnScaling(factor=self.yarn_factor, original_max_position_embeddings=self.original_context,
                                      beta_fast=self.beta_fast, beta_slow=self.beta_slow),
             attention_temperature_beta=self.attention_temperature_beta,

@@ -3,7 +3,7 @@ optional context extension, the training run, long-context evaluation before and
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distill.trainer import DistillRun
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.manifest import write_manifest
 from nemo_plugins.eval.long_context import passkey_accuracy, perplexity_by_position, plot_long_context
 from nemo_plugins.eval.perplexity import token_windows
 from nemo_plugins.model.config import MistralConfig
@@ -91,7 +92,8 @@ def _long_context(model, tokenizer, stage: DistillStage) -> dict:
 
 
 def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: ModelSource, mix: DataMix, tokenizer,
-              tokenizer_dir: Path, cursor: Cursor, out_dir: Path, parallel: ParallelConfig) -> dict:
+              tokenizer_dir: Path, cursor: Cursor, out_dir: Path, parallel: ParallelConfig,
+              manifest_extra: dict | None = None) -> dict:
     """Train ``student_source`` against ``teacher_source`` from ``cursor``; returns the stage's manifest.
 
     The student's newest checkpoint (``manifest["checkpoint"]``) is the stage's output model.
@@ -112,7 +114,9 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     if stage.long_eval is not None:
         long_context["after"] = _long_context(student, tokenizer, stage)
     manifest = {
+        **(manifest_extra or {}),
         "stage": stage.name,
+        "config": dataclasses.asdict(stage),
         "teacher": str(teacher_source),
         "student_input": str(student_source),
         "student_config": s_config.to_dict(),
@@ -125,7 +129,7 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     if dist.get_rank() == 0:
         if long_context:
             plot_long_context({f"{stage.name} {k}": v for k, v in long_context.items()}, Path(out_dir) / "long_context.png")
-        (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(out_dir, manifest)
         logger.info("%s done: %d tokens, held-out KL %.4f, student ppl %.2f (teacher %.2f), %.0f s", stage.name,
                     result["tokens"], result["eval"]["kl"], result["eval"]["student_ppl"], result["eval"]["teacher_ppl"],
                     manifest["wall_seconds"])

@@ -12,12 +12,10 @@ import random
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-
 from nemo_plugins.distill.teacher import full_sequence
 from nemo_plugins.distributed import device
-from nemo_plugins.eval.heldout import sum_from_last_stage, tp_group
+from nemo_plugins.eval.generate import vocab_parallel_argmax
+from nemo_plugins.eval.heldout import sum_from_last_stage
 from nemo_plugins.model.forward import forward_only
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -87,19 +85,7 @@ def passkey_accuracy(model: torch.nn.Module, tokenizer, lengths: list[int], samp
 
 
 def _argmax_matches(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> bool:
-    """Argmax over a TP-split vocabulary (each rank's best, then the best of those) equals every target."""
-    logits = (hidden @ model.output_weight().T).float()
-    best, index = logits.max(-1)
-    index = index + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-    group = tp_group()
-    if group is not None:
-        size = dist.get_world_size(group)
-        bests, indices = [torch.empty_like(best) for _ in range(size)], [torch.empty_like(index) for _ in range(size)]
-        dist.all_gather(bests, best, group=group)
-        dist.all_gather(indices, index, group=group)
-        winner = torch.stack(bests).argmax(0)
-        index = torch.stack(indices).gather(0, winner[None])[0]
-    return bool((index == targets).all())
+    return bool((vocab_parallel_argmax(model, hidden) == targets).all())
 
 
 def plot_long_context(curves: dict[str, dict], path: str | Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer, tokenizer_files
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
+from nemo_plugins.manifest import write_manifest
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.megatron_calibrator import megatron_calibrator, model_from_state
 from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune
@@ -49,7 +51,7 @@ class PruneEval:
 
 def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOptions, calibration: CalibrationData,
                     evaluation: PruneEval, out_dir: Path, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
-                    declared: MistralConfig | None = None) -> dict:
+                    declared: MistralConfig | None = None, manifest_extra: dict | None = None) -> dict:
     """Prune ``parent`` to ``target``; writes ``out_dir/{megatron,hf}``, the report and ``manifest.json``."""
     from nemo_plugins.convert.sources import check_declared
 
@@ -74,14 +76,16 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
 
     out_dir = Path(out_dir)
     megatron_checkpoint.save_model(child_model, child.config, out_dir / MEGATRON_DIR, tokenizer_dir=tok_dir)
-    manifest = {"stage": "prune", "parent": str(parent), "child_config": child.config.to_dict(),
+    manifest = {**(manifest_extra or {}), "stage": "prune", "parent": str(parent),
+                "config": {"target": dataclasses.asdict(target), "options": dataclasses.asdict(options),
+                           "calibration": dataclasses.asdict(calibration), "eval": dataclasses.asdict(evaluation)}, "child_config": child.config.to_dict(),
                 "parameters": {"parent": config.num_parameters(), "child": child.config.num_parameters()},
                 "perplexity": report["perplexity"], "checkpoint": str(out_dir / MEGATRON_DIR),
                 "wall_seconds": time.monotonic() - started}
     if dist.get_rank() == 0:
         hf_io.write_model_dir(child.tensors, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir))
         write_report(report, out_dir)
-        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(out_dir, manifest)
         logger.info("child %s: %d -> %d parameters, held-out perplexity %.2f -> %.2f; wrote %s",
                     json.dumps(report["target"]), report["parameters"]["parent"], report["parameters"]["child"],
                     before.perplexity, after.perplexity, out_dir)

@@ -1,0 +1,96 @@
+"""The cascade's plan, validated before any work: children, stage order, per-stage layouts, token budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from nemo_plugins.distill.stage import DistillStage
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.prune.pipeline import PruneTarget
+
+STAGES = ("prune", "distill_short", "distill_long")
+ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init")
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    name: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    tie_embeddings: bool = False
+
+    @property
+    def target(self) -> PruneTarget:
+        return PruneTarget(self.num_layers, self.hidden_size, self.ffn_hidden_size, self.tie_embeddings)
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    children: list[ChildSpec]
+    short: DistillStage
+    long: DistillStage
+    parallel: ParallelConfig
+    stage_parallel: dict[str, ParallelConfig] = field(default_factory=dict)
+    until: tuple[str, str] | None = None
+    ablations: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.children:
+            raise ConfigError("cascade.children is empty")
+        names = [c.name for c in self.children]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"cascade.children names must be unique, got {names}")
+        unknown = set(self.stage_parallel) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"cascade.stage_parallel has unknown stage(s) {sorted(unknown)}; allowed: {', '.join(STAGES)}")
+        if self.until is not None and self.until not in self.order():
+            raise ConfigError(f"until={'/'.join(self.until)} is not a stage of this cascade; allowed: "
+                              + ", ".join("/".join(s) for s in self.order()))
+        bad = set(self.ablations) - set(ABLATIONS)
+        if bad:
+            raise ConfigError(f"unknown ablation(s) {sorted(bad)}; allowed: {', '.join(ABLATIONS)}")
+        if self.long.context is not None and self.long.context.original_context != self.short.train.seq_len:
+            raise ConfigError(f"stage.distill_long.context.original_context={self.long.context.original_context} must equal "
+                              f"stage.distill_short.train.seq_len={self.short.train.seq_len} (YaRN extends the short context)")
+
+    def order(self) -> list[tuple[str, str]]:
+        return [(child.name, stage) for child in self.children for stage in STAGES]
+
+    def layout(self, stage: str) -> ParallelConfig:
+        return self.stage_parallel.get(stage, self.parallel)
+
+    def check_sizes(self, parent: MistralConfig) -> list[int]:
+        """Each child fits its parent's heads / TP and is strictly smaller than the model before it."""
+        sizes = [parent.num_parameters()]
+        previous = parent
+        for child in self.children:
+            child.target.check_against(previous, self.layout("prune").tp)
+            config = previous.replace(num_layers=child.num_layers, hidden_size=child.hidden_size,
+                                      ffn_hidden_size=child.ffn_hidden_size, tie_embeddings=child.tie_embeddings)
+            if config.num_parameters() >= sizes[-1]:
+                raise ConfigError(f"cascade child {child.name!r} has {config.num_parameters():,} parameters, not fewer "
+                                  f"than the model before it ({sizes[-1]:,}): each child must be smaller")
+            sizes.append(config.num_parameters())
+            previous = config
+        return sizes[1:]
+
+
+def scale_tokens(stage: DistillStage, factor: float) -> DistillStage:
+    """The stage with ``train_tokens`` multiplied (at least one step)."""
+    if factor <= 0:
+        raise ConfigError(f"token_scale must be > 0, got {factor}")
+    tokens = max(stage.train.tokens_per_step, int(stage.train.train_tokens * factor))
+    return dataclasses.replace(stage, train=dataclasses.replace(stage.train, train_tokens=tokens))
+
+
+def parse_until(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    child, sep, stage = str(text).partition("/")
+    if not sep:
+        raise ConfigError(f"until={text!r} must look like <child>/<stage>, stage one of {', '.join(STAGES)}")
+    return child, stage

@@ -1,0 +1,136 @@
+"""The run report: Markdown + PNGs under ``<run>/report.md``, built only from the stages' manifests and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nemo_plugins.train.metrics import MetricsLog  # noqa: E402
+
+PRUNE_PLOTS = ("layer_scores.png", "pca_explained.png", "ffn_scores.png")
+
+
+def _curves(child: str, stages: dict, out_dir: Path) -> Path:
+    """Training loss (the KL) per step and held-out KL at each evaluation, one panel per distillation stage."""
+    names = [s for s in ("distill_short", "distill_long") if s in stages]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        records = MetricsLog.read(out_dir / child / name / "metrics.jsonl")
+        train = [r for r in records if r["kind"] == "train"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (KL)")
+        ax.plot([r["step"] for r in evals], [r["kl"] for r in evals], "o--", label="held-out KL")
+        ax.set(title=f"{child} / {name}", xlabel="step", ylabel="KL (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = out_dir / "report" / f"curves_{child}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def stage_evals(stage_dir: Path) -> tuple[dict, dict]:
+    """(first, last) held-out evaluation of a distillation stage, from its metrics file."""
+    evals = [r for r in MetricsLog.read(Path(stage_dir) / "metrics.jsonl") if r["kind"] == "eval"]
+    return evals[0], evals[-1]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.2f}"
+
+
+def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int, name: str,
+                 ablation_tables: list[str] | None = None) -> Path:
+    out_dir = Path(out_dir)
+    lines = [f"# Cascade report: {name}", ""]
+    first_child = next(iter(results.values()), {})
+    short_seq = first_child.get("distill_short", {}).get("config", {}).get("train", {}).get("seq_len", "?")
+    long_seq = first_child.get("distill_long", {}).get("config", {}).get("train", {}).get("seq_len", "?")
+
+    lines += ["## Parameters", "", "| model | parameters | % of parent |", "|---|---:|---:|",
+              f"| parent | {parent_parameters:,} | 100.0 |"]
+    for child, stages in results.items():
+        params = stages["prune"]["parameters"]["child"]
+        lines.append(f"| {child} | {params:,} | {100 * params / parent_parameters:.1f} |")
+
+    lines += ["", f"## Held-out perplexity", "",
+              f"Held-out split of the data mix (never trained on). Prune / short columns at {short_seq} tokens of "
+              f"context, long columns at {long_seq}.", "",
+              f"| model | after prune | after distill_short | long stage start | after distill_long |", "|---|---:|---:|---:|---:|"]
+    teacher_short = teacher_long = None
+    for child, stages in results.items():
+        row = [child, "-", "-", "-", "-"]
+        if "distill_short" in stages:
+            first, last = stage_evals(out_dir / child / "distill_short")
+            row[1], row[2] = _fmt(first["student_ppl"]), _fmt(last["student_ppl"])
+            teacher_short = first["teacher_ppl"]
+        if "distill_long" in stages:
+            first, last = stage_evals(out_dir / child / "distill_long")
+            row[3], row[4] = _fmt(first["student_ppl"]), _fmt(last["student_ppl"])
+            teacher_long = first["teacher_ppl"]
+        lines.append("| " + " | ".join(row) + " |")
+    if teacher_short is not None:
+        lines.append(f"| parent (teacher) | {_fmt(teacher_short)} | {_fmt(teacher_short)} | "
+                     f"{_fmt(teacher_long) if teacher_long else '-'} | {_fmt(teacher_long) if teacher_long else '-'} |")
+    lines += ["", "Perplexity right after pruning, also on the prune stage's own evaluation text:", "",
+              "| child | input model | child after prune |", "|---|---:|---:|"]
+    for child, stages in results.items():
+        ppl = stages["prune"]["perplexity"]
+        lines.append(f"| {child} | {_fmt(ppl['parent']['perplexity'])} | {_fmt(ppl['child']['perplexity'])} |")
+
+    lines += ["", "## Tokens, compute and wall time per stage", "",
+              "FLOPs: 6 x student parameters x tokens (training) + 2 x teacher parameters x tokens (teacher forward).", "",
+              "| child | stage | tokens read (range) | steps | FLOPs | wall time (s) |", "|---|---|---|---:|---:|---:|"]
+    for child, stages in results.items():
+        prune = stages["prune"]
+        lines.append(f"| {child} | prune | calibration only | - | - | {prune['wall_seconds']:.0f} |")
+        for stage in ("distill_short", "distill_long"):
+            if stage in stages:
+                m = stages[stage]
+                start, end = m["cursor_start"]["offsets"], m["cursor_end"]["offsets"]
+                ranges = ", ".join(f"{k} [{start.get(k, 0):,}, {v:,})" for k, v in sorted(end.items()))
+                lines.append(f"| {child} | {stage} | {m['tokens']:,}: {ranges} | {m['steps']} | {m['train_flops']:.3g} | "
+                             f"{m['wall_seconds']:.0f} |")
+    lines += ["", "Wall time counts the last (resumed) run of a stage only.", ""]
+
+    lines += ["## Long context: perplexity by position, before and after distill_long", ""]
+    for child, stages in results.items():
+        long_context = stages.get("distill_long", {}).get("long_context")
+        if not long_context:
+            continue
+        before, after = long_context["before"], long_context["after"]
+        lines += [f"### {child}", "", "| target positions | before | after |", "|---|---:|---:|"]
+        for b, a in zip(before["position_perplexity"], after["position_perplexity"]):
+            lines.append(f"| [{b['start']}, {b['end']}) | {_fmt(b['perplexity'])} | {_fmt(a['perplexity'])} |")
+        lines += ["", "| passkey length | accuracy before | accuracy after |", "|---|---:|---:|"]
+        for b, a in zip(before["passkey"], after["passkey"]):
+            lines.append(f"| {b['length']} | {b['accuracy']:.2f} | {a['accuracy']:.2f} |")
+        lines += ["", f"![long context {child}]({child}/distill_long/long_context.png)", ""]
+
+    lines += ["## Training curves", ""]
+    for child, stages in results.items():
+        if "distill_short" in stages:
+            path = _curves(child, stages, out_dir)
+            lines += [f"![curves {child}]({path.relative_to(out_dir)})", ""]
+
+    lines += ["## Pruning", ""]
+    for child in results:
+        lines += [f"### {child}", ""] + [f"![{p}]({child}/prune/{p})" for p in PRUNE_PLOTS] + [""]
+
+    lines += ["## Samples (greedy)", ""]
+    for child, stages in results.items():
+        sample = stages.get("export")
+        if sample:
+            lines += [f"### {child}", "", "```", sample["prompt"] + sample["completion"], "```",
+                      f"Hugging Face export: `{sample['hf_dir']}`", ""]
+    for table in ablation_tables or []:
+        lines += [table, ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,125 @@
+"""Algorithm 1: for each child, prune the previous child's short-context checkpoint (the parent first), distill at
+short context, extend to long context; the parent teaches every stage and the data cursor never rewinds.
+
+Every stage writes ``<run>/<child>/<stage>/`` and, last, its ``manifest.json``: re-running skips stages that have
+one and resumes the one that does not from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_plugins.convert import hf_io
+from nemo_plugins.convert.model_io import gather_hf_state
+from nemo_plugins.convert.sources import ModelSource, load_model
+from nemo_plugins.data.mix import Cursor, DataMix
+from nemo_plugins.data.tokenizer import tokenizer_files
+from nemo_plugins.distill.stage import DistillStage, run_stage
+from nemo_plugins.distributed import initialize
+from nemo_plugins.eval.generate import greedy_generate
+from nemo_plugins.manifest import read_json, read_manifest, write_json_atomic
+from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
+from nemo_plugins.prune.pipeline import PruneOptions
+from nemo_plugins.prune.stage import CalibrationData, PruneEval, run_prune_stage
+
+logger = logging.getLogger(__name__)
+
+HF_EXPORT = "hf"
+SAMPLE = "sample.json"
+
+
+@dataclass
+class CascadeInputs:
+    """What every stage shares: the parent (teacher), data, tokenizer, prune settings, output root."""
+
+    parent: ModelSource
+    mix: DataMix
+    tokenizer: object
+    tokenizer_dir: Path
+    prune_options: PruneOptions
+    calibration: CalibrationData
+    prune_eval: PruneEval
+    out_dir: Path
+    dtype: torch.dtype
+    sample_prompt: str
+    sample_tokens: int
+    seed: int
+
+
+def megatron_source(checkpoint: str) -> ModelSource:
+    return ModelSource("megatron", str(checkpoint))
+
+
+def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, parent: ModelSource, stage_dir: Path) -> dict:
+    done = read_manifest(stage_dir)
+    if done is not None:
+        logger.info("%s/prune: finished earlier, skipped", child.name)
+        return done
+    initialize(plan.layout("prune"), inputs.seed)
+    return run_prune_stage(parent, child.target, inputs.prune_options, inputs.calibration, inputs.prune_eval, stage_dir,
+                           plan.layout("prune"), inputs.dtype, manifest_extra={"child": child.name, "input": str(parent)})
+
+
+def distill_child(inputs: CascadeInputs, plan: CascadePlan, stage: DistillStage, child: ChildSpec, student: ModelSource,
+                  cursor: Cursor, stage_dir: Path) -> dict:
+    done = read_manifest(stage_dir)
+    if done is not None:
+        logger.info("%s/%s: finished earlier, skipped", child.name, stage.name)
+        return done
+    parallel = plan.layout(stage.name)
+    initialize(parallel, stage.train.seed)
+    return run_stage(stage, inputs.parent, student, inputs.mix, inputs.tokenizer, inputs.tokenizer_dir, cursor, stage_dir,
+                     parallel, manifest_extra={"child": child.name, "input": str(student)})
+
+
+def export_child(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, child_dir: Path) -> dict:
+    """The child's final model as a Hugging Face directory, plus a greedy sample for the report."""
+    sample_path = child_dir / SAMPLE
+    finished = read_json(sample_path)
+    if finished is not None:
+        return finished
+    initialize(plan.layout("distill_long"), inputs.seed)
+    config, model = load_model(megatron_source(checkpoint), plan.layout("distill_long"), inputs.dtype)
+    state = gather_hf_state(model, config)
+    if dist.get_rank() == 0:
+        hf_io.write_model_dir(state, config, child_dir / HF_EXPORT, extra_files=tokenizer_files(inputs.tokenizer_dir))
+    sample = {"prompt": inputs.sample_prompt, "completion": greedy_generate(model, inputs.tokenizer, inputs.sample_prompt,
+                                                                            inputs.sample_tokens),
+              "hf_dir": str(child_dir / HF_EXPORT)}
+    if dist.get_rank() == 0:
+        write_json_atomic(sample_path, sample)
+    dist.barrier()
+    return sample
+
+
+def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
+    """All stages in order (or up to ``plan.until``); returns every stage's manifest per child."""
+    results: dict[str, dict] = {}
+    cursor = Cursor()
+    parent = inputs.parent
+    for child in plan.children:
+        child_dir = inputs.out_dir / child.name
+        done: dict = {}
+        results[child.name] = done
+        done["prune"] = prune_child(inputs, plan, child, parent, child_dir / "prune")
+        if plan.until == (child.name, "prune"):
+            break
+        done["distill_short"] = distill_child(inputs, plan, plan.short, child, megatron_source(done["prune"]["checkpoint"]),
+                                              cursor, child_dir / "distill_short")
+        cursor = Cursor.from_dict(done["distill_short"]["cursor_end"])
+        if plan.until == (child.name, "distill_short"):
+            break
+        done["distill_long"] = distill_child(inputs, plan, plan.long, child,
+                                             megatron_source(done["distill_short"]["checkpoint"]), cursor,
+                                             child_dir / "distill_long")
+        cursor = Cursor.from_dict(done["distill_long"]["cursor_end"])
+        done["export"] = export_child(inputs, plan, done["distill_long"]["checkpoint"], child_dir)
+        parent = megatron_source(done["distill_short"]["checkpoint"])  # Alg. 1: the next child starts from SHORT
+        if plan.until == (child.name, "distill_long"):
+            break
+    return results

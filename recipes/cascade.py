@@ -1,0 +1,93 @@
+"""Cascade Distillation (Algorithm 1) end to end, resumable stage by stage, with a run report.
+
+    python -m recipes.cascade                                 # the CPU demo: SmolLM2-135M -> three children
+    python -m recipes.cascade token_scale=4                   # 4x the distillation tokens
+    python -m recipes.cascade ablations=[kl_ce_mix,random_init]
+    torchrun ... -m recipes.cascade cascade=ministral3 until=ministral3_14b/distill_short   (see slurm/)
+
+Running the same command again skips finished stages and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_plugins.cascade.ablations import run_ablations
+from nemo_plugins.cascade.plan import CascadePlan, ChildSpec, parse_until, scale_tokens
+from nemo_plugins.cascade.report import write_report
+from nemo_plugins.cascade.runner import CascadeInputs, run_cascade
+from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, source_config, tokenizer_dir
+from nemo_plugins.data.mix import build_mix
+from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
+from nemo_plugins.distill.stage import DistillStage
+from nemo_plugins.distributed import ParallelConfig, initialize
+from nemo_plugins.errors import ConfigError, torch_dtype, typed
+from nemo_plugins.prune.pipeline import PruneOptions
+from nemo_plugins.prune.stage import CalibrationData, PruneEval
+from recipes._entry import hydra_entry
+from recipes.distill import data_sources
+
+
+def build_plan(cfg: DictConfig) -> CascadePlan:
+    """Every typed piece of the config, validated before any model or data is touched."""
+    children = [typed(ChildSpec, c, f"cascade.children[{i}]")
+                for i, c in enumerate(OmegaConf.to_container(cfg.cascade.children, resolve=True))]
+    stage_parallel = {name: typed(ParallelConfig, {**OmegaConf.to_container(cfg.parallel), **layout},
+                                  f"cascade.stage_parallel.{name}")
+                      for name, layout in OmegaConf.to_container(cfg.cascade.stage_parallel, resolve=True).items()}
+    return CascadePlan(
+        children=children,
+        short=scale_tokens(DistillStage.from_config(cfg.stage.distill_short, "stage.distill_short"), cfg.token_scale),
+        long=scale_tokens(DistillStage.from_config(cfg.stage.distill_long, "stage.distill_long"), cfg.token_scale),
+        parallel=typed(ParallelConfig, cfg.parallel, "parallel"),
+        stage_parallel=stage_parallel,
+        until=parse_until(cfg.until),
+        ablations=tuple(cfg.ablations or ()),
+    )
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.model.source:
+        raise ConfigError("model.source is null: say where the parent's weights are, e.g. model.source=hf:/path")
+    plan = build_plan(cfg)
+    stage = cfg.stage.prune
+    prune_options = typed(PruneOptions, stage.options, "stage.prune.options")
+    calibration = typed(CalibrationData, stage.calibration, "stage.prune.calibration")
+    prune_eval = typed(PruneEval, stage.eval, "stage.prune.eval")
+    dtype = torch_dtype(cfg.dtype)
+    sources = data_sources(cfg.data)
+    parent = ModelSource.parse(cfg.model.source)
+    parent_config = source_config(parent)
+    check_declared(declared_architecture(cfg.model.architecture), parent_config, cfg.model.source)
+    plan.check_sizes(parent_config)
+
+    initialize(plan.layout("prune"), plan.short.train.seed)
+    out_dir = Path(cfg.output_dir)
+    tok_dir = tokenizer_dir(parent)
+    tokenizer = load_tokenizer(tok_dir)
+    check_vocab(tokenizer, parent_config)
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction),
+                           tokenizer=tokenizer, tokenizer_dir=tok_dir, prune_options=prune_options,
+                           calibration=calibration, prune_eval=prune_eval, out_dir=out_dir, dtype=dtype,
+                           sample_prompt=cfg.report.sample_prompt, sample_tokens=cfg.report.sample_tokens,
+                           seed=plan.short.train.seed)
+    results = run_cascade(inputs, plan)
+    finished = plan.until is None
+    tables = run_ablations(inputs, plan, results) if finished else []
+    if dist.get_rank() == 0:
+        report = write_report(results, out_dir, parent_config.num_parameters(), cfg.cascade.name, tables)
+        print(f"cascade {cfg.cascade.name}: report at {report}")
+    return results
+
+
+main = hydra_entry("cascade", run)
+
+
+if __name__ == "__main__":
+    main()
