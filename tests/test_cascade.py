@@ -1,0 +1,131 @@
+"""The cascade: config validation (before any work), and a tiny end-to-end run that survives a SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
+from nemo_plugins.convert import hf_io
+from nemo_plugins.convert.sources import ModelSource, hf_dir
+from nemo_plugins.data.tokenizer import tokenizer_files
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.train.metrics import MetricsLog
+from recipes._entry import CONF_DIR
+from recipes.cascade import build_plan
+from tests.conftest import tiny_config
+from tests.hf_reference import hf_model, hf_state
+
+
+def _compose(*overrides):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("cascade", overrides=list(overrides))
+
+
+def test_demo_and_ministral3_configs_validate():
+    demo = build_plan(_compose())
+    assert [c.name for c in demo.children] == ["child_14b_like", "child_8b_like", "child_3b_like"]
+    paper = build_plan(_compose("cascade=ministral3"))
+    assert paper.long.context.max_context == 262_144 and paper.layout("distill_long").cp == 8
+    assert build_plan(_compose("token_scale=2")).short.train.train_tokens == 2 * demo.short.train.train_tokens
+
+
+@pytest.mark.parametrize("override,message", [
+    ("tokn_scale=2", "tokn_scale"),
+    ("stage.distill_short.train.seq_lenn=64", "seq_lenn"),
+])
+def test_misspelt_keys_are_rejected_by_name(override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        _compose(override)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("cascade.children=[{name: a, num_layers: 2, hiden_size: 8, ffn_hidden_size: 8}]", r"cascade.children\[0\].*hiden_size"),
+    ("until=child_8b_like/distil_short", "until=child_8b_like/distil_short is not a stage"),
+    ("ablations=[kl_mix]", "unknown ablation"),
+    ("+cascade.stage_parallel.distill={tp: 2}", "unknown stage"),
+    ("stage.distill_long.context.original_context=1024", "must equal stage.distill_short.train.seq_len"),
+    ("stage.distill_short.optimizer.decay_style=exp", "decay_style='exp'; allowed: cosine"),
+])
+def test_invalid_values_are_rejected_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_plan(_compose(override))
+
+
+def test_children_must_shrink_and_fit_the_parent():
+    plan = build_plan(_compose())
+    parent = tiny_config(num_layers=4, hidden_size=48, tie_embeddings=True)
+    grow = CascadePlan([ChildSpec("a", 3, 40, 80, True), ChildSpec("b", 3, 40, 80, False)], plan.short, plan.long, plan.parallel)
+    with pytest.raises(ConfigError, match="'b' has .* not fewer"):
+        grow.check_sizes(parent)
+    with pytest.raises(ConfigError, match="hidden_size=64 must be between 1 and the parent's 48"):
+        CascadePlan([ChildSpec("a", 3, 64, 80, True)], plan.short, plan.long, plan.parallel).check_sizes(parent)
+
+
+TINY = [
+    "model.architecture=null",
+    "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0}]",
+    "cascade.children=[{name: a, num_layers: 3, hidden_size: 40, ffn_hidden_size: 80, tie_embeddings: true},"
+    "{name: b, num_layers: 2, hidden_size: 32, ffn_hidden_size: 64, tie_embeddings: true}]",
+    "stage.prune.calibration.tokens=256", "stage.prune.calibration.seq_len=64",
+    "stage.prune.eval.seq_len=64", "stage.prune.eval.max_windows=2",
+    "stage.distill_short.train.seq_len=64", "stage.distill_short.train.train_tokens=768",
+    "stage.distill_short.train.save_interval=1", "stage.distill_short.optimizer.lr=3e-3",
+    "stage.distill_long.train.seq_len=128", "stage.distill_long.train.train_tokens=256",
+    "stage.distill_long.context.original_context=64", "stage.distill_long.context.yarn_factor=2.0",
+    "stage.distill_long.long_eval.passkey_lengths=[64,128]", "stage.distill_long.long_eval.paths=['stdlib:json']",
+    "report.sample_tokens=4",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_parent(tmp_path_factory):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=49_152, tie_embeddings=True, num_layers=4)
+    return hf_io.write_model_dir(hf_state(hf_model(config)), config, tmp_path_factory.mktemp("parent") / "hf",
+                                 extra_files=tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2"))))
+
+
+def _cascade(parent, out_dir, env, **popen):
+    command = [sys.executable, "-m", "recipes.cascade", f"model.source=hf:{parent}", *TINY, f"output_dir={out_dir}"]
+    return subprocess.Popen(command, env=env, **popen)
+
+
+def _outcome(out_dir: Path) -> dict:
+    """Everything a run measured (metrics of every stage, samples), without wall times."""
+    found = {str(p.relative_to(out_dir)): MetricsLog.read(p) for p in sorted(out_dir.rglob("metrics.jsonl"))}
+    found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["completion"] for p in sorted(out_dir.rglob("sample.json"))})
+    return found
+
+
+@pytest.mark.slow
+def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "CASCADE_CACHE_DIR": str(tmp_path / "cache")}
+    reference = tmp_path / "reference"
+    assert _cascade(tiny_parent, reference, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+    report = (reference / "report.md").read_text()
+    for child in ("a", "b"):
+        assert (reference / child / "hf" / "config.json").is_file()
+        assert (reference / child / "distill_long" / "long_context.png").is_file()
+    assert "| a | 2,018,200 | 82.3 |" in report and "| b | 1,597,600 | 65.2 |" in report
+    short = [r for r in MetricsLog.read(reference / "a" / "distill_short" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert short[-1]["kl"] < short[0]["kl"]
+
+    killed = tmp_path / "killed"
+    job = _cascade(tiny_parent, killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "b" / "distill_short" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while job.poll() is None and time.monotonic() < deadline and len(MetricsLog.read(metrics)) < 3:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL, "the cascade finished before it could be killed mid-stage"
+    assert _cascade(tiny_parent, killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+    assert _outcome(killed) == _outcome(reference)
