@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_plugins.cascade.ablations import run_ablations
 from nemo_plugins.cascade.plan import CascadePlan, ChildSpec, parse_until, scale_tokens
 from nemo_plugins.cascade.report import write_report
-from nemo_plugins.cascade.runner import CascadeInputs, run_cascade
+from nemo_plugins.cascade.runner import CascadeInputs, parent_long_context, run_cascade
 from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, source_config, tokenizer_dir
 from nemo_plugins.data.mix import build_mix
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
@@ -80,8 +80,9 @@ def run(cfg: DictConfig) -> dict:
     results = run_cascade(inputs, plan)
     finished = plan.until is None
     tables = run_ablations(inputs, plan, results) if finished else []
+    parent_long = parent_long_context(inputs, plan) if finished else None
     if dist.get_rank() == 0:
-        report = write_report(results, out_dir, parent_config.num_parameters(), cfg.cascade.name, tables)
+        report = write_report(results, out_dir, parent_config.num_parameters(), cfg.cascade.name, tables, parent_long)
         print(f"cascade {cfg.cascade.name}: report at {report}")
     return results
 

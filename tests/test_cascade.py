@@ -95,8 +95,8 @@ def tiny_parent(tmp_path_factory):
                                  extra_files=tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2"))))
 
 
-def _cascade(parent, out_dir, env, **popen):
-    command = [sys.executable, "-m", "recipes.cascade", f"model.source=hf:{parent}", *TINY, f"output_dir={out_dir}"]
+def _cascade(parent, out_dir, env, extra=(), **popen):
+    command = [sys.executable, "-m", "recipes.cascade", f"model.source=hf:{parent}", *TINY, *extra, f"output_dir={out_dir}"]
     return subprocess.Popen(command, env=env, **popen)
 
 
@@ -130,6 +130,10 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
     assert job.wait() == -signal.SIGKILL, "the cascade finished before it could be killed mid-stage"
     assert _cascade(tiny_parent, killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
     assert _outcome(killed) == _outcome(reference)
+
+    _, stderr = _cascade(tiny_parent, reference, env, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL,
+                         extra=["stage.distill_short.optimizer.lr=1e-3"]).communicate()
+    assert "finished with a different stage config" in stderr
 
 
 def _dry_run(*overrides):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.token_store import TokenFile, write_token_file
 from nemo_plugins.errors import ConfigError
 
@@ -34,3 +35,11 @@ def test_truncated_file_is_named(tmp_path):
     (tmp_path / "t.bin").write_bytes(data[:-4])
     with pytest.raises(ConfigError, match="truncated"):
         TokenFile(tmp_path / "t")
+
+
+def test_jsonl_files_hold_one_document_per_line(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc", "id": 2}\n')
+    assert [text for _, text in iter_documents([str(tmp_path)])] == ["first doc", "second doc"]
+    (tmp_path / "corpus.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(ConfigError, match=r"corpus.jsonl:2: .*\"text\""):
+        list(iter_documents([str(tmp_path)]))

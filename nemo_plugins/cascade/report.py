@@ -46,7 +46,7 @@ def _fmt(value: float) -> str:
 
 
 def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int, name: str,
-                 ablation_tables: list[str] | None = None) -> Path:
+                 ablation_tables: list[str] | None = None, parent_long_context: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     lines = [f"# Cascade report: {name}", ""]
     first_child = next(iter(results.values()), {})
@@ -105,12 +105,16 @@ def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int
         if not long_context:
             continue
         before, after = long_context["before"], long_context["after"]
-        lines += [f"### {child}", "", "| target positions | before | after |", "|---|---:|---:|"]
-        for b, a in zip(before["position_perplexity"], after["position_perplexity"]):
-            lines.append(f"| [{b['start']}, {b['end']}) | {_fmt(b['perplexity'])} | {_fmt(a['perplexity'])} |")
-        lines += ["", "| passkey length | accuracy before | accuracy after |", "|---|---:|---:|"]
-        for b, a in zip(before["passkey"], after["passkey"]):
-            lines.append(f"| {b['length']} | {b['accuracy']:.2f} | {a['accuracy']:.2f} |")
+        parent = parent_long_context or {"position_perplexity": [None] * len(before["position_perplexity"]),
+                                         "passkey": [None] * len(before["passkey"])}
+        lines += [f"### {child}", "", "| target positions | before | after | parent |", "|---|---:|---:|---:|"]
+        for b, a, p in zip(before["position_perplexity"], after["position_perplexity"], parent["position_perplexity"]):
+            reference = _fmt(p["perplexity"]) if p else "-"
+            lines.append(f"| [{b['start']}, {b['end']}) | {_fmt(b['perplexity'])} | {_fmt(a['perplexity'])} | {reference} |")
+        lines += ["", "| passkey length | accuracy before | accuracy after | parent |", "|---|---:|---:|---:|"]
+        for b, a, p in zip(before["passkey"], after["passkey"], parent["passkey"]):
+            reference = f"{p['accuracy']:.2f}" if p else "-"
+            lines.append(f"| {b['length']} | {b['accuracy']:.2f} | {a['accuracy']:.2f} | {reference} |")
         lines += ["", f"![long context {child}]({child}/distill_long/long_context.png)", ""]
 
     lines += ["## Training curves", ""]

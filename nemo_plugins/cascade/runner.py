@@ -7,6 +7,8 @@ one and resumes the one that does not from its newest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +21,20 @@ from nemo_plugins.convert.model_io import gather_hf_state
 from nemo_plugins.convert.sources import ModelSource, load_model
 from nemo_plugins.data.mix import Cursor, DataMix
 from nemo_plugins.data.tokenizer import tokenizer_files
-from nemo_plugins.distill.stage import DistillStage, run_stage
+from nemo_plugins.distill.stage import DistillStage, long_context_eval, run_stage
 from nemo_plugins.distributed import initialize
 from nemo_plugins.eval.generate import greedy_generate
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.manifest import read_json, read_manifest, write_json_atomic
 from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
 from nemo_plugins.prune.pipeline import PruneOptions
-from nemo_plugins.prune.stage import CalibrationData, PruneEval, run_prune_stage
+from nemo_plugins.prune.stage import CalibrationData, PruneEval, prune_stage_config, run_prune_stage
 
 logger = logging.getLogger(__name__)
 
 HF_EXPORT = "hf"
 SAMPLE = "sample.json"
+PARENT_LONG_CONTEXT = "parent_long_context.json"
 
 
 @dataclass
@@ -55,10 +59,23 @@ def megatron_source(checkpoint: str) -> ModelSource:
     return ModelSource("megatron", str(checkpoint))
 
 
-def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, parent: ModelSource, stage_dir: Path) -> dict:
+def finished_stage(stage_dir: Path, config: dict) -> dict | None:
+    """The manifest of a stage finished earlier with this same config; a different config is an error, never
+    a silent reuse (the user changed something: a new output_dir, or delete that stage's directory)."""
     done = read_manifest(stage_dir)
+    if done is None:
+        return None
+    if json.loads(json.dumps(config)) != done.get("config"):
+        raise ConfigError(f"{stage_dir} was finished with a different stage config than this run's; use another "
+                          f"output_dir, or delete {stage_dir} (and the stages after it) to redo it")
+    logger.info("%s: finished earlier, skipped", stage_dir)
+    return done
+
+
+def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, parent: ModelSource, stage_dir: Path) -> dict:
+    done = finished_stage(stage_dir, prune_stage_config(child.target, inputs.prune_options, inputs.calibration,
+                                                        inputs.prune_eval))
     if done is not None:
-        logger.info("%s/prune: finished earlier, skipped", child.name)
         return done
     initialize(plan.layout("prune"), inputs.seed)
     return run_prune_stage(parent, child.target, inputs.prune_options, inputs.calibration, inputs.prune_eval, stage_dir,
@@ -67,9 +84,8 @@ def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, pare
 
 def distill_child(inputs: CascadeInputs, plan: CascadePlan, stage: DistillStage, child: ChildSpec, student: ModelSource,
                   cursor: Cursor, stage_dir: Path) -> dict:
-    done = read_manifest(stage_dir)
+    done = finished_stage(stage_dir, dataclasses.asdict(stage))
     if done is not None:
-        logger.info("%s/%s: finished earlier, skipped", child.name, stage.name)
         return done
     parallel = plan.layout(stage.name)
     initialize(parallel, stage.train.seed)
@@ -95,6 +111,23 @@ def export_child(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, chil
         write_json_atomic(sample_path, sample)
     dist.barrier()
     return sample
+
+
+def parent_long_context(inputs: CascadeInputs, plan: CascadePlan) -> dict | None:
+    """The parent's long-context numbers at the long stage's length: the reference the children aim at."""
+    if plan.long.long_eval is None:
+        return None
+    path = inputs.out_dir / PARENT_LONG_CONTEXT
+    finished = read_json(path)
+    if finished is not None:
+        return finished
+    initialize(plan.layout("distill_long"), inputs.seed)
+    _, model = load_model(inputs.parent, plan.layout("distill_long"), inputs.dtype)
+    result = long_context_eval(model, inputs.tokenizer, plan.long)
+    if dist.get_rank() == 0:
+        write_json_atomic(path, result)
+    dist.barrier()
+    return result
 
 
 def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:

@@ -83,7 +83,8 @@ def check_teacher_student(teacher: MistralConfig, student: MistralConfig) -> Non
                           "logit distillation needs the same tokenizer")
 
 
-def _long_context(model, tokenizer, stage: DistillStage) -> dict:
+def long_context_eval(model, tokenizer, stage: DistillStage) -> dict:
+    """Perplexity by position and passkey accuracy at the stage's context (``stage.long_eval`` settings)."""
     spec = stage.long_eval
     windows = token_windows(tokenizer, iter_documents(spec.paths), stage.train.seq_len, spec.windows)
     return {"position_perplexity": perplexity_by_position(model, windows, spec.buckets),
@@ -108,11 +109,11 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     teacher = Teacher(teacher_model)
     long_context = {}
     if stage.long_eval is not None:
-        long_context["before"] = _long_context(student, tokenizer, stage)
+        long_context["before"] = long_context_eval(student, tokenizer, stage)
     result = DistillRun(student, s_config, teacher, mix, stage.train, stage.optimizer, stage.kl, out_dir,
                         tokenizer_dir, stage.name).run(cursor)
     if stage.long_eval is not None:
-        long_context["after"] = _long_context(student, tokenizer, stage)
+        long_context["after"] = long_context_eval(student, tokenizer, stage)
     manifest = {
         **(manifest_extra or {}),
         "stage": stage.name,

@@ -87,7 +87,7 @@ class DistillRun:
                              "scheduler": scheduler.state_dict(), "nonfinite_in_a_row": nonfinite_in_a_row},
                             self.tokenizer_dir, self.train.keep_last)
 
-        last_eval = evaluate(0) if step == 0 else None
+        last_eval = evaluate(0) if step == 0 else log.last("eval", step)
         while step < total_steps:
             tokens, positions, next_cursor = self.mix.next_rows(cursor, self.train.global_batch_size, self.train.seq_len)
             loss, finite = self._step(ddp, optimizer, tokens, positions, microbatches)
@@ -116,7 +116,7 @@ class DistillRun:
             if step == total_steps or (finite and self.train.save_interval and step % self.train.save_interval == 0):
                 save(step)
         log.close()
-        if last_eval is None:  # resumed from the final checkpoint: nothing left to train
+        if last_eval is None:  # resumed after a checkpoint that had no evaluation logged with it
             last_eval = evaluate(step)
         return {"steps": total_steps, "cursor_start": cursor_start.to_dict(), "cursor_end": cursor.to_dict(),
                 "tokens": cursor.tokens() - cursor_start.tokens(), "eval": last_eval,

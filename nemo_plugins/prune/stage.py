@@ -49,6 +49,12 @@ class PruneEval:
     max_windows: int = 8
 
 
+def prune_stage_config(target: PruneTarget, options: PruneOptions, calibration: CalibrationData, evaluation: PruneEval) -> dict:
+    """What the stage's manifest records as its config (and what a rerun must match to reuse it)."""
+    return {"target": dataclasses.asdict(target), "options": dataclasses.asdict(options),
+            "calibration": dataclasses.asdict(calibration), "eval": dataclasses.asdict(evaluation)}
+
+
 def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOptions, calibration: CalibrationData,
                     evaluation: PruneEval, out_dir: Path, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
                     declared: MistralConfig | None = None, manifest_extra: dict | None = None) -> dict:
@@ -77,8 +83,7 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
     out_dir = Path(out_dir)
     megatron_checkpoint.save_model(child_model, child.config, out_dir / MEGATRON_DIR, tokenizer_dir=tok_dir)
     manifest = {**(manifest_extra or {}), "stage": "prune", "parent": str(parent),
-                "config": {"target": dataclasses.asdict(target), "options": dataclasses.asdict(options),
-                           "calibration": dataclasses.asdict(calibration), "eval": dataclasses.asdict(evaluation)}, "child_config": child.config.to_dict(),
+                "config": prune_stage_config(target, options, calibration, evaluation), "child_config": child.config.to_dict(),
                 "parameters": {"parent": config.num_parameters(), "child": child.config.num_parameters()},
                 "perplexity": report["perplexity"], "checkpoint": str(out_dir / MEGATRON_DIR),
                 "wall_seconds": time.monotonic() - started}

@@ -25,14 +25,24 @@ class MetricsLog:
         self._start_time = time.monotonic()
         self._start_step = resume_step
         self._tb = None
+        kept: list[dict] = []
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = [line for line in self.read(self.path) if line["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        shared = [kept]
+        dist.broadcast_object_list(shared, src=0)
+        self.kept = shared[0]
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in self.read(self.path) if line["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def last(self, kind: str, step: int) -> dict | None:
+        """The record of ``kind`` logged at ``step`` before a resume (every rank gets rank 0's copy)."""
+        found = [r for r in self.kept if r["kind"] == kind and r["step"] == step]
+        return {k: v for k, v in found[-1].items() if k not in ("step", "kind")} if found else None
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
