@@ -14,7 +14,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from nemo_plugins.convert.sources import ModelSource, read_model_state, tokenizer_dir

@@ -19,7 +19,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from nemo_plugins.cascade.memory import estimate_memory
-from nemo_plugins.cascade.plan import STAGES, CascadePlan
+from nemo_plugins.cascade.plan import CascadePlan
 from nemo_plugins.convert.sources import ModelSource, declared_architecture, source_config
 from nemo_plugins.distill.stage import DistillStage
 from nemo_plugins.errors import ConfigError

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint

@@ -59,10 +59,10 @@ def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int
         params = stages["prune"]["parameters"]["child"]
         lines.append(f"| {child} | {params:,} | {100 * params / parent_parameters:.1f} |")
 
-    lines += ["", f"## Held-out perplexity", "",
+    lines += ["", "## Held-out perplexity", "",
               f"Held-out split of the data mix (never trained on). Prune / short columns at {short_seq} tokens of "
               f"context, long columns at {long_seq}.", "",
-              f"| model | after prune | after distill_short | long stage start | after distill_long |", "|---|---:|---:|---:|---:|"]
+              "| model | after prune | after distill_short | long stage start | after distill_long |", "|---|---:|---:|---:|---:|"]
     teacher_short = teacher_long = None
     for child, stages in results.items():
         row = [child, "-", "-", "-", "-"]

@@ -7,7 +7,7 @@ One dataclass is the single source of truth: Hydra YAML, Hugging Face ``config.j
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from nemo_plugins.errors import ConfigError, typed
