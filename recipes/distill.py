@@ -48,10 +48,11 @@ def run(cfg: DictConfig) -> dict:
     sources = data_sources(cfg.data)
     teacher_source, student_source = ModelSource.parse(cfg.model.source), ModelSource.parse(cfg.student)
     initialize(parallel, stage.train.seed)
-    check_declared(declared_architecture(cfg.model.architecture), source_config(teacher_source), cfg.model.source)
+    teacher_config = source_config(teacher_source)
+    check_declared(declared_architecture(cfg.model.architecture), teacher_config, cfg.model.source)
     tok_dir = tokenizer_dir(teacher_source)
     tokenizer = load_tokenizer(tok_dir)
-    check_vocab(tokenizer, source_config(teacher_source))
+    check_vocab(tokenizer, teacher_config)
     mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction)
     return run_stage(stage, teacher_source, student_source, mix, tokenizer, tok_dir, read_cursor(cfg.cursor),
                      Path(cfg.output_dir), parallel)

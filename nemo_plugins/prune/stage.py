@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint
-from nemo_plugins.convert.sources import ModelSource, read_model_state, tokenizer_dir
+from nemo_plugins.convert.sources import ModelSource, check_declared, read_model_state, tokenizer_dir
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer, tokenizer_files
@@ -59,8 +59,6 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
                     evaluation: PruneEval, out_dir: Path, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
                     declared: MistralConfig | None = None, manifest_extra: dict | None = None) -> dict:
     """Prune ``parent`` to ``target``; writes ``out_dir/{megatron,hf}``, the report and ``manifest.json``."""
-    from nemo_plugins.convert.sources import check_declared
-
     started = time.monotonic()
     config, tensors = read_model_state(parent, parallel)
     check_declared(declared, config, str(parent))
