@@ -84,6 +84,7 @@ TINY = [
     "stage.distill_long.context.original_context=64", "stage.distill_long.context.yarn_factor=2.0",
     "stage.distill_long.long_eval.passkey_lengths=[64,128]", "stage.distill_long.long_eval.paths=['stdlib:json']",
     "report.sample_tokens=4",
+    "ablations=[kl_ce_mix,independent_pruning,random_init]",
 ]
 
 
@@ -117,6 +118,13 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
         assert (reference / child / "hf" / "config.json").is_file()
         assert (reference / child / "distill_long" / "long_context.png").is_file()
     assert "| a | 2,018,200 | 82.3 |" in report and "| b | 1,597,600 | 65.2 |" in report
+    for table in ("## Ablation: loss mix", "| (1 - 0.75) KL + 0.75 CE |", "## Ablation: cascade vs pruning",
+                  "| b: pruned straight from the parent |", "## Ablation: pruned vs random", "| random |"):
+        assert table in report
+    mixes = [MetricsLog.read(reference / "ablations" / "kl_ce_mix" / f"ce_{w}" / "distill_short" / "metrics.jsonl")
+             for w in (0.25, 0.5, 0.75)]
+    assert len({m[1]["loss"] for m in mixes}) == 3, "each CE weight trains on a different loss"
+    assert all(m[0] == mixes[0][0] for m in mixes), "every ablation run starts from the same model and held-out data"
     short = [r for r in MetricsLog.read(reference / "a" / "distill_short" / "metrics.jsonl") if r["kind"] == "eval"]
     assert short[-1]["kl"] < short[0]["kl"]
 
