@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     parent = ModelSource.parse(cfg.model.source)
     parent_config = source_config(parent)
     check_declared(declared_architecture(cfg.model.architecture), parent_config, cfg.model.source)
-    plan.check_sizes(parent_config)
+    plan.child_configs(parent_config)
 
     initialize(plan.layout("prune"), plan.short.train.seed)
     out_dir = Path(cfg.output_dir)

@@ -19,7 +19,6 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from nemo_plugins.cascade.memory import estimate_memory
-from nemo_plugins.cascade.plan import CascadePlan
 from nemo_plugins.convert.sources import ModelSource, declared_architecture, source_config
 from nemo_plugins.distill.stage import DistillStage
 from nemo_plugins.errors import ConfigError
@@ -37,16 +36,6 @@ def parent_config(cfg: DictConfig) -> MistralConfig:
     return source_config(ModelSource.parse(cfg.model.source))
 
 
-def child_configs(plan: CascadePlan, parent: MistralConfig) -> dict[str, MistralConfig]:
-    plan.check_sizes(parent)
-    configs, previous = {}, parent
-    for child in plan.children:
-        previous = previous.replace(num_layers=child.num_layers, hidden_size=child.hidden_size,
-                                    ffn_hidden_size=child.ffn_hidden_size, tie_embeddings=child.tie_embeddings)
-        configs[child.name] = previous
-    return configs
-
-
 def stage_nodes(cfg: DictConfig, stage: str) -> int:
     """Pruning gathers full weights and runs calibration forwards: one node; distillation uses them all."""
     return 1 if stage == "prune" else int(cfg.cluster.get("nodes", 1))
@@ -57,7 +46,7 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, str, 
     runs the ablations and writes the report."""
     plan = build_plan(cfg)
     parent = parent_config(cfg)
-    children = child_configs(plan, parent)
+    children = plan.child_configs(parent)
     cluster = cfg.cluster
     gpus = int(cluster.get("gpus_per_node", 1))
     master = os.environ.get("MASTER_ADDR", "localhost")

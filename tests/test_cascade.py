@@ -66,9 +66,9 @@ def test_children_must_shrink_and_fit_the_parent():
     parent = tiny_config(num_layers=4, hidden_size=48, tie_embeddings=True)
     grow = CascadePlan([ChildSpec("a", 3, 40, 80, True), ChildSpec("b", 3, 40, 80, False)], plan.short, plan.long, plan.parallel)
     with pytest.raises(ConfigError, match="'b' has .* not fewer"):
-        grow.check_sizes(parent)
+        grow.child_configs(parent)
     with pytest.raises(ConfigError, match="hidden_size=64 must be between 1 and the parent's 48"):
-        CascadePlan([ChildSpec("a", 3, 64, 80, True)], plan.short, plan.long, plan.parallel).check_sizes(parent)
+        CascadePlan([ChildSpec("a", 3, 64, 80, True)], plan.short, plan.long, plan.parallel).child_configs(parent)
 
 
 TINY = [

@@ -63,20 +63,19 @@ class CascadePlan:
     def layout(self, stage: str) -> ParallelConfig:
         return self.stage_parallel.get(stage, self.parallel)
 
-    def check_sizes(self, parent: MistralConfig) -> list[int]:
-        """Each child fits its parent's heads / TP and is strictly smaller than the model before it."""
-        sizes = [parent.num_parameters()]
-        previous = parent
+    def child_configs(self, parent: MistralConfig) -> dict[str, MistralConfig]:
+        """Each child's config, checked: it fits its parent's heads / TP and is strictly smaller than the model
+        before it."""
+        configs, previous = {}, parent
         for child in self.children:
             child.target.check_against(previous, self.layout("prune").tp)
             config = previous.replace(num_layers=child.num_layers, hidden_size=child.hidden_size,
                                       ffn_hidden_size=child.ffn_hidden_size, tie_embeddings=child.tie_embeddings)
-            if config.num_parameters() >= sizes[-1]:
+            if config.num_parameters() >= previous.num_parameters():
                 raise ConfigError(f"cascade child {child.name!r} has {config.num_parameters():,} parameters, not fewer "
-                                  f"than the model before it ({sizes[-1]:,}): each child must be smaller")
-            sizes.append(config.num_parameters())
-            previous = config
-        return sizes[1:]
+                                  f"than the model before it ({previous.num_parameters():,}): each child must be smaller")
+            configs[child.name] = previous = config
+        return configs
 
 
 def scale_tokens(stage: DistillStage, factor: float) -> DistillStage:
