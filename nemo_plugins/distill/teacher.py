@@ -8,24 +8,10 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from nemo_plugins.distill.kl_loss import FusedTeacher
 from nemo_plugins.model.forward import forward_only
-
-
-def full_sequence(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    """``[s, b, h]`` hidden states over the whole sequence: under sequence parallelism each TP rank holds
-    ``s / tp`` rows; the fused loss wants all of them (it sums its own hidden-state gradient over TP, so
-    the gather's backward must split, not reduce-scatter)."""
-    if not sequence_parallel:
-        return hidden
-    return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-
-
-def flatten_tokens(hidden: torch.Tensor) -> torch.Tensor:
-    """``[s, b, h]`` -> ``[b * s, h]`` in the row-major order of ``[b, s]`` token tensors."""
-    return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+from nemo_plugins.parallel_ops import flatten_tokens, full_sequence
 
 
 class Teacher:

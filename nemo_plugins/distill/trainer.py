@@ -18,10 +18,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_plugins.data.mix import Cursor, DataMix
 from nemo_plugins.distill.kl_loss import KLOptions, fused_kl_loss
-from nemo_plugins.distill.teacher import Teacher, flatten_tokens, full_sequence
+from nemo_plugins.data.batches import local_batch
+from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import device
 from nemo_plugins.errors import ConfigError
-from nemo_plugins.eval.heldout import evaluate_heldout, local_batch, sum_from_last_stage, tp_group
+from nemo_plugins.distill.heldout import evaluate_heldout
+from nemo_plugins.parallel_ops import flatten_tokens, full_sequence, sum_from_last_stage, tp_group
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings

@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
-from nemo_plugins.distill.teacher import full_sequence
 from nemo_plugins.distributed import device
-from nemo_plugins.eval.heldout import sum_from_last_stage, tp_group
 from nemo_plugins.model.forward import forward_only
-
-
-def vocab_parallel_argmax(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Argmax token ids of ``hidden @ W.T`` over a TP-split vocabulary (each rank's best, then the best of those)."""
-    logits = (hidden @ model.output_weight().T).float()
-    best, index = logits.max(-1)
-    index = index + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-    group = tp_group()
-    if group is None:
-        return index
-    size = dist.get_world_size(group)
-    bests, indices = [torch.empty_like(best) for _ in range(size)], [torch.empty_like(index) for _ in range(size)]
-    dist.all_gather(bests, best, group=group)
-    dist.all_gather(indices, index, group=group)
-    winner = torch.stack(bests).argmax(0)
-    return torch.stack(indices).gather(0, winner[None])[0]
+from nemo_plugins.parallel_ops import full_sequence, sum_from_last_stage, vocab_parallel_argmax
 
 
 @torch.no_grad()

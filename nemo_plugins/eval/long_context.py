@@ -12,11 +12,10 @@ import random
 from pathlib import Path
 
 import torch
-from nemo_plugins.distill.teacher import full_sequence
+
 from nemo_plugins.distributed import device
-from nemo_plugins.eval.generate import vocab_parallel_argmax
-from nemo_plugins.eval.heldout import sum_from_last_stage
 from nemo_plugins.model.forward import forward_only
+from nemo_plugins.parallel_ops import full_sequence, sum_from_last_stage, vocab_parallel_argmax
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 

@@ -5,44 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
-from nemo_plugins.data.context_parallel import context_parallel_slice
+from nemo_plugins.data.batches import local_batch
 from nemo_plugins.distill.kl_loss import token_kl_and_nll
-from nemo_plugins.distill.teacher import Teacher, flatten_tokens, full_sequence
-from nemo_plugins.distributed import device
+from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.model.forward import forward_only
-
-
-def next_token_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (the next token in the row) and a mask that drops each row's last position, which has none."""
-    labels = torch.roll(tokens, -1, dims=1)
-    mask = torch.ones_like(tokens, dtype=torch.float32)
-    mask[:, -1] = 0.0
-    return labels, mask
-
-
-def local_batch(tokens: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One micro-batch as this rank feeds it to the model: targets made on the whole rows, then every tensor
-    cut to this context-parallel rank's part, on this rank's device."""
-    labels, mask = next_token_targets(tokens)
-    cp_size, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
-    return {name: context_parallel_slice(value, cp_size, cp_rank).to(device())
-            for name, value in (("tokens", tokens), ("positions", positions), ("labels", labels), ("mask", mask))}
-
-
-def tp_group():
-    return parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
-
-
-def sum_from_last_stage(values: torch.Tensor) -> torch.Tensor:
-    """Sum per-rank partial sums over the world, counting each (DP, CP, last-stage) shard once (TP rank 0);
-    a CP rank's sums cover its part of every row, so adding them up over CP gives the rows' totals."""
-    counted = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    values = values.to(device(), torch.float64) * (1.0 if counted else 0.0)
-    dist.all_reduce(values)
-    return values
+from nemo_plugins.parallel_ops import flatten_tokens, full_sequence, sum_from_last_stage, tp_group
 
 
 @torch.no_grad()
