@@ -120,7 +120,7 @@ def distill_steps(teacher_config, student_config, states_path: str, data_prefix:
     from nemo_plugins.data.token_store import TokenFile
     from nemo_plugins.distill.kl_loss import KLOptions
     from nemo_plugins.distill.teacher import Teacher
-    from nemo_plugins.distill.trainer import DistillRun
+    from nemo_plugins.distill.step import train_with_distillation
     from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 
     parallel = ParallelConfig(tp=tp, pp=pp)
@@ -131,6 +131,7 @@ def distill_steps(teacher_config, student_config, states_path: str, data_prefix:
     student = build_model(student_config, parallel)
     load_hf_state(student, states["student"], student_config)
     mix = DataMix([MixSource("a", TokenFile(data_prefix), 1.0)], heldout_fraction=0.2)
-    DistillRun(student, student_config, Teacher(teacher), mix,
-               TrainSettings(seq_len=32, micro_batch_size=2, global_batch_size=4, train_tokens=3 * 128, eval_rows_per_source=2),
-               OptimizerSettings(lr=1e-2, min_lr=1e-3), KLOptions(chunk_tokens=16), out_dir).run(Cursor())
+    train_with_distillation(student, student_config, Teacher(teacher), mix,
+                            TrainSettings(seq_len=32, micro_batch_size=2, global_batch_size=4, train_tokens=3 * 128,
+                                          eval_rows_per_source=2),
+                            OptimizerSettings(lr=1e-2, min_lr=1e-3), KLOptions(chunk_tokens=16), out_dir, Cursor())

@@ -1,5 +1,7 @@
 """The distillation loop in-process: learning, NaN handling, atomic checkpoints, the single-pass cursor."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -9,13 +11,14 @@ from nemo_plugins.data.mix import Cursor, DataMix, MixSource
 from nemo_plugins.data.token_store import write_token_file
 from nemo_plugins.distill.context import ContextExtension
 from nemo_plugins.distill.kl_loss import KLOptions
+from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
-from nemo_plugins.distill.trainer import DistillRun, NonFiniteLossError
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.train.checkpoint import complete_checkpoints, latest_checkpoint
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
+from nemo_plugins.train.loop import NonFiniteLossError
 from nemo_plugins.train.metrics import MetricsLog
 from tests.conftest import tiny_config
 
@@ -40,13 +43,13 @@ def _run(out_dir, teacher, mix, config=STUDENT, steps=4, **train):
     student = build_model(config, ParallelConfig())
     settings = TrainSettings(**{"seq_len": 32, "micro_batch_size": 2, "global_batch_size": 4,
                                 "train_tokens": steps * 128, "eval_rows_per_source": 2, **train})
-    return student, DistillRun(student, config, teacher, mix, settings, OptimizerSettings(lr=1e-2, min_lr=1e-3),
-                               KLOptions(chunk_tokens=16), out_dir)
+    return student, functools.partial(train_with_distillation, student, config, teacher, mix, settings,
+                                      OptimizerSettings(lr=1e-2, min_lr=1e-3), KLOptions(chunk_tokens=16), out_dir)
 
 
 def test_heldout_kl_falls_and_checkpoints_are_atomic_and_pruned(tmp_path, teacher, mix):
     _, run = _run(tmp_path, teacher, mix, steps=6, save_interval=2, keep_last=2)
-    result = run.run(Cursor())
+    result = run(Cursor())
     evals = [r for r in MetricsLog.read(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals[-1]["kl"] < 0.8 * evals[0]["kl"]
     assert evals[0]["teacher_ppl"] == pytest.approx(evals[-1]["teacher_ppl"]), "the teacher is frozen"
@@ -60,18 +63,18 @@ def test_heldout_kl_falls_and_checkpoints_are_atomic_and_pruned(tmp_path, teache
 
 def test_resuming_a_finished_stage_trains_nothing_more(tmp_path, teacher, mix):
     _, first = _run(tmp_path, teacher, mix, steps=2)
-    done = first.run(Cursor())
+    done = first(Cursor())
     student, again = _run(tmp_path, teacher, mix, steps=2)
-    repeat = again.run(Cursor())
+    repeat = again(Cursor())
     assert repeat["cursor_end"] == done["cursor_end"] and repeat["eval"] == pytest.approx(done["eval"])
 
 
 def test_resume_refuses_another_runs_checkpoints(tmp_path, teacher, mix):
     _, first = _run(tmp_path, teacher, mix, steps=2)
-    first.run(Cursor())
+    first(Cursor())
     _, other = _run(tmp_path, teacher, mix, steps=2)
     with pytest.raises(ConfigError, match="different run's output dir"):
-        other.run(Cursor({"a": 128}, {"a": 4}))
+        other(Cursor({"a": 128}, {"a": 4}))
 
 
 def test_nan_loss_is_skipped_then_stops_without_saving(tmp_path, teacher, mix, caplog):
@@ -79,7 +82,7 @@ def test_nan_loss_is_skipped_then_stops_without_saving(tmp_path, teacher, mix, c
     with torch.no_grad():
         student.decoder.layers[0].mlp.linear_fc1.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
-        run.run(Cursor())
+        run(Cursor())
     assert "step skipped (1 in a row" in caplog.text
     assert complete_checkpoints(tmp_path / "checkpoints") == []
 
@@ -91,7 +94,7 @@ def test_stages_read_disjoint_contiguous_token_ranges(tmp_path, teacher, mix):
     plan = [("short", STUDENT, 32), ("long", long_config, 64), ("next_child", tiny_config(hidden_size=24, ffn_hidden_size=48), 32)]
     for name, config, seq_len in plan:
         _, run = _run(tmp_path / name, teacher, mix, config=config, seq_len=seq_len, train_tokens=2 * 4 * seq_len)
-        result = run.run(cursor)
+        result = run(cursor)
         ranges.append((result["cursor_start"]["offsets"].get("a", 0), result["cursor_end"]["offsets"]["a"]))
         cursor = Cursor.from_dict(result["cursor_end"])
     assert ranges == [(0, 256), (256, 768), (768, 1024)]

@@ -16,15 +16,19 @@ from nemo_plugins.parallel_ops import flatten_tokens, full_sequence, sum_from_la
 
 @torch.no_grad()
 def evaluate_heldout(student: torch.nn.Module, teacher: Teacher, tokens: torch.Tensor, positions: torch.Tensor,
-                     micro_batch_size: int, chunk_tokens: int = 256) -> dict[str, float]:
-    """Mean KL(teacher || student) per token and student / teacher perplexity; DP ranks split the rows."""
+                     micro_batch_size: int, chunk_tokens: int = 256,
+                     target_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean KL(teacher || student) per token and student / teacher perplexity; DP ranks split the rows.
+
+    With ``target_mask`` (a chat mix's assistant targets) only those tokens count: assistant-token KL and perplexity.
+    """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    tokens, positions = tokens[dp_rank::dp_size], positions[dp_rank::dp_size]
+    rows = [t[dp_rank::dp_size] for t in (tokens, positions, *([] if target_mask is None else [target_mask]))]
     sequence_parallel = student.config.sequence_parallel
     totals = torch.zeros(4, dtype=torch.float64)
-    for start in range(0, len(tokens), micro_batch_size):
-        local = local_batch(tokens[start : start + micro_batch_size], positions[start : start + micro_batch_size])
+    for start in range(0, len(rows[0]), micro_batch_size):
+        local = local_batch(*(t[start : start + micro_batch_size] for t in rows))
         batch = (local["tokens"], local["positions"])
         teacher_out = teacher.run([batch])
         labels, mask = local["labels"].reshape(-1), local["mask"].reshape(-1)

@@ -17,13 +17,13 @@ from nemo_plugins.data.mix import Cursor, DataMix
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.distill.context import ContextExtension
 from nemo_plugins.distill.kl_loss import KLOptions
+from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
-from nemo_plugins.distill.trainer import DistillRun
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError, typed
-from nemo_plugins.manifest import write_manifest
 from nemo_plugins.eval.long_context import passkey_accuracy, perplexity_by_position, plot_long_context
 from nemo_plugins.eval.perplexity import token_windows
+from nemo_plugins.manifest import write_manifest
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 
@@ -55,17 +55,7 @@ class DistillStage:
         from omegaconf import OmegaConf
 
         values = OmegaConf.to_container(node, resolve=True)
-        unknown = set(values) - {"name", "train", "optimizer", "kl", "context", "long_eval"}
-        if unknown:
-            raise ConfigError(f"unknown key(s) {sorted(unknown)} in {key}; allowed: name, train, optimizer, kl, context, long_eval")
-        stage = cls(
-            name=values.get("name") or key.rsplit(".", 1)[-1],
-            train=typed(TrainSettings, values.get("train") or {}, f"{key}.train"),
-            optimizer=typed(OptimizerSettings, values.get("optimizer") or {}, f"{key}.optimizer"),
-            kl=typed(KLOptions, values.get("kl") or {}, f"{key}.kl"),
-            context=typed(ContextExtension, values["context"], f"{key}.context") if values.get("context") else None,
-            long_eval=typed(LongContextEval, values["long_eval"], f"{key}.long_eval") if values.get("long_eval") else None,
-        )
+        stage = typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
         if stage.context is not None and stage.train.seq_len > stage.context.max_context:
             raise ConfigError(f"{key}.train.seq_len={stage.train.seq_len} exceeds the extended context "
                               f"{stage.context.max_context} (original_context x yarn_factor)")
@@ -110,8 +100,8 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     long_context = {}
     if stage.long_eval is not None:
         long_context["before"] = long_context_eval(student, tokenizer, stage)
-    result = DistillRun(student, s_config, teacher, mix, stage.train, stage.optimizer, stage.kl, out_dir,
-                        tokenizer_dir, stage.name).run(cursor)
+    result = train_with_distillation(student, s_config, teacher, mix, stage.train, stage.optimizer, stage.kl, out_dir,
+                                     cursor, tokenizer_dir, stage.name)
     if stage.long_eval is not None:
         long_context["after"] = long_context_eval(student, tokenizer, stage)
     manifest = {

@@ -55,8 +55,10 @@ class TrainSettings:
     keep_last: int = 2
     max_nonfinite_steps: int = 3
     seed: int = 1234
+    frozen_parameters: tuple[str, ...] = ()  # globs over parameter names (e.g. "vision.*"): no gradient, no optimizer state
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "frozen_parameters", tuple(self.frozen_parameters))
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "train_tokens", "log_interval",
                      "eval_rows_per_source", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:

@@ -1,0 +1,222 @@
+"""The one training loop every stage runs on: resume, evaluation, atomic saves, NaN/inf skip-and-stop, metrics,
+signal-driven saves. What a stage learns is its step function; what it reads is its data stream.
+
+Resuming is exact: the checkpoint holds model, optimizer, schedule, every rank's RNG and the data cursor, and
+each step's rows depend only on the cursor, so a killed run continues the uninterrupted run's trajectory.
+
+A stage plugs in three things:
+- ``data``: anything with ``next_rows(cursor, rows, seq_len) -> (*batch, next_cursor)`` (``DataMix`` for text,
+  ``ChatMix`` for conversations); the loop never looks inside the batch.
+- ``step``: ``step(ddp_model, batch) -> mean loss``; it runs forward + backward (through megatron's schedules)
+  into the zeroed gradient buffers. The loop checks finiteness, steps the optimizer and the schedule.
+- ``evaluate``: ``evaluate() -> dict`` of held-out numbers, logged at step 0, every ``eval_interval`` and at the end.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from nemo_plugins.data.mix import Cursor
+from nemo_plugins.distributed import device
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nemo_plugins.train.config import OptimizerSettings, TrainSettings
+from nemo_plugins.train.metrics import MetricsLog
+from nemo_plugins.train.optimizer import build_optimizer, wrap_for_training
+
+logger = logging.getLogger(__name__)
+
+# What a preempted run exits with after its checkpoint is written (EX_TEMPFAIL): "run me again", not "failed".
+REQUEUE_EXIT_CODE = 75
+# SIGUSR1 only: Slurm's `--signal=USR1@<seconds>` warns ahead of the end; SIGTERM keeps its default, because
+# torchrun sends it to the survivors when a peer dies, and they must not wait on that peer to finish a step.
+SAVE_SIGNALS = (signal.SIGUSR1,)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a NaN/inf loss or gradient; the last checkpoint is still clean."""
+
+
+class Preempted(RuntimeError):
+    """A save signal arrived: the current step finished, a checkpoint was written, the job should be re-run."""
+
+    exit_code = REQUEUE_EXIT_CODE
+
+
+class DataStream(Protocol):
+    def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[Any, ...]: ...
+
+
+StepFunction = Callable[[torch.nn.Module, tuple], float]
+Evaluate = Callable[[], dict]
+
+
+class SaveSignal:
+    """Remembers that SIGUSR1 arrived (on any rank) so the loop saves at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SaveSignal":
+        for sig in SAVE_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        """Every rank must agree, or one would save while the others wait at the next collective."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device())
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Turn off gradients for parameters whose name matches a glob in ``patterns`` (before the DDP wrap, so they
+    get no gradient buffer and no optimizer state); returns the frozen names. A pattern matching nothing is a
+    typo, not a no-op."""
+    if not patterns:
+        return []
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"train.frozen_parameters: {pattern!r} matches no parameter of the model "
+                              f"(names look like {names[0]!r})")
+    frozen = []
+    for name, parameter in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    if len(frozen) == len(names):
+        raise ConfigError("train.frozen_parameters freezes every parameter: nothing would train")
+    return frozen
+
+
+@dataclass
+class TrainingRun:
+    """One stage's training of ``model``; ``run`` returns what the stage's manifest records."""
+
+    model: torch.nn.Module
+    model_config: MistralConfig
+    train: TrainSettings
+    optimizer: OptimizerSettings
+    out_dir: Path
+    tokenizer_dir: Path | None = None
+    name: str = "train"
+
+    def run(self, step_fn: StepFunction, data: DataStream, evaluate: Evaluate, cursor_start: Cursor) -> dict:
+        frozen = freeze_parameters(self.model, list(self.train.frozen_parameters))
+        if frozen:
+            logger.info("%s: %d parameter tensors frozen (%s)", self.name, len(frozen), ", ".join(self.train.frozen_parameters))
+        total_steps = self.train.steps
+        ddp, distributed = wrap_for_training(self.model)
+        optimizer, scheduler = build_optimizer(ddp, self.optimizer, total_steps, distributed)
+        checkpoints = Path(self.out_dir) / "checkpoints"
+
+        step, cursor, nonfinite_in_a_row = 0, cursor_start, 0
+        resume_from = latest_checkpoint(checkpoints)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, self.model, optimizer)
+            if state["cursor_start"] != cursor_start.to_dict():
+                raise ConfigError(f"{resume_from} was written by a run that started at data cursor "
+                                  f"{state['cursor_start']}, not {cursor_start.to_dict()}: a different run's output dir")
+            scheduler.load_state_dict(state["scheduler"])
+            step, cursor, nonfinite_in_a_row = state["step"], Cursor.from_dict(state["cursor"]), state["nonfinite_in_a_row"]
+            logger.info("%s: resumed from %s (step %d/%d, %d tokens read)", self.name, resume_from, step, total_steps,
+                        cursor.tokens())
+
+        log = MetricsLog(self.out_dir, step, total_steps, self.train.tokens_per_step, self.name)
+
+        def evaluate_at(at_step: int) -> dict:
+            result = evaluate()
+            log.record(at_step, "eval", result)
+            logger.info("%s eval @ step %d: %s", self.name, at_step,
+                        " | ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
+            return result
+
+        def save(at_step: int) -> None:
+            _check_finite_parameters(self.model)
+            save_checkpoint(checkpoints, at_step, self.model, optimizer, self.model_config,
+                            {"cursor": cursor.to_dict(), "cursor_start": cursor_start.to_dict(),
+                             "scheduler": scheduler.state_dict(), "nonfinite_in_a_row": nonfinite_in_a_row},
+                            self.tokenizer_dir, self.train.keep_last)
+
+        last_eval = evaluate_at(0) if step == 0 else log.last("eval", step)
+        with SaveSignal() as save_signal:
+            while step < total_steps:
+                *batch, next_cursor = data.next_rows(cursor, self.train.global_batch_size, self.train.seq_len)
+                ddp.train()
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                loss = step_fn(ddp, tuple(batch))
+                finite = _all_finite(self.model, loss)
+                if finite:
+                    _, grad_norm, _ = optimizer.step()
+                    scheduler.step(increment=1)
+                    nonfinite_in_a_row = 0
+                else:
+                    nonfinite_in_a_row += 1
+                    grad_norm = float("nan")
+                    logger.warning("%s step %d: non-finite loss or gradient, step skipped (%d in a row, limit %d)",
+                                   self.name, step + 1, nonfinite_in_a_row, self.train.max_nonfinite_steps)
+                    if nonfinite_in_a_row >= self.train.max_nonfinite_steps:
+                        last_good = latest_checkpoint(checkpoints)
+                        raise NonFiniteLossError(
+                            f"{self.name}: {nonfinite_in_a_row} steps in a row with a NaN/inf loss or gradient at step "
+                            f"{step + 1}; nothing was saved from them. Lower optimizer.lr or check the data; "
+                            + (f"the last good checkpoint is {last_good}" if last_good else
+                               "no checkpoint was written yet (the stage's input model is unchanged)"))
+                cursor, step = next_cursor, step + 1
+                values = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
+                          "tokens_read": cursor.tokens() - cursor_start.tokens()}
+                log.record(step, "train", values)
+                if step % self.train.log_interval == 0 or step == total_steps:
+                    log.progress(step, {k: values[k] for k in ("loss", "lr", "grad_norm")})
+                if step == total_steps or (self.train.eval_interval and step % self.train.eval_interval == 0):
+                    last_eval = evaluate_at(step)
+                preempted = step < total_steps and save_signal.any_rank()
+                if step == total_steps or preempted or (finite and self.train.save_interval
+                                                        and step % self.train.save_interval == 0):
+                    save(step)
+                if preempted:
+                    log.close()
+                    raise Preempted(f"{self.name}: signal {save_signal.received or 'on another rank'} at step "
+                                    f"{step}/{total_steps}; checkpoint written, run the same command to continue")
+        log.close()
+        if last_eval is None:  # resumed after a checkpoint that had no evaluation logged with it
+            last_eval = evaluate_at(step)
+        return {"steps": total_steps, "cursor_start": cursor_start.to_dict(), "cursor_end": cursor.to_dict(),
+                "tokens": cursor.tokens() - cursor_start.tokens(), "eval": last_eval,
+                "checkpoint": str(latest_checkpoint(checkpoints))}
+
+
+def _all_finite(model: torch.nn.Module, loss: float) -> bool:
+    """The loss and every rank's gradients are finite (all ranks agree, so all skip or all step)."""
+    grads_finite = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters() if p.requires_grad)
+    bad = torch.tensor([0.0 if grads_finite else 1.0], device=device())
+    dist.all_reduce(bad)
+    return bool(bad.item() == 0) and bool(torch.isfinite(torch.tensor(loss)))
+
+
+def _check_finite_parameters(model: torch.nn.Module) -> None:
+    """Raise on every rank (never a hang at the next barrier) if any rank holds a NaN/inf weight."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    flag = torch.tensor([float(len(bad))], device=device())
+    dist.all_reduce(flag)
+    if flag.item():
+        raise NonFiniteLossError(f"refusing to save a checkpoint with non-finite weights ({', '.join(bad[:5]) or 'on another rank'})")
