@@ -64,8 +64,10 @@ def evaluate(expression: str) -> Fraction:
 
 
 def _value(node: ast.expr, expression: str) -> Fraction:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return Fraction(ast.get_source_segment(expression.strip(), node) or repr(node.value))
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.Constant) and type(node.value) is float:
+        return Fraction(ast.get_source_segment(expression.strip(), node))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _value(node.operand, expression)
         return -value if isinstance(node.op, ast.USub) else value
@@ -126,8 +128,8 @@ def _operand(value: Fraction) -> str:
 
 @dataclass(frozen=True)
 class WordProblem:
-    """A word problem with an exact answer: the question and its worked steps ``(label, quantity)`` in order;
-    the last step is the answer."""
+    """A word problem with an exact answer: its template's name, the question and its worked steps
+    ``(label, quantity)`` in order; the last step is the answer."""
 
     kind: str
     question: str
@@ -211,7 +213,7 @@ def _bakery(rng: random.Random) -> WordProblem:
     question = (f"{name} bakes {cookies} cookies and packs them in boxes of {per_box}. Each full box sells for "
                 f"${box_price} and each cookie left over sells for ${loose_price}. How many dollars does {name} "
                 f"make by selling all the cookies?")
-    return WordProblem("remainders", question, (
+    return WordProblem("bakery", question, (
         ("Full boxes", boxes), ("Cookies left over", loose), ("Money from boxes", box_money),
         ("Money from loose cookies", loose_money), ("Total money", box_money + loose_money)))
 
@@ -224,7 +226,7 @@ def _referees(rng: random.Random) -> WordProblem:
     question = (f"{students} students are split into teams of {team}; the students left over become referees. "
                 f"Each referee is paid ${pay} per game and there are {games} games. How many dollars are the "
                 f"referees paid in total?")
-    return WordProblem("remainders", question, (
+    return WordProblem("referees", question, (
         ("Referees", referees), ("Pay per game", per_game), ("Total pay", per_game * games)))
 
 
@@ -534,7 +536,8 @@ class BuiltinRequest:
 
     @classmethod
     def parse(cls, spec: str) -> "BuiltinRequest":
-        name, _, query = spec.removeprefix("builtin:").partition("?")
+        spec = spec.removeprefix("builtin:")
+        name, _, query = spec.partition("?")
         options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
         unknown = sorted(set(options) - {"count", "seed"})
         if unknown:
