@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +11,7 @@ from omegaconf import DictConfig
 
 from nemo_plugins.distributed import shutdown
 from nemo_plugins.logs import setup_logging
-
+from nemo_plugins.train.loop import Preempted
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -21,6 +22,9 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], object]) -> Callab
         setup_logging()
         try:
             run(cfg)
+        except Preempted as stop:  # a checkpoint was written: exit with the code a job script reads as "requeue"
+            print(stop, file=sys.stderr)
+            sys.exit(stop.exit_code)
         finally:
             shutdown()
 

@@ -119,8 +119,8 @@ def distill_steps(teacher_config, student_config, states_path: str, data_prefix:
     from nemo_plugins.data.mix import Cursor, DataMix, MixSource
     from nemo_plugins.data.token_store import TokenFile
     from nemo_plugins.distill.kl_loss import KLOptions
-    from nemo_plugins.distill.teacher import Teacher
     from nemo_plugins.distill.step import train_with_distillation
+    from nemo_plugins.distill.teacher import Teacher
     from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 
     parallel = ParallelConfig(tp=tp, pp=pp)

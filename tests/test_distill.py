@@ -112,3 +112,22 @@ def test_context_parallel_slices_tile_the_sequence_in_zigzag_order():
 def test_context_parallel_without_transformer_engine_is_refused():
     with pytest.raises(ConfigError, match="parallel.cp=2 needs Transformer Engine"):
         build_model(STUDENT, ParallelConfig(cp=2), use_te=False)
+
+
+def test_frozen_parameters_get_no_update_and_the_rest_trains(tmp_path, teacher, mix):
+    student, run = _run(tmp_path, teacher, mix, steps=2, frozen_parameters=("decoder.layers.*.mlp.*", "embedding.*"))
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    run(Cursor())
+    changed = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
+    frozen = {name for name in before if name.startswith("embedding.") or ".mlp." in name}
+    assert frozen and not (changed & frozen), f"frozen parameters moved: {sorted(changed & frozen)}"
+    assert changed == set(before) - frozen
+
+
+@pytest.mark.parametrize("pattern,message", [("vision.*", "'vision.\\*' matches no parameter"),
+                                             ("decoder.layers.0.*", "in some layers only"),
+                                             ("*", "freezes every parameter")])
+def test_bad_frozen_patterns_are_config_errors(tmp_path, teacher, mix, pattern, message):
+    _, run = _run(tmp_path, teacher, mix, steps=1, frozen_parameters=(pattern,))
+    with pytest.raises(ConfigError, match=message):
+        run(Cursor())

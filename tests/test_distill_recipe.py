@@ -14,6 +14,8 @@ from nemo_plugins.convert import megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.model.builder import build_model
+from nemo_plugins.train.checkpoint import latest_checkpoint
+from nemo_plugins.train.loop import REQUEUE_EXIT_CODE
 from nemo_plugins.train.metrics import MetricsLog
 from tests.conftest import tiny_config
 
@@ -67,3 +69,26 @@ def test_sigkill_then_same_command_continues_bit_identically(checkpoints, tmp_pa
     assert expected[-1]["loss"] < expected[0]["loss"]
     one, two = (MetricsLog.read(d / "metrics.jsonl")[-1] for d in (reference, interrupted))
     assert one == two
+
+
+def test_sigusr1_saves_after_the_current_step_exits_for_requeue_and_the_rerun_continues_bit_identically(checkpoints, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_command(checkpoints, reference), check=True, env=env, capture_output=True)
+
+    signal_after = random.randrange(1, STEPS - 2)
+    preempted = tmp_path / "preempted"
+    job = subprocess.Popen(_command(checkpoints, preempted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(_train_records(preempted)) < signal_after and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == REQUEUE_EXIT_CODE, stderr.decode()[-2000:]
+    saved = latest_checkpoint(preempted / "checkpoints")
+    stopped_at = len(_train_records(preempted))
+    assert saved is not None and saved.name == f"step_{stopped_at:08d}" and stopped_at < STEPS, \
+        "the signal must save the step it interrupted (not only the periodic saves)"
+    subprocess.run(_command(checkpoints, preempted), check=True, env=env, capture_output=True)
+    assert _train_records(preempted) == _train_records(reference)
+    assert MetricsLog.read(preempted / "metrics.jsonl")[-1] == MetricsLog.read(reference / "metrics.jsonl")[-1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from nemo_plugins.train.metrics import MetricsLog
 from nemo_plugins.train.optimizer import build_optimizer, wrap_for_training
 
 logger = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^(.*\blayers\.)\d+(\..*)$")
 
 # What a preempted run exits with after its checkpoint is written (EX_TEMPFAIL): "run me again", not "failed".
 REQUEUE_EXIT_CODE = 75
@@ -97,14 +100,29 @@ def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ConfigError(f"train.frozen_parameters: {pattern!r} matches no parameter of the model "
                               f"(names look like {names[0]!r})")
-    frozen = []
-    for name, parameter in model.named_parameters():
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            parameter.requires_grad_(False)
-            frozen.append(name)
+    frozen = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if len(frozen) == len(names):
         raise ConfigError("train.frozen_parameters freezes every parameter: nothing would train")
+    _check_whole_layer_stacks(names, set(frozen))
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
     return frozen
+
+
+def _check_whole_layer_stacks(names: list[str], frozen: set[str]) -> None:
+    """megatron's sharded checkpoints stack a parameter over the layers (``decoder.layers.<i>.x`` -> one tensor
+    ``x`` of [layers, ...]); optimizer state for some layers only would be a tensor with holes, which
+    dist_checkpointing refuses at save time. So a parameter is frozen in every layer or in none."""
+    stacks: dict[str, set[bool]] = {}
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            stacks.setdefault(match.group(1) + match.group(2), set()).add(name in frozen)
+    partial = sorted(stack for stack, states in stacks.items() if len(states) == 2)
+    if partial:
+        raise ConfigError(f"train.frozen_parameters freezes {partial[0]} in some layers only: freeze a parameter in "
+                          "every layer or in none (megatron checkpoints store it as one tensor over the layers)")
 
 
 @dataclass
