@@ -1,27 +1,20 @@
-"""Greedy generation with a (TP/PP-parallel) megatron model: short samples for run reports."""
+"""Greedy text continuation for run reports: a thin wrapper over the generation engine."""
 
 from __future__ import annotations
 
 import torch
 
-from nemo_plugins.distributed import device
-from nemo_plugins.model.forward import forward_only
-from nemo_plugins.parallel_ops import full_sequence, sum_from_last_stage, vocab_parallel_argmax
+from nemo_plugins.generation.engine import Request, SamplingParams
+from nemo_plugins.generation.loops import LoopConfig
+from nemo_plugins.generation.torch_engine import TorchEngine
 
 
-@torch.no_grad()
 def greedy_generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The prompt's greedy continuation (full forward per token: fine for a few dozen tokens of a report)."""
+    """The prompt's greedy continuation up to EOS (included) or ``max_new_tokens``; a looping sample runs to
+    the end, as a report should show it."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    for _ in range(max_new_tokens):
-        tokens = torch.tensor([ids], device=device())
-        positions = torch.arange(len(ids), device=device())[None]
-        outputs = forward_only(model, [(tokens, positions, None)],
-                               lambda hidden: {"next": vocab_parallel_argmax(model, full_sequence(hidden, model.config.sequence_parallel)[-1, 0])},
-                               forward_kwargs={"return_hidden": True})
-        local = torch.tensor([float(outputs[0]["next"]) if outputs else 0.0])
-        next_id = int(sum_from_last_stage(local).item())
-        ids.append(next_id)
-        if next_id == tokenizer.eos_token_id:
-            break
-    return tokenizer.decode(ids[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]):])
+    stop = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop,
+                            loop=LoopConfig(stop_on_loop=False))
+    [response] = TorchEngine(model).generate([Request(tuple(ids), params)])
+    return tokenizer.decode(response.token_ids)

@@ -1,0 +1,56 @@
+"""The next token of each request from full-vocabulary logits: greedy, temperature, top-k, top-p, seeded.
+
+Each request draws its randomness from its own ``torch.Generator`` (seeded from ``SamplingParams.seed``),
+one draw per sampled token, so its tokens do not depend on the other requests in the batch or on their
+order. Sampling is an exponential race (``argmax p / E`` with ``E ~ Exp(1)`` per vocabulary entry, keyed by
+the global vocabulary index), which picks token i with probability p_i exactly like ``multinomial``. Every
+TP rank holds the same full-vocabulary logits and the same generators, so every rank picks the same token.
+
+The returned log-prob is under the model's plain distribution (temperature 1, no top-k/top-p filtering):
+the quantity the policy losses compare against a training forward, independent of the sampling settings.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nemo_plugins.generation.engine import SamplingParams
+
+
+def request_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``-inf`` outside each row's top-k and then outside the smallest set of those whose mass reaches top-p
+    (the order transformers applies them). ``top_k`` [n] (0 = off), ``top_p`` [n] (1 = off)."""
+    if not bool((top_k > 0).any()) and not bool((top_p < 1).any()):
+        return logits
+    ordered, order = logits.sort(-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    drop = (top_k[:, None] > 0) & (ranks[None] >= top_k[:, None])
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    probs = ordered.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop = drop | ((top_p[:, None] < 1) & (mass_before >= top_p[:, None]))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+
+
+def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` [n, vocab] fp32 for n requests -> (token ids [n], their plain log-probs [n])."""
+    tokens = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+        top_k = torch.tensor([params[i].top_k for i in sampled], device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
+        probs = filter_top_k_top_p(logits[index] / temperature[:, None], top_k, top_p).softmax(-1)
+        race = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=generators[i])
+                            for i in sampled])
+        tokens[index] = (probs / race).argmax(-1)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    return tokens, logprobs
