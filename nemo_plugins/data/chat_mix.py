@@ -1,0 +1,286 @@
+"""Conversations from JSONL sources as packed rows with an assistant-token target mask, read in ONE pass.
+
+A source is ``data/mix.py``'s ``SourceSpec(name, paths, weight)`` whose paths are JSONL files, directories of
+them, or ``builtin:<name>`` (the demo conversations of ``instruct_sources.materialize``). Each line is
+``{"messages": [...], "tools": [...]}`` (``tools`` optional, other keys such as ``meta`` ignored); a bad line is
+a ``ConfigError`` naming ``file:line`` and what is wrong. A ``ChatFormat`` renders every source once into a
+cached token file (tokens, per-token assistant mask, conversation starts), keyed on the files (name, size,
+mtime) and the format's fingerprint.
+
+Rows: whole conversations laid end to end, positions restarting at 0 for each; the rest of the row is padding
+(the EOS id, a position run of its own, never a target). A conversation longer than the row is dropped and
+counted (``stats``, logged once per row length), never cut. ``target_mask[r, t] = 1`` iff the token at ``t + 1``
+is an assistant token of the same conversation, so it lines up with next-token labels (``batches.local_batch``).
+
+Reading is ``DataMix``'s: each row comes from one source, picked by the same smooth weighted round robin; the
+same ``Cursor`` records per source the token offset of the next unread conversation (always a conversation
+boundary) and the rows handed out, so a resumed run reads what an uninterrupted one would and the next stage
+continues where this one stopped. The last ``heldout_fraction`` of every source's conversations is the held-out
+split, never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from nemo_plugins.data.chat import ChatFormat, EncodedChat
+from nemo_plugins.data.instruct_sources import materialize
+from nemo_plugins.data.mix import Cursor, SourceSpec
+from nemo_plugins.data.token_store import TokenFile, _dtype, source_key
+from nemo_plugins.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = "builtin:"
+MASK_SUFFIX = ".mask"
+
+
+def write_chat_tokens(conversations: Iterable[EncodedChat], prefix: str | Path, vocab_size: int, eos_id: int,
+                      metadata: dict) -> "ChatTokens":
+    """Write rendered conversations as a token file (``token_store`` layout, no EOS appended: a conversation
+    ends with its own end-of-turn) plus ``<prefix>.mask``, one uint8 per token; atomic renames at the end."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    dtype = _dtype(vocab_size)
+    suffixes = (".bin", MASK_SUFFIX, ".idx", ".json")
+    partial = {s: prefix.with_name(f".{prefix.name}{s}.{os.getpid()}.partial") for s in suffixes}
+    starts, assistant_tokens = [0], 0
+    try:
+        with open(partial[".bin"], "wb") as tokens_out, open(partial[MASK_SUFFIX], "wb") as mask_out:
+            for conversation in conversations:
+                ids = np.asarray(conversation.tokens, dtype=np.int64)
+                if ids.max() >= vocab_size or ids.min() < 0:
+                    raise ConfigError(f"token id {int(ids.max())} outside the vocabulary of {vocab_size}: wrong tokenizer")
+                tokens_out.write(ids.astype(dtype).tobytes())
+                mask_out.write(np.asarray(conversation.assistant_mask, dtype=np.uint8).tobytes())
+                starts.append(starts[-1] + len(ids))
+                assistant_tokens += sum(conversation.assistant_mask)
+        if len(starts) == 1:
+            raise ConfigError(f"no conversations for chat token file {prefix}")
+        np.asarray(starts, dtype=np.int64).tofile(partial[".idx"])
+        partial[".json"].write_text(json.dumps({**metadata, "vocab_size": vocab_size, "eos_id": eos_id, "dtype": dtype.name,
+                                                "documents": len(starts) - 1, "tokens": starts[-1],
+                                                "assistant_tokens": assistant_tokens}, indent=2))
+        for suffix in suffixes:
+            os.replace(partial[suffix], prefix.with_name(prefix.name + suffix))
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+    return ChatTokens(prefix)
+
+
+class ChatTokens:
+    """Read-only memory maps of a chat token file: tokens and document starts (``TokenFile``) + the mask."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.file = TokenFile(prefix)
+        self.mask = np.memmap(self.file.prefix.with_name(self.file.prefix.name + MASK_SUFFIX), dtype=np.uint8, mode="r")
+        if len(self.mask) != len(self.file):
+            raise ConfigError(f"chat token file {prefix}: {len(self.mask)} mask bytes for {len(self.file)} tokens")
+        self.starts = self.file.starts
+        self.lengths = np.diff(self.starts)
+
+    def __len__(self) -> int:
+        """Number of conversations."""
+        return len(self.lengths)
+
+
+def resolve_chat_paths(paths: list[str], cache_dir: str | Path) -> list[Path]:
+    """The JSONL files of a source, in a reproducible order; ``builtin:`` sources are materialised first."""
+    files: list[Path] = []
+    for raw in paths:
+        if raw.startswith(BUILTIN):
+            files.append(materialize(raw.removeprefix(BUILTIN), Path(cache_dir) / "builtin"))
+            continue
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(path.rglob("*.jsonl"))
+            if not found:
+                raise ConfigError(f"chat data directory {raw!r} holds no .jsonl files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"chat data path {raw!r} does not exist (a .jsonl file, a directory of them, or builtin:<name>)")
+    return files
+
+
+def encode_jsonl(files: list[Path], chat_format: ChatFormat) -> Iterator[EncodedChat]:
+    """Every line's conversation rendered; a bad line raises ``ConfigError`` with ``file:line``."""
+    for file in files:
+        with open(file, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                where = f"{file}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{where}: not valid JSON ({err.msg})") from err
+                if not isinstance(record, dict) or "messages" not in record:
+                    raise ConfigError(f'{where}: a line must be an object with "messages"')
+                try:
+                    encoded = chat_format.encode(record["messages"], record.get("tools"))
+                except ConfigError as err:
+                    raise ConfigError(f"{where}: {err}") from err
+                if not any(encoded.assistant_mask):
+                    raise ConfigError(f"{where}: no assistant turn, nothing to train on")
+                yield encoded
+
+
+def tokenize_chat_source(chat_format: ChatFormat, spec: SourceSpec, cache_dir: str | Path) -> ChatTokens:
+    """The cached chat token file of one source under ``cache_dir``; rendered on first use."""
+    files = resolve_chat_paths(list(spec.paths), cache_dir)
+    key = source_key(chat_format.fingerprint, chat_format.vocab_size, [str(f) for f in files])
+    prefix = Path(cache_dir) / f"{spec.name}-chat-{key}"
+    if prefix.with_name(prefix.name + ".json").is_file():
+        return ChatTokens(prefix)
+    logger.info("rendering chat source %s with %s (once; cached at %s)", spec.name, chat_format.name, prefix)
+    return write_chat_tokens(encode_jsonl(files, chat_format), prefix, chat_format.vocab_size, chat_format.pad_id,
+                             {"paths": list(spec.paths), "files": [str(f) for f in files], "format": chat_format.name, "key": key})
+
+
+def build_chat_mix(chat_format: ChatFormat, sources: list[SourceSpec], cache_dir: str | Path,
+                   heldout_fraction: float) -> "ChatMix":
+    """Render every source once (cached) and mix them."""
+    if not sources:
+        raise ConfigError("data.sources is empty")
+    return ChatMix([ChatSource(s.name, tokenize_chat_source(chat_format, s, cache_dir), s.weight) for s in sources],
+                   heldout_fraction, chat_format.pad_id)
+
+
+@dataclass(frozen=True)
+class ChatSource:
+    name: str
+    data: ChatTokens
+    weight: float
+
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class ChatMix:
+    """``DataMix``'s surface for conversations: ``next_rows`` / ``heldout_rows`` also return the target mask."""
+
+    def __init__(self, sources: list[ChatSource], heldout_fraction: float, pad_id: int) -> None:
+        if not sources:
+            raise ConfigError("chat mix has no sources")
+        if not 0.0 <= heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data source names must be unique, got {names}")
+        for s in sources:
+            if s.weight <= 0:
+                raise ConfigError(f"data source {s.name!r} has weight {s.weight}; weights must be > 0")
+        self.sources = sources
+        self.pad_id = pad_id
+        self.train_end = {s.name: int(len(s.data) * (1.0 - heldout_fraction)) for s in sources}
+        self._reported: set[int] = set()
+
+    def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cursor]:
+        """``rows`` training rows of ``seq_len``: tokens, per-conversation positions, target mask; the new cursor."""
+        self._report_dropped(seq_len)
+        cursor = Cursor.from_dict(cursor.to_dict())
+        built = []
+        for _ in range(rows):
+            ready = [(s, k) for s in self.sources
+                     if (k := _next_fitting(s.data, self._index(s, cursor), self.train_end[s.name], seq_len)) is not None]
+            if not ready:
+                raise ConfigError(
+                    f"the chat mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
+                    "add conversations or lower the stage's token budget"
+                )
+            source, k = min(ready, key=lambda sk: ((cursor.rows.get(sk[0].name, 0) + 1) / sk[0].weight, sk[0].name))
+            *row, k = self._row(source.data, k, self.train_end[source.name], seq_len)
+            built.append(row)
+            cursor.offsets[source.name] = int(source.data.starts[k])
+            cursor.rows[source.name] = cursor.rows.get(source.name, 0) + 1
+        return (*_stack(built), cursor)
+
+    def heldout_rows(self, seq_len: int, max_rows_per_source: int) -> Rows:
+        """Evaluation rows packed from the held-out conversations of every source (never part of training)."""
+        built = []
+        for s in self.sources:
+            k: int | None = self.train_end[s.name]
+            for _ in range(max_rows_per_source):
+                k = _next_fitting(s.data, k, len(s.data), seq_len)
+                if k is None:
+                    break
+                *row, k = self._row(s.data, k, len(s.data), seq_len)
+                built.append(row)
+        if not built:
+            raise ConfigError(f"no held-out conversation fits in {seq_len} tokens: raise data.heldout_fraction or seq_len")
+        return _stack(built)
+
+    def stats(self, seq_len: int) -> dict[str, dict[str, int]]:
+        """Per source: conversations (all / training / held out), tokens, assistant tokens, and how many
+        conversations rows of ``seq_len`` drop for being longer (all / in the training split)."""
+        out = {}
+        for s in self.sources:
+            too_long = s.data.lengths > seq_len
+            out[s.name] = {"conversations": len(s.data), "train_conversations": self.train_end[s.name],
+                           "heldout_conversations": len(s.data) - self.train_end[s.name], "tokens": len(s.data.file),
+                           "assistant_tokens": int(s.data.file.metadata["assistant_tokens"]),
+                           "dropped": int(too_long.sum()), "dropped_train": int(too_long[: self.train_end[s.name]].sum())}
+        return out
+
+    def _report_dropped(self, seq_len: int) -> None:
+        if seq_len in self._reported:
+            return
+        self._reported.add(seq_len)
+        stats = self.stats(seq_len)
+        dropped = {name: st["dropped"] for name, st in stats.items() if st["dropped"]}
+        logger.info("chat mix at seq_len %d: %d of %d conversations are longer and dropped (never cut)%s", seq_len,
+                    sum(dropped.values()), sum(st["conversations"] for st in stats.values()),
+                    f": {dropped}" if dropped else "")
+
+    def _index(self, source: ChatSource, cursor: Cursor) -> int:
+        """The conversation at the cursor's offset for ``source``, which must be a conversation boundary."""
+        offset = cursor.offsets.get(source.name, 0)
+        k = int(np.searchsorted(source.data.starts, offset))
+        if k >= len(source.data.starts) or source.data.starts[k] != offset:
+            raise ConfigError(f"cursor offset {offset} of source {source.name!r} is not a conversation boundary: "
+                              "the cursor was written for other data")
+        return k
+
+    def _row(self, data: ChatTokens, k: int, end: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """One row packed from conversation ``k`` on (``end`` excluded); the next unread conversation."""
+        tokens = np.full(seq_len, self.pad_id, dtype=np.int64)
+        positions = np.empty(seq_len, dtype=np.int64)
+        targets = np.zeros(seq_len, dtype=np.float32)
+        used = 0
+        while k < end:
+            length = int(data.lengths[k])
+            if length > seq_len:
+                k += 1
+                continue
+            if used + length > seq_len:
+                break
+            begin = int(data.starts[k])
+            tokens[used : used + length] = data.file.tokens[begin : begin + length]
+            positions[used : used + length] = np.arange(length)
+            targets[used : used + length - 1] = data.mask[begin + 1 : begin + length]
+            used += length
+            k += 1
+        positions[used:] = np.arange(seq_len - used)
+        return tokens, positions, targets, k
+
+
+def _next_fitting(data: ChatTokens, k: int, end: int, seq_len: int) -> int | None:
+    """The first conversation from ``k`` (before ``end``) that fits in a row, or None."""
+    while k < end and data.lengths[k] > seq_len:
+        k += 1
+    return k if k < end else None
+
+
+def _stack(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Rows:
+    return tuple(torch.from_numpy(np.stack([row[i] for row in rows])) for i in range(3))
