@@ -423,19 +423,17 @@ class TekkenFormat(ChatFormat):
         return self._tekken.decode(list(ids), special_token_policy=SpecialTokenPolicy.KEEP)
 
     def match_tool_call(self, segment: list[int]) -> ParsedToolCall | None:
-        # [TOOL_CALLS]name[ARGS]{json}: complete when the arguments parse as an object, or when the turn ends
-        if self._tool_calls not in segment:
+        # [TOOL_CALLS]name[ARGS]{json}: complete when the arguments parse as an object, or when the turn ends;
+        # only a closing brace or the end-of-turn token can complete one, which keeps the per-token cost flat
+        ended = bool(segment) and segment[-1] == self.end_of_turn_id
+        if not segment or not (ended or "}" in self.decode(segment[-1:])) or self._tool_calls not in segment:
             return None
         last = len(segment) - 1 - segment[::-1].index(self._tool_calls)
-        call = segment[last + 1 :]
-        ended = bool(call) and call[-1] == self.end_of_turn_id
-        body = call[:-1] if ended else call
+        body = segment[last + 1 : -1] if ended else segment[last + 1 :]
         if self._args not in body:
             return ParsedToolCall("", {}, error="a tool call without [ARGS]", ended_turn=True) if ended else None
         split = body.index(self._args)
         name, arguments = self.decode(body[:split]).strip(), self.decode(body[split + 1 :])
-        if not ended and (split == len(body) - 1 or "}" not in self.decode(body[-1:])):
-            return None
         try:
             parsed = json.loads(arguments)
         except json.JSONDecodeError as err:
