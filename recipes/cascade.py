@@ -19,16 +19,24 @@ from nemo_plugins.cascade.ablations import run_ablations
 from nemo_plugins.cascade.plan import CascadePlan, ChildSpec, parse_until, scale_tokens
 from nemo_plugins.cascade.report import write_report
 from nemo_plugins.cascade.runner import CascadeInputs, parent_long_context, run_cascade
-from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, source_config, tokenizer_dir
-from nemo_plugins.data.mix import build_mix
+from nemo_plugins.convert.sources import (
+    ModelSource,
+    check_declared,
+    declared_architecture,
+    source_config,
+    tokenizer_dir,
+)
+from nemo_plugins.data.chat import load_chat_format
+from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.mix import build_mix, source_specs
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distill.stage import DistillStage
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, torch_dtype, typed
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval
+from nemo_plugins.rl.sft_kd import SFTStage
 from recipes._entry import hydra_entry
-from recipes.distill import data_sources
 
 
 def build_plan(cfg: DictConfig) -> CascadePlan:
@@ -46,6 +54,7 @@ def build_plan(cfg: DictConfig) -> CascadePlan:
         stage_parallel=stage_parallel,
         until=parse_until(cfg.until),
         ablations=tuple(cfg.ablations or ()),
+        sft=scale_tokens(SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd"), cfg.token_scale) if cfg.posttrain else None,
     )
 
 
@@ -58,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
     calibration = typed(CalibrationData, stage.calibration, "stage.prune.calibration")
     prune_eval = typed(PruneEval, stage.eval, "stage.prune.eval")
     dtype = torch_dtype(cfg.dtype)
-    sources = data_sources(cfg.data)
+    sources = source_specs(cfg.data.sources)
     parent = ModelSource.parse(cfg.model.source)
     parent_config = source_config(parent)
     check_declared(declared_architecture(cfg.model.architecture), parent_config, cfg.model.source)
@@ -72,11 +81,15 @@ def run(cfg: DictConfig) -> dict:
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    chat_format = load_chat_format(cfg.chat_data.format, tok_dir) if plan.sft is not None else None
     inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction),
                            tokenizer=tokenizer, tokenizer_dir=tok_dir, prune_options=prune_options,
                            calibration=calibration, prune_eval=prune_eval, out_dir=out_dir, dtype=dtype,
                            sample_prompt=cfg.report.sample_prompt, sample_tokens=cfg.report.sample_tokens,
-                           seed=plan.short.train.seed)
+                           seed=plan.short.train.seed, chat_format=chat_format,
+                           chat=None if chat_format is None else build_chat_mix(
+                               chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir,
+                               cfg.chat_data.heldout_fraction))
     results = run_cascade(inputs, plan)
     finished = plan.until is None
     tables = run_ablations(inputs, plan, results) if finished else []

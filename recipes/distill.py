@@ -10,32 +10,23 @@ Running the same command again after a kill resumes from the newest checkpoint u
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, source_config, tokenizer_dir
-from nemo_plugins.data.mix import Cursor, SourceSpec, build_mix
+from nemo_plugins.convert.sources import (
+    ModelSource,
+    check_declared,
+    declared_architecture,
+    source_config,
+    tokenizer_dir,
+)
+from nemo_plugins.data.mix import build_mix, cursor_from_manifest, source_specs
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distill.stage import DistillStage, run_stage
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, typed
 from recipes._entry import hydra_entry
-
-
-def data_sources(node) -> list[SourceSpec]:
-    return [typed(SourceSpec, s, f"data.sources[{i}]") for i, s in enumerate(OmegaConf.to_container(node.sources, resolve=True))]
-
-
-def read_cursor(path: str | None) -> Cursor:
-    """The data cursor a previous stage ended at (its manifest's ``cursor_end``); the data's start if none."""
-    if not path:
-        return Cursor()
-    manifest = Path(path)
-    if not manifest.is_file():
-        raise ConfigError(f"cursor={path}: no such manifest (a finished stage writes <output_dir>/manifest.json)")
-    return Cursor.from_dict(json.loads(manifest.read_text())["cursor_end"])
 
 
 def run(cfg: DictConfig) -> dict:
@@ -45,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("student is null: say where the student starts, e.g. student=megatron:runs/prune/<child>/megatron")
     stage = DistillStage.from_config(cfg.stage.distill, "stage.distill")
     parallel = typed(ParallelConfig, cfg.parallel, "parallel")
-    sources = data_sources(cfg.data)
+    sources = source_specs(cfg.data.sources)
     teacher_source, student_source = ModelSource.parse(cfg.model.source), ModelSource.parse(cfg.student)
     initialize(parallel, stage.train.seed)
     teacher_config = source_config(teacher_source)
@@ -54,7 +45,7 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, teacher_config)
     mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction)
-    return run_stage(stage, teacher_source, student_source, mix, tokenizer, tok_dir, read_cursor(cfg.cursor),
+    return run_stage(stage, teacher_source, student_source, mix, tokenizer, tok_dir, cursor_from_manifest(cfg.cursor),
                      Path(cfg.output_dir), parallel)
 
 

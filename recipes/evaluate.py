@@ -18,8 +18,8 @@ from nemo_plugins.convert.sources import ModelSource, check_declared, declared_a
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
 from nemo_plugins.errors import ConfigError, torch_dtype, typed
+from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
 from recipes._entry import hydra_entry
 
 logger = logging.getLogger("recipes.evaluate")

@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 
 from nemo_plugins.cascade.memory import estimate_memory
 from nemo_plugins.convert.sources import ModelSource, declared_architecture, source_config
-from nemo_plugins.distill.stage import DistillStage
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from recipes._entry import CONF_DIR
@@ -65,7 +64,7 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, str, 
         student = children[child]
         text = f"{child}/{stage}: {nodes} node(s) x {gpus} GPUs, tp={layout.tp} pp={layout.pp} cp={layout.cp} dp={data_parallel}"
         if stage != "prune":
-            spec: DistillStage = plan.short if stage == "distill_short" else plan.long
+            spec = plan.training_stage(stage)  # the memory model takes the parent as the teacher of every stage
             microbatches = spec.train.microbatches(data_parallel)
             memory = estimate_memory(student, parent, layout, data_parallel, spec.train.seq_len,
                                      spec.train.micro_batch_size, microbatches)

@@ -37,6 +37,9 @@ def test_demo_and_ministral3_configs_validate():
     paper = build_plan(_compose("cascade=ministral3"))
     assert paper.long.context.max_context == 262_144 and paper.layout("distill_long").cp == 8
     assert build_plan(_compose("token_scale=2")).short.train.train_tokens == 2 * demo.short.train.train_tokens
+    assert demo.order()[3] == ("child_14b_like", "sft_kd") and paper.sft.train.fp8 == "hybrid"
+    base_only = build_plan(_compose("posttrain=false"))
+    assert base_only.sft is None and {stage for _, stage in base_only.order()} == {"prune", "distill_short", "distill_long"}
 
 
 @pytest.mark.parametrize("override,message", [
@@ -55,6 +58,9 @@ def test_misspelt_keys_are_rejected_by_name(override, message):
     ("+cascade.stage_parallel.distill={tp: 2}", "unknown stage"),
     ("stage.distill_long.context.original_context=1024", "must equal stage.distill_short.train.seq_len"),
     ("stage.distill_short.optimizer.decay_style=exp", "decay_style='exp'; allowed: cosine"),
+    ("stage.sft_kd.teacher=hub:mistral", "hub"),
+    ("stage.sft_kd.train.frozen_parameters=7", "frozen_parameters"),
+    ("+stage.sft_kd.train.lr=1", r"stage.sft_kd.train.lr"),
 ])
 def test_invalid_values_are_rejected_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -85,6 +91,9 @@ TINY = [
     "stage.distill_long.long_eval.passkey_lengths=[64,128]", "stage.distill_long.long_eval.paths=['stdlib:json']",
     "report.sample_tokens=4",
     "ablations=[kl_ce_mix,independent_pruning,random_init]",
+    "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
+    "stage.sft_kd.train.seq_len=256", "stage.sft_kd.train.train_tokens=2048", "stage.sft_kd.train.save_interval=1",
+    "stage.sft_kd.train.eval_rows_per_source=2", "stage.sft_kd.optimizer.lr=3e-3", "stage.sft_kd.sample.max_new_tokens=4",
 ]
 
 
@@ -105,6 +114,8 @@ def _outcome(out_dir: Path) -> dict:
     """Everything a run measured (metrics of every stage, samples), without wall times."""
     found = {str(p.relative_to(out_dir)): MetricsLog.read(p) for p in sorted(out_dir.rglob("metrics.jsonl"))}
     found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["completion"] for p in sorted(out_dir.rglob("sample.json"))})
+    found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["samples"]
+                  for p in sorted(out_dir.glob("*/instruct_sft/manifest.json"))})
     return found
 
 
@@ -117,6 +128,12 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
     for child in ("a", "b"):
         assert (reference / child / "hf" / "config.json").is_file()
         assert (reference / child / "distill_long" / "long_context.png").is_file()
+        assert (reference / child / "instruct_sft" / "hf" / "config.json").is_file()
+    sft = [json.loads((reference / child / "instruct_sft" / "manifest.json").read_text()) for child in ("a", "b")]
+    assert sft[0]["cursor_start"] == {"offsets": {}, "rows": {}} and sft[1]["cursor_start"] == sft[0]["cursor_end"], \
+        "the chat data is read once across children"
+    assert sft[0]["input"].endswith(tuple(f"step_{n:08d}" for n in range(1, 9))) and "distill_long" in sft[0]["input"]
+    assert "## Instruct: SFT with logit distillation" in report and "**User:**" in report
     assert "| a | 2,018,200 | 82.3 |" in report and "| b | 1,597,600 | 65.2 |" in report
     for table in ("## Ablation: loss mix", "| (1 - 0.75) KL + 0.75 CE |", "## Ablation: cascade vs pruning",
                   "| b: pruned straight from the parent |", "## Ablation: pruned vs random", "| random |"):
@@ -153,8 +170,9 @@ def test_sbatch_dry_run_prints_one_valid_srun_torchrun_command_per_stage():
     done = _dry_run("cascade=ministral3")
     assert done.returncode == 0, done.stderr
     commands = [line for line in done.stdout.splitlines() if line.startswith("srun ")]
-    assert len(commands) == 9
-    stages = [f"{c}/{s}" for c in ("ministral3_14b", "ministral3_8b", "ministral3_3b") for s in ("prune", "distill_short", "distill_long")]
+    assert len(commands) == 12
+    stages = [f"{c}/{s}" for c in ("ministral3_14b", "ministral3_8b", "ministral3_3b")
+              for s in ("prune", "distill_short", "distill_long", "sft_kd")]
     for command, stage in zip(commands, stages):
         argv = shlex.split(command)
         assert argv[argv.index("srun") + 1].startswith("--nodes=") and "torchrun" in argv

@@ -9,10 +9,9 @@ from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, hf_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from recipes import prune as prune_recipe
+from recipes._entry import CONF_DIR as CONF
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
-
-from recipes._entry import CONF_DIR as CONF
 
 
 @pytest.fixture

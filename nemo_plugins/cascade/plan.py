@@ -10,8 +10,11 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.pipeline import PruneTarget
+from nemo_plugins.rl.sft_kd import SFTStage
 
-STAGES = ("prune", "distill_short", "distill_long")
+BASE_STAGES = ("prune", "distill_short", "distill_long")
+POSTTRAIN_STAGES = ("sft_kd",)
+STAGES = BASE_STAGES + POSTTRAIN_STAGES
 ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init")
 
 
@@ -37,6 +40,7 @@ class CascadePlan:
     stage_parallel: dict[str, ParallelConfig] = field(default_factory=dict)
     until: tuple[str, str] | None = None
     ablations: tuple[str, ...] = ()
+    sft: SFTStage | None = None  # None: base models only (posttrain=false)
 
     def __post_init__(self) -> None:
         if not self.children:
@@ -58,7 +62,12 @@ class CascadePlan:
                               f"stage.distill_short.train.seq_len={self.short.train.seq_len} (YaRN extends the short context)")
 
     def order(self) -> list[tuple[str, str]]:
-        return [(child.name, stage) for child in self.children for stage in STAGES]
+        stages = BASE_STAGES + (("sft_kd",) if self.sft is not None else ())
+        return [(child.name, stage) for child in self.children for stage in stages]
+
+    def training_stage(self, stage: str) -> DistillStage | SFTStage:
+        """The settings of a training stage (every stage but prune)."""
+        return {"distill_short": self.short, "distill_long": self.long, "sft_kd": self.sft}[stage]
 
     def layout(self, stage: str) -> ParallelConfig:
         return self.stage_parallel.get(stage, self.parallel)
@@ -78,7 +87,7 @@ class CascadePlan:
         return configs
 
 
-def scale_tokens(stage: DistillStage, factor: float) -> DistillStage:
+def scale_tokens(stage: DistillStage | SFTStage, factor: float) -> DistillStage | SFTStage:
     """The stage with ``train_tokens`` multiplied (at least one step)."""
     if factor <= 0:
         raise ConfigError(f"token_scale must be > 0, got {factor}")

@@ -45,6 +45,30 @@ def _fmt(value: float) -> str:
     return f"{value:,.2f}"
 
 
+def _instruct_section(results: dict[str, dict], out_dir: Path) -> list[str]:
+    """SFT with logit distillation per child: held-out assistant-token KL / perplexity before and after, samples."""
+    done = {child: stages["sft_kd"] for child, stages in results.items() if "sft_kd" in stages}
+    if not done:
+        return []
+    lines = ["## Instruct: SFT with logit distillation", "",
+             "Held-out conversations of the chat mix (never trained on), assistant tokens only.", "",
+             "| child | teacher | tokens | KL before | KL after | ppl before | ppl after | teacher ppl | "
+             "conversations dropped (too long) | Hugging Face export |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for child, m in done.items():
+        first, last = stage_evals(out_dir / child / "instruct_sft")
+        dropped = sum(source["dropped"] for source in m["chat_data"].values())
+        lines.append(f"| {child} | `{m['teacher']}` | {m['tokens']:,} | {first['kl']:.3f} | {last['kl']:.3f} | "
+                     f"{_fmt(first['student_ppl'])} | {_fmt(last['student_ppl'])} | {_fmt(first['teacher_ppl'])} | "
+                     f"{dropped} | `{out_dir / child / 'instruct_sft' / 'hf'}` |")
+    lines.append("")
+    for child, m in done.items():
+        lines += [f"### {child}: chat samples (greedy)", ""]
+        for before, after in zip(m["samples"]["before"], m["samples"]["after"]):
+            lines += [f"**User:** {before['prompt']}", "", "Before SFT:", "```", before["response"], "```",
+                      "After SFT:", "```", after["response"], "```", ""]
+    return lines
+
+
 def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int, name: str,
                  ablation_tables: list[str] | None = None, parent_long_context: dict | None = None) -> Path:
     out_dir = Path(out_dir)
@@ -133,6 +157,7 @@ def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int
         if sample:
             lines += [f"### {child}", "", "```", sample["prompt"] + sample["completion"], "```",
                       f"Hugging Face export: `{sample['hf_dir']}`", ""]
+    lines += _instruct_section(results, out_dir)
     for table in ablation_tables or []:
         lines += [table, ""]
     path = out_dir / "report.md"

@@ -1,5 +1,7 @@
 """Algorithm 1: for each child, prune the previous child's short-context checkpoint (the parent first), distill at
-short context, extend to long context; the parent teaches every stage and the data cursor never rewinds.
+short context, extend to long context; the parent teaches every stage and the data cursor never rewinds. Then,
+when post-training is on, the long-context base goes through SFT with logit distillation on the chat mix (whose
+own cursor also runs once across all children).
 
 Every stage writes ``<run>/<child>/<stage>/`` and, last, its ``manifest.json``: re-running skips stages that have
 one and resumes the one that does not from its newest checkpoint.
@@ -16,24 +18,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
 from nemo_plugins.convert import hf_io
 from nemo_plugins.convert.model_io import gather_hf_state
-from nemo_plugins.convert.sources import ModelSource, load_model
+from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
+from nemo_plugins.data.chat import ChatFormat
+from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.mix import Cursor, DataMix
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distill.stage import DistillStage, long_context_eval, run_stage
 from nemo_plugins.distributed import initialize
-from nemo_plugins.eval.generate import greedy_generate
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.eval.generate import greedy_generate
 from nemo_plugins.manifest import read_json, read_manifest, write_json_atomic
-from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval, prune_stage_config, run_prune_stage
+from nemo_plugins.rl.sft_kd import run_sft_stage
 
 logger = logging.getLogger(__name__)
 
 HF_EXPORT = "hf"
 SAMPLE = "sample.json"
+EXPORTED = "export.json"
+INSTRUCT_SFT = "instruct_sft"
 PARENT_LONG_CONTEXT = "parent_long_context.json"
 
 
@@ -53,6 +60,8 @@ class CascadeInputs:
     sample_prompt: str
     sample_tokens: int
     seed: int
+    chat: ChatMix | None = None  # the SFT conversations, when post-training is on
+    chat_format: ChatFormat | None = None
 
 
 def megatron_source(checkpoint: str) -> ModelSource:
@@ -93,17 +102,23 @@ def distill_child(inputs: CascadeInputs, plan: CascadePlan, stage: DistillStage,
                      parallel, manifest_extra={"child": child.name, "input": str(student)})
 
 
+def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: str, hf_dir: Path):
+    """Load ``checkpoint`` in ``stage``'s layout and write it as a Hugging Face directory; returns the model."""
+    initialize(plan.layout(stage), inputs.seed)
+    config, model = load_model(megatron_source(checkpoint), plan.layout(stage), inputs.dtype)
+    state = gather_hf_state(model, config)
+    if dist.get_rank() == 0:
+        hf_io.write_model_dir(state, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir))
+    return model
+
+
 def export_child(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, child_dir: Path) -> dict:
-    """The child's final model as a Hugging Face directory, plus a greedy sample for the report."""
+    """The child's final base model as a Hugging Face directory, plus a greedy sample for the report."""
     sample_path = child_dir / SAMPLE
     finished = read_json(sample_path)
     if finished is not None:
         return finished
-    initialize(plan.layout("distill_long"), inputs.seed)
-    config, model = load_model(megatron_source(checkpoint), plan.layout("distill_long"), inputs.dtype)
-    state = gather_hf_state(model, config)
-    if dist.get_rank() == 0:
-        hf_io.write_model_dir(state, config, child_dir / HF_EXPORT, extra_files=tokenizer_files(inputs.tokenizer_dir))
+    model = _write_hf(inputs, plan, checkpoint, "distill_long", child_dir / HF_EXPORT)
     sample = {"prompt": inputs.sample_prompt, "completion": greedy_generate(model, inputs.tokenizer, inputs.sample_prompt,
                                                                             inputs.sample_tokens),
               "hf_dir": str(child_dir / HF_EXPORT)}
@@ -111,6 +126,26 @@ def export_child(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, chil
         write_json_atomic(sample_path, sample)
     dist.barrier()
     return sample
+
+
+def sft_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, base: ModelSource, cursor: Cursor,
+              stage_dir: Path) -> dict:
+    """SFT with logit distillation of the child's long-context base, then its Hugging Face export."""
+    stage = plan.sft
+    done = finished_stage(stage_dir, dataclasses.asdict(stage))
+    if done is None:
+        parallel = plan.layout("sft_kd")
+        initialize(parallel, stage.train.seed)
+        teacher = stage.teacher_source(inputs.parent)
+        done = run_sft_stage(stage, teacher, base, inputs.chat, inputs.chat_format, inputs.tokenizer_dir,
+                             tokenizer_dir(teacher), cursor, stage_dir, parallel,
+                             manifest_extra={"child": child.name, "input": str(base)})
+    if read_json(stage_dir / EXPORTED) is None:
+        _write_hf(inputs, plan, done["checkpoint"], "sft_kd", stage_dir / HF_EXPORT)
+        if dist.get_rank() == 0:
+            write_json_atomic(stage_dir / EXPORTED, {"hf_dir": str(stage_dir / HF_EXPORT)})
+        dist.barrier()
+    return done
 
 
 def parent_long_context(inputs: CascadeInputs, plan: CascadePlan) -> dict | None:
@@ -133,7 +168,7 @@ def parent_long_context(inputs: CascadeInputs, plan: CascadePlan) -> dict | None
 def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
     """All stages in order (or up to ``plan.until``); returns every stage's manifest per child."""
     results: dict[str, dict] = {}
-    cursor = Cursor()
+    cursor, chat_cursor = Cursor(), Cursor()
     parent = inputs.parent
     for child in plan.children:
         child_dir = inputs.out_dir / child.name
@@ -155,4 +190,10 @@ def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
         parent = megatron_source(done["distill_short"]["checkpoint"])  # Alg. 1: the next child starts from SHORT
         if plan.until == (child.name, "distill_long"):
             break
+        if plan.sft is not None:
+            done["sft_kd"] = sft_child(inputs, plan, child, megatron_source(done["distill_long"]["checkpoint"]),
+                                       chat_cursor, child_dir / INSTRUCT_SFT)
+            chat_cursor = Cursor.from_dict(done["sft_kd"]["cursor_end"])
+            if plan.until == (child.name, "sft_kd"):
+                break
     return results

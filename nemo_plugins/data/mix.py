@@ -9,13 +9,15 @@ of every source is never handed out for training; it is the evaluation split.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from nemo_plugins.data.token_store import TokenFile, tokenize_to_file
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, typed
 
 
 @dataclass
@@ -50,6 +52,24 @@ class SourceSpec:
     name: str
     paths: list[str]
     weight: float = 1.0
+
+
+def source_specs(node) -> list[SourceSpec]:
+    """The ``sources`` list of a data config (``data.sources`` / ``chat_data.sources``), typed."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True) if not isinstance(node, list) else node
+    return [typed(SourceSpec, s, f"data.sources[{i}]") for i, s in enumerate(values)]
+
+
+def cursor_from_manifest(path: str | None) -> Cursor:
+    """The data cursor a previous stage ended at (its manifest's ``cursor_end``); the data's start if none."""
+    if not path:
+        return Cursor()
+    manifest = Path(path)
+    if not manifest.is_file():
+        raise ConfigError(f"cursor={path}: no such manifest (a finished stage writes <output_dir>/manifest.json)")
+    return Cursor.from_dict(json.loads(manifest.read_text())["cursor_end"])
 
 
 def build_mix(tokenizer, sources: list[SourceSpec], cache_dir: str, heldout_fraction: float) -> "DataMix":

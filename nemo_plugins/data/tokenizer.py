@@ -39,3 +39,11 @@ def token_documents(tokenizer, documents):
     """Token ids of each (path, text) document, without special tokens (packing adds EOS)."""
     for _, text in documents:
         yield tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def same_tokenizer(one: str | Path, other: str | Path) -> bool:
+    """Whether two tokenizer directories map every string to the same ids (same vocabulary and special tokens)."""
+    if Path(one).resolve() == Path(other).resolve():
+        return True
+    first, second = load_tokenizer(one), load_tokenizer(other)
+    return first.get_vocab() == second.get_vocab() and first.all_special_tokens == second.all_special_tokens

@@ -15,8 +15,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.model.attention_temperature import query_scale, with_query_scale
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.attention_temperature import query_scale, with_query_scale
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.masks import is_single_document, packed_causal_mask
 

@@ -18,7 +18,14 @@ from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.calibration import STATISTICS, CalibrationStats
 from nemo_plugins.prune.embeddings import TieMethod, set_tied
 from nemo_plugins.prune.ffn import FfnMethod, keep_channels, select_channels
-from nemo_plugins.prune.hidden import HiddenMethod, NormCompensation, fold_norms, hidden_basis, norm_scale, rotate_hidden
+from nemo_plugins.prune.hidden import (
+    HiddenMethod,
+    NormCompensation,
+    fold_norms,
+    hidden_basis,
+    norm_scale,
+    rotate_hidden,
+)
 from nemo_plugins.prune.layers import LayerMethod, keep_layers, select_layers
 from nemo_plugins.prune.state import ModelState, count_parameters
 

@@ -58,6 +58,9 @@ class TrainSettings:
     frozen_parameters: tuple[str, ...] = ()  # globs over parameter names (e.g. "vision.*"): no gradient, no optimizer state
 
     def __post_init__(self) -> None:
+        if not isinstance(self.frozen_parameters, (list, tuple)) or not all(isinstance(p, str) for p in self.frozen_parameters):
+            raise ConfigError(f"train.frozen_parameters must be a list of globs over parameter names (e.g. "
+                              f"['vision.*']), got {self.frozen_parameters!r}")
         object.__setattr__(self, "frozen_parameters", tuple(self.frozen_parameters))
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "train_tokens", "log_interval",
                      "eval_rows_per_source", "keep_last", "max_nonfinite_steps"):

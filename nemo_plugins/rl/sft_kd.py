@@ -1,0 +1,120 @@
+"""Instruct stage 1: SFT with logit distillation. The pretraining forward KL, masked to assistant tokens, from a
+teacher that may be any model with the student's tokenizer (the paper: Mistral Medium 3; the demo: the parent).
+
+It is the distillation step on the one training loop; only the data (a chat mix whose rows carry an assistant
+target mask) and the report (assistant-token KL / perplexity and chat samples) differ from pretraining distillation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_plugins.convert.sources import ModelSource, load_model, source_config
+from nemo_plugins.data.chat import ChatFormat
+from nemo_plugins.data.chat_mix import ChatMix
+from nemo_plugins.data.mix import Cursor
+from nemo_plugins.data.tokenizer import same_tokenizer
+from nemo_plugins.distill.kl_loss import KLOptions
+from nemo_plugins.distill.stage import check_teacher_student
+from nemo_plugins.distill.step import train_with_distillation
+from nemo_plugins.distill.teacher import Teacher
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.eval.chat_samples import chat_samples
+from nemo_plugins.manifest import write_manifest
+from nemo_plugins.train.config import OptimizerSettings, TrainSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatSampleSettings:
+    """Greedy answers to a few prompts, before and after the stage, for the report."""
+
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sample.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class SFTStage:
+    name: str
+    train: TrainSettings
+    optimizer: OptimizerSettings
+    kl: KLOptions
+    teacher: str | None = None  # a model source; None: the parent
+    sample: ChatSampleSettings = field(default_factory=ChatSampleSettings)
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None:
+            ModelSource.parse(self.teacher)
+
+    @classmethod
+    def from_config(cls, node, key: str) -> "SFTStage":
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(node, resolve=True)
+        return typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
+
+    def teacher_source(self, parent: ModelSource) -> ModelSource:
+        return ModelSource.parse(self.teacher) if self.teacher else parent
+
+
+def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:
+    """Logit distillation compares distributions id by id: both models must use one tokenizer."""
+    if not same_tokenizer(teacher_dir, student_dir):
+        raise ConfigError(f"the SFT teacher's tokenizer ({teacher_dir}) differs from the student's ({student_dir}): "
+                          "logit distillation needs the same vocabulary; pick a teacher of the student's family "
+                          "(stage.sft_kd.teacher)")
+
+
+def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: ModelSource, chat: ChatMix,
+                  chat_format: ChatFormat, tokenizer_dir: Path, teacher_tokenizer_dir: Path, cursor: Cursor,
+                  out_dir: Path, parallel: ParallelConfig, manifest_extra: dict | None = None) -> dict:
+    """Train ``student_source`` on the chat mix ``chat`` against ``teacher_source``; returns the stage's manifest
+    (its ``checkpoint`` is the instruct model)."""
+    started = time.monotonic()
+    dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
+    s_config, t_config = source_config(student_source), source_config(teacher_source)
+    check_teacher_student(t_config, s_config)
+    check_tokenizers(teacher_tokenizer_dir, tokenizer_dir)
+    if chat_format.vocab_size > s_config.vocab_size:
+        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
+                          f"vocabulary has {s_config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+    _, teacher_model = load_model(teacher_source, parallel, dtype)
+    _, student = load_model(student_source, parallel, dtype, fp8=stage.train.fp8)
+    samples = {"before": chat_samples(student, chat_format, stage.sample)}
+    result = train_with_distillation(student, s_config, Teacher(teacher_model), chat, stage.train, stage.optimizer,
+                                     stage.kl, out_dir, cursor, tokenizer_dir, stage.name)
+    samples["after"] = chat_samples(student, chat_format, stage.sample)
+    manifest = {
+        **(manifest_extra or {}),
+        "stage": stage.name,
+        "config": dataclasses.asdict(stage),
+        "teacher": str(teacher_source),
+        "student_input": str(student_source),
+        "student_config": s_config.to_dict(),
+        "parameters": s_config.num_parameters(),
+        **result,
+        "chat_data": chat.stats(stage.train.seq_len),
+        "samples": samples,
+        "train_flops": 6 * s_config.num_parameters() * result["tokens"] + 2 * t_config.num_parameters() * result["tokens"],
+        "wall_seconds": time.monotonic() - started,
+    }
+    if dist.get_rank() == 0:
+        write_manifest(out_dir, manifest)
+        logger.info("%s done: %d tokens, held-out assistant-token KL %.4f, student ppl %.2f (teacher %.2f), %.0f s",
+                    stage.name, result["tokens"], result["eval"]["kl"], result["eval"]["student_ppl"],
+                    result["eval"]["teacher_ppl"], manifest["wall_seconds"])
+    dist.barrier()
+    return manifest

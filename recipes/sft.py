@@ -1,0 +1,48 @@
+"""SFT with logit distillation of one model on conversations (assistant tokens only); resumable, single-pass data.
+
+    python -m recipes.sft student=megatron:runs/demo/child_14b_like/distill_long/checkpoints/step_00000002
+    python -m recipes.sft student=... stage.sft_kd.teacher=hf:/models/teacher-instruct chat_data=user_chat
+    torchrun --nproc-per-node 2 -m recipes.sft parallel.tp=2 student=...
+
+The teacher is ``stage.sft_kd.teacher``, else ``model.source`` (the parent). Running the same command again after
+a kill resumes from the newest checkpoint under output_dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.chat import load_chat_format
+from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.mix import cursor_from_manifest, source_specs
+from nemo_plugins.distributed import ParallelConfig, initialize
+from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.rl.sft_kd import SFTStage, run_sft_stage
+from recipes._entry import hydra_entry
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.student:
+        raise ConfigError("student is null: say where the student starts, e.g. student=megatron:runs/demo/<child>/distill_long/...")
+    stage = SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd")
+    if stage.teacher is None and not cfg.model.source:
+        raise ConfigError("no teacher: set stage.sft_kd.teacher or model.source")
+    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    student = ModelSource.parse(cfg.student)
+    teacher = stage.teacher_source(ModelSource.parse(cfg.model.source) if cfg.model.source else None)
+    initialize(parallel, stage.train.seed)
+    student_tokenizer = tokenizer_dir(student)
+    chat_format = load_chat_format(cfg.chat_data.format, student_tokenizer)
+    chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir, cfg.chat_data.heldout_fraction)
+    return run_sft_stage(stage, teacher, student, chat, chat_format, student_tokenizer, tokenizer_dir(teacher),
+                         cursor_from_manifest(cfg.chat_cursor), Path(cfg.output_dir), parallel)
+
+
+main = hydra_entry("sft", run)
+
+
+if __name__ == "__main__":
+    main()

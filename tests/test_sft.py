@@ -1,0 +1,121 @@
+"""SFT with logit distillation: the loss sees assistant tokens only, the recipe learns, resumes bit-identically
+after a SIGKILL, and refuses a teacher with another tokenizer."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nemo_plugins.convert import megatron_checkpoint
+from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.mix import Cursor
+from nemo_plugins.distill.kl_loss import KLOptions, naive_kl_loss
+from nemo_plugins.distill.step import DistillationStep
+from nemo_plugins.distill.teacher import Teacher
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.builder import build_model
+from nemo_plugins.rl.sft_kd import check_tokenizers
+from nemo_plugins.train.config import TrainSettings
+from nemo_plugins.train.metrics import MetricsLog
+from nemo_plugins.train.optimizer import wrap_for_training
+from tests.conftest import tiny_config
+
+STEPS = 6
+
+
+def test_the_distillation_step_with_a_target_mask_is_the_kl_of_the_masked_tokens_only():
+    """Against a naive reference on full logits: per micro-batch mean KL over the masked targets, averaged."""
+    torch.manual_seed(0)
+    teacher_model, student = build_model(tiny_config(), ParallelConfig()), build_model(tiny_config(hidden_size=32), ParallelConfig())
+    train = TrainSettings(seq_len=16, micro_batch_size=2, global_batch_size=4, train_tokens=64)
+    tokens = torch.randint(0, 128, (4, 16))
+    positions = torch.arange(16).expand(4, -1).contiguous()
+    target_mask = (torch.rand(4, 16) < 0.4).float()
+    ddp, _ = wrap_for_training(student)
+    loss = DistillationStep(Teacher(teacher_model), KLOptions(chunk_tokens=8), train)(ddp, (tokens, positions, target_mask))
+
+    with torch.no_grad():
+        mask = target_mask.clone()
+        mask[:, -1] = 0  # the last position has no next token
+        expected = []
+        for rows in (slice(0, 2), slice(2, 4)):
+            t = teacher_model(tokens[rows], positions[rows]).float()
+            s = student(tokens[rows], positions[rows]).float()
+            expected.append(float(naive_kl_loss(s.reshape(-1, 128), t.reshape(-1, 128), mask[rows].reshape(-1))))
+    assert loss == pytest.approx(sum(expected) / 2, rel=1e-5)
+    unmasked = DistillationStep(Teacher(teacher_model), KLOptions(chunk_tokens=8), train)(ddp, (tokens, positions))
+    assert unmasked != pytest.approx(loss, rel=1e-3), "the mask must change which tokens count"
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
+    ours = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
+    other = tmp_path / "other"
+    shutil.copytree(ours, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, two ids swapped: still another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    check_tokenizers(ours, ours)
+    with pytest.raises(ConfigError, match="tokenizer .* differs from the student's"):
+        check_tokenizers(other, ours)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny teacher and student on SmolLM2's real tokenizer and chat template, as megatron checkpoints."""
+    root = tmp_path_factory.mktemp("sft_recipe")
+    tok = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
+    for name, config, seed in (("teacher", tiny_config(vocab_size=49152), 0),
+                               ("student", tiny_config(vocab_size=49152, hidden_size=32, ffn_hidden_size=64), 1)):
+        torch.manual_seed(seed)
+        megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, root / name, tokenizer_dir=tok)
+    return root
+
+
+def _command(root, out_dir):
+    return [sys.executable, "-m", "recipes.sft", "model=tiny", f"model.source=megatron:{root / 'teacher'}",
+            f"student=megatron:{root / 'student'}", f"chat_data.cache_dir={root / 'chat'}",
+            "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
+            "stage.sft_kd.train.seq_len=256", "stage.sft_kd.train.micro_batch_size=2",
+            "stage.sft_kd.train.global_batch_size=4", f"stage.sft_kd.train.train_tokens={STEPS * 1024}",
+            "stage.sft_kd.train.save_interval=2", "stage.sft_kd.train.eval_rows_per_source=4",
+            "stage.sft_kd.optimizer.lr=3e-3", "stage.sft_kd.sample.max_new_tokens=4", f"output_dir={out_dir}"]
+
+
+def _train_records(out_dir):
+    return [r for r in MetricsLog.read(out_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_sft_recipe_lowers_assistant_kl_and_a_sigkill_resumes_bit_identically(checkpoints, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_command(checkpoints, reference), check=True, env=env, capture_output=True)
+    manifest = json.loads((reference / "manifest.json").read_text())
+    evals = [r for r in MetricsLog.read(reference / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals[-1]["kl"] < 0.9 * evals[0]["kl"], "SFT-KD must lower the held-out assistant-token KL"
+    assert evals[0]["tokens"] == manifest["eval"]["tokens"] < 4 * 256, "only assistant targets are counted"
+    assert Cursor.from_dict(manifest["cursor_end"]).tokens() > 0 and len(manifest["samples"]["after"]) == 2
+
+    kill_after = random.randrange(1, STEPS - 1)
+    interrupted = tmp_path / "interrupted"
+    job = subprocess.Popen(_command(checkpoints, interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(_train_records(interrupted)) <= kill_after and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
+    subprocess.run(_command(checkpoints, interrupted), check=True, env=env, capture_output=True)
+    assert _train_records(interrupted) == _train_records(reference), f"killed after step {kill_after + 1}"
+    resumed = json.loads((interrupted / "manifest.json").read_text())
+    assert resumed["eval"] == manifest["eval"] and resumed["cursor_end"] == manifest["cursor_end"]
+    assert resumed["samples"] == manifest["samples"]
