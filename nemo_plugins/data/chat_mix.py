@@ -33,8 +33,8 @@ import torch
 
 from nemo_plugins.data.chat import ChatFormat, EncodedChat
 from nemo_plugins.data.instruct_sources import materialize
-from nemo_plugins.data.mix import Cursor, SourceSpec
-from nemo_plugins.data.token_store import TokenFile, _dtype, source_key
+from nemo_plugins.data.mix import Cursor, SourceSpec, check_sources, round_robin_order
+from nemo_plugins.data.token_store import TokenFile, source_key, token_dtype
 from nemo_plugins.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def write_chat_tokens(conversations: Iterable[EncodedChat], prefix: str | Path, 
     ends with its own end-of-turn) plus ``<prefix>.mask``, one uint8 per token; atomic renames at the end."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    dtype = _dtype(vocab_size)
+    dtype = token_dtype(vocab_size)
     suffixes = (".bin", MASK_SUFFIX, ".idx", ".json")
     partial = {s: prefix.with_name(f".{prefix.name}{s}.{os.getpid()}.partial") for s in suffixes}
     starts, assistant_tokens = [0], 0
@@ -171,16 +171,7 @@ class ChatMix:
     """``DataMix``'s surface for conversations: ``next_rows`` / ``heldout_rows`` also return the target mask."""
 
     def __init__(self, sources: list[ChatSource], heldout_fraction: float, pad_id: int) -> None:
-        if not sources:
-            raise ConfigError("chat mix has no sources")
-        if not 0.0 <= heldout_fraction < 1.0:
-            raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {heldout_fraction}")
-        names = [s.name for s in sources]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"data source names must be unique, got {names}")
-        for s in sources:
-            if s.weight <= 0:
-                raise ConfigError(f"data source {s.name!r} has weight {s.weight}; weights must be > 0")
+        check_sources({s.name: s.weight for s in sources} if sources else {}, heldout_fraction, len(sources))
         self.sources = sources
         self.pad_id = pad_id
         self.train_end = {s.name: int(len(s.data) * (1.0 - heldout_fraction)) for s in sources}
@@ -199,7 +190,7 @@ class ChatMix:
                     f"the chat mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
                     "add conversations or lower the stage's token budget"
                 )
-            source, k = min(ready, key=lambda sk: ((cursor.rows.get(sk[0].name, 0) + 1) / sk[0].weight, sk[0].name))
+            source, k = min(ready, key=lambda sk: round_robin_order(cursor, sk[0].name, sk[0].weight))
             *row, k = self._row(source.data, k, self.train_end[source.name], seq_len)
             built.append(row)
             cursor.offsets[source.name] = int(source.data.starts[k])

@@ -80,18 +80,27 @@ def build_mix(tokenizer, sources: list[SourceSpec], cache_dir: str, heldout_frac
                     for s in sources], heldout_fraction)
 
 
+def check_sources(weights: dict[str, float], heldout_fraction: float, count: int) -> None:
+    """A mix needs sources with unique names and positive weights, and a held-out fraction in [0, 1)."""
+    if not count:
+        raise ConfigError("the data mix has no sources")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if len(weights) != count:
+        raise ConfigError(f"data source names must be unique, got {count} sources named {sorted(weights)}")
+    for name, weight in weights.items():
+        if weight <= 0:
+            raise ConfigError(f"data source {name!r} has weight {weight}; weights must be > 0")
+
+
+def round_robin_order(cursor: Cursor, name: str, weight: float) -> tuple[float, str]:
+    """Smooth weighted round robin: the source furthest behind its share of rows goes next (ties by name)."""
+    return (cursor.rows.get(name, 0) + 1) / weight, name
+
+
 class DataMix:
     def __init__(self, sources: list[MixSource], heldout_fraction: float = 0.02) -> None:
-        if not sources:
-            raise ConfigError("data mix has no sources")
-        if not 0.0 <= heldout_fraction < 1.0:
-            raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {heldout_fraction}")
-        names = [s.name for s in sources]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"data source names must be unique, got {names}")
-        for s in sources:
-            if s.weight <= 0:
-                raise ConfigError(f"data source {s.name!r} has weight {s.weight}; weights must be > 0")
+        check_sources({s.name: s.weight for s in sources}, heldout_fraction, len(sources))
         self.sources = sources
         self.train_end = {s.name: int(len(s.file) * (1.0 - heldout_fraction)) for s in sources}
 
@@ -102,7 +111,7 @@ class DataMix:
                 f"the data mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
                 "add data or lower the stage's token budget"
             )
-        return min(open_sources, key=lambda s: ((cursor.rows.get(s.name, 0) + 1) / s.weight, s.name))
+        return min(open_sources, key=lambda s: round_robin_order(cursor, s.name, s.weight))
 
     def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, Cursor]:
         """``rows`` training rows of ``seq_len`` tokens with per-document positions, and the advanced cursor."""

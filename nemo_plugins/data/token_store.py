@@ -24,7 +24,7 @@ from nemo_plugins.data.text_files import iter_documents, resolve
 from nemo_plugins.errors import ConfigError
 
 
-def _dtype(vocab_size: int) -> np.dtype:
+def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
@@ -32,7 +32,7 @@ def write_token_file(documents: Iterable[list[int]], prefix: str | Path, vocab_s
     """Write documents (lists of ids) as a token file; returns it opened."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    dtype = _dtype(vocab_size)
+    dtype = token_dtype(vocab_size)
     starts = [0]
     tmp_bin, tmp_idx, tmp_json = (prefix.with_name(prefix.name + s + ".partial") for s in (".bin", ".idx", ".json"))
     with open(tmp_bin, "wb") as out:
