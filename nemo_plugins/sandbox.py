@@ -21,6 +21,9 @@ session and a temporary working directory deleted afterwards, with a minimal env
   at most ``output_bytes`` of each stream while reading and kills the process group when the program ends, at
   the wall-clock limit or past the output limit.
 
+Programs may fork and start threads (within ``nproc``) but not run other programs; multiprocessing's pools and
+locks fail under Landlock (their semaphores live in /dev/shm).
+
 A set-up step that fails where the host offers it stops the run (status ``sandbox_error``); one the host does not
 offer (an old kernel, a container's seccomp profile) is left out of ``isolation``.
 
