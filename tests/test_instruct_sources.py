@@ -15,14 +15,16 @@ import pytest
 
 from nemo_plugins.data import instruct_sources as src
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.generation.tools import ToolCall, default_tools
 
 ROLES = {"system", "user", "assistant", "tool"}
-STEP = re.compile(r"^(?P<label>[^:]+): (?P<lhs>.+) = (?P<rhs>-?\d+(?:/\d+)?)$")
+EXACT = r"-?\d+(?:\.\d+|/\d+)?"  # an integer, a terminating decimal or p/q: no "≈ decimal"
+STEP = re.compile(rf"^(?P<label>[^:]+): (?P<lhs>.+) = (?P<rhs>{EXACT})$")
 
 
 def exact(expression: str) -> Fraction:
-    """Naive reference: Python's own evaluator over Fractions (every integer literal wrapped)."""
-    return eval(re.sub(r"\d+", lambda m: f"Fraction({m.group()})", expression), {"Fraction": Fraction})
+    """Naive reference: Python's own evaluator over Fractions (every number literal wrapped, decimals as written)."""
+    return eval(re.sub(r"\d+(?:\.\d+)?", lambda m: f"Fraction('{m.group()}')", expression), {"Fraction": Fraction})
 
 
 def check_conversation(record: dict) -> None:
@@ -69,10 +71,13 @@ def test_stdlib_code_same_bytes(tmp_path, stdlib_records):
 def test_arithmetic_answers_are_exact():
     records = list(src.arithmetic(400, 0))
     assert {r["meta"]["kind"] for r in records} == set(src.WORD_PROBLEM_TEMPLATES)
+    answers = [r["meta"]["answer"] for r in records]
+    assert any("." in a for a in answers) and any("/" in a for a in answers)  # both non-integer forms are checked
     for record in records:
         check_conversation(record)
         question, solution = record["messages"][0]["content"], record["messages"][1]["content"]
         meta = record["meta"]
+        assert re.fullmatch(EXACT, meta["answer"]), meta["answer"]
         answer = Fraction(meta["answer"])
         assert exact(meta["expression"]) == answer
         *steps, last = solution.splitlines()
@@ -87,8 +92,12 @@ def test_arithmetic_answers_are_exact():
         assert set(re.findall(r"\d+", meta["expression"])) - {"60", "100"} <= given, (question, meta["expression"])
 
 
-def test_arithmetic_tools_calls_return_the_exact_result():
+def test_arithmetic_tools_messages_are_what_the_calculator_returns():
+    """Each tool message is the real tool's answer to the call before it, and its exact part is the step's value."""
+    registry = default_tools()
+    calculator_schema = next(s for s in registry.schemas() if s["function"]["name"] == "calculator")
     records = list(src.arithmetic_tools(150, 0))
+    approximated = 0
     for record in records:
         check_conversation(record)
         messages = record["messages"]
@@ -100,22 +109,18 @@ def test_arithmetic_tools_calls_return_the_exact_result():
             assert tool_call["type"] == "function" and tool_call["function"]["name"] == "calculator"
             expression = tool_call["function"]["arguments"]["expression"]
             reply = messages[messages.index(call) + 1]
-            assert Fraction(reply["content"]) == exact(expression)
+            result = registry.call(ToolCall("calculator", tool_call["function"]["arguments"]))
+            assert result.ok and reply["content"] == result.content
+            value, *approximation = reply["content"].split(" ≈ ")
+            assert Fraction(value) == exact(expression)
+            approximated += bool(approximation)
         assert exact(calls[-1]["tool_calls"][0]["function"]["arguments"]["expression"]) == Fraction(
             record["meta"]["answer"])
         assert messages[-1]["content"].endswith(f"Answer: {record['meta']['answer']}")
-        assert record["tools"][0]["function"]["name"] == "calculator"
+        assert record["tools"] == [calculator_schema]
+    assert approximated  # the p/q ≈ decimal answers of the real tool are in the training data
     questions = {r["messages"][1]["content"] for r in records}
     assert not questions & {r["messages"][0]["content"] for r in src.arithmetic(150, 0)}
-
-
-def test_evaluate_is_exact_and_refuses_code():
-    assert src.evaluate("0.1 + 0.2") == Fraction(3, 10)
-    assert src.evaluate("-(7 // 2) % 5 / 4") == Fraction(2, 4)
-    assert src.format_value(src.evaluate("3 / (7/2)")) == "6/7"
-    for bad in ("__import__('os')", "2 ** 10", "x + 1", "1 +"):
-        with pytest.raises(ValueError):
-            src.evaluate(bad)
 
 
 def test_stdlib_code_answers_are_the_named_functions(stdlib_records):

@@ -19,6 +19,7 @@ from nemo_plugins.generation.tools import (
     ToolResult,
     default_tools,
     evaluate,
+    format_exact,
     format_number,
 )
 from nemo_plugins.sandbox import SandboxLimits
@@ -71,6 +72,22 @@ def test_registry_division_by_zero_answers_in_one_line():
 ])
 def test_format_number(value, text):
     assert format_number(value) == text
+
+
+@pytest.mark.parametrize("value, text", [
+    (Fraction(42), "42"), (Fraction(-5, 2), "-2.5"), (Fraction(3, 1000), "0.003"), (Fraction(-1, 80), "-0.0125"),
+    (Fraction(1, 3), "1/3"), (Fraction(-22, 7), "-22/7"),
+])
+def test_format_exact(value, text):
+    assert format_exact(value) == text
+
+
+def test_format_exact_reads_back_as_the_same_fraction():
+    rng = random.Random(0)
+    for _ in range(500):
+        value = Fraction(rng.randint(-10**6, 10**6), rng.choice([2, 5, 3, 7]) ** rng.randint(0, 6))
+        text = format_exact(value)
+        assert Fraction(text) == value and ("/" in text) == (value.denominator % 3 == 0 or value.denominator % 7 == 0)
 
 
 @pytest.mark.parametrize("expression, text", [

@@ -13,10 +13,18 @@ system / user / assistant / tool) from real material shipped with the interprete
   ``meta`` for math rewards;
 * ``arithmetic_tools``: the same problems solved by calling the ``calculator`` tool once per step.
 
+The arithmetic is the real ``calculator`` tool's (``nemo_plugins.generation.tools``), not a second evaluator:
+every step is computed by ``tools.evaluate`` on the operation the solution line shows, every tool message is what
+the registry's ``calculator`` returns for that very call (an integer, an exact decimal, or ``p/q ≈ decimal``),
+and the tool schema is the registry's, so the model trains on the tool outputs it will see at run time. Answers
+and solution lines are written with ``tools.format_exact`` (an integer, a terminating decimal, or ``p/q``, never
+the ``≈`` approximation) so that a math verifier parses them exactly; the problems keep answers such as 7/3.
+
 ``materialize("arithmetic?count=2000&seed=0", cache_dir)`` writes a source once, atomically, and returns the
-JSONL path; the file name carries a digest of this module and of the interpreter's version, so a change to either
-builds a new file instead of reusing a stale one. The held-out split is the mix's job. HumanEval is never a source
-here: it is for evaluation (a test checks that none of its problems appears in ``stdlib_code``).
+JSONL path; the file name carries a digest of this module, of the calculator tool and of the interpreter's
+version, so a change to any of them builds a new file instead of reusing a stale one. The held-out split is the
+mix's job. HumanEval is never a source here: it is for evaluation (a test checks that none of its problems appears
+in ``stdlib_code``).
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import hashlib
 import json
 import keyword
 import math
-import operator
 import os
 import platform
 import random
@@ -41,44 +48,19 @@ from typing import Callable, Iterator
 from urllib.parse import parse_qsl
 
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.generation import tools
 
 # --------------------------------------------------------------------------------------------- exact arithmetic
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-_SYMBOLS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
-            "//": operator.floordiv, "%": operator.mod}
+_TOOLS = tools.default_tools()
 
 
-def evaluate(expression: str) -> Fraction:
-    """The exact value of an arithmetic expression (numbers, ``+ - * / // %``, parentheses, unary signs).
-
-    This is the calculator tool's semantics: decimals are read as written (``0.1`` is 1/10) and nothing is
-    rounded, so a tool result can be checked against a generated problem's answer with ``==``; no ``eval``.
-    """
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError as err:
-        raise ValueError(f"not an arithmetic expression: {expression!r}") from err
-    return _value(tree.body, expression)
-
-
-def _value(node: ast.expr, expression: str) -> Fraction:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return Fraction(node.value)
-    if isinstance(node, ast.Constant) and type(node.value) is float:
-        return Fraction(ast.get_source_segment(expression.strip(), node))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        value = _value(node.operand, expression)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_value(node.left, expression), _value(node.right, expression))
-    raise ValueError(f"{expression!r}: only numbers, + - * / // %, parentheses and signs are allowed")
-
-
-def format_value(value: Fraction) -> str:
-    """``42`` or ``7/2``: the exact form answers and tool results are written in."""
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+def _calculate(operation: str) -> Fraction:
+    """The calculator's exact value of one step; these problems never leave the rationals."""
+    value = tools.evaluate(operation)
+    if not isinstance(value, Fraction):
+        raise ValueError(f"{operation!r} is not rational: word problems need exact answers")
+    return value
 
 
 @dataclass(frozen=True)
@@ -96,8 +78,8 @@ class Quantity:
 
     def combine(self, symbol: str, other: "Quantity | int") -> "Quantity":
         other = other if isinstance(other, Quantity) else Quantity.given(other)
-        return Quantity(_SYMBOLS[symbol](self.value, other.value), f"({self.expression} {symbol} {other.expression})",
-                        f"{_operand(self.value)} {symbol} {_operand(other.value)}")
+        operation = f"{_operand(self.value)} {symbol} {_operand(other.value)}"
+        return Quantity(_calculate(operation), f"({self.expression} {symbol} {other.expression})", operation)
 
     def __add__(self, other: "Quantity | int") -> "Quantity":
         return self.combine("+", other)
@@ -119,9 +101,9 @@ class Quantity:
 
 
 def _operand(value: Fraction) -> str:
-    """A value inside an operation: parenthesised when a fraction or negative, so ``3 / (7/2)`` reads right."""
-    text = format_value(value)
-    return f"({text})" if value.denominator != 1 or value < 0 else text
+    """A value inside an operation: parenthesised when ``p/q`` or negative, so ``3 / (7/3)`` reads right."""
+    text = tools.format_exact(value)
+    return f"({text})" if "/" in text or value < 0 else text
 
 
 # ------------------------------------------------------------------------------------------------ word problems
@@ -146,8 +128,8 @@ class WordProblem:
 
     def solution(self) -> str:
         """One ``label: operation = value`` line per step, then ``Answer: <value>``."""
-        lines = [f"{label}: {q.operation} = {format_value(q.value)}" for label, q in self.steps]
-        return "\n".join(lines + [f"Answer: {format_value(self.answer)}"])
+        lines = [f"{label}: {q.operation} = {tools.format_exact(q.value)}" for label, q in self.steps]
+        return "\n".join(lines + [f"Answer: {tools.format_exact(self.answer)}"])
 
 
 _NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Keiko", "Liam",
@@ -270,7 +252,7 @@ def word_problems(count: int, seed: int = 0, stream: str = "word_problems") -> I
 
 
 def _problem_meta(problem: WordProblem, source: str) -> dict:
-    return {"source": source, "kind": problem.kind, "answer": format_value(problem.answer),
+    return {"source": source, "kind": problem.kind, "answer": tools.format_exact(problem.answer),
             "expression": problem.expression}
 
 
@@ -282,26 +264,23 @@ def arithmetic(count: int | None, seed: int) -> Iterator[dict]:
                "meta": _problem_meta(problem, "arithmetic")}
 
 
-CALCULATOR_TOOL = {"type": "function", "function": {
-    "name": "calculator",
-    "description": "Evaluate an arithmetic expression exactly (numbers, + - * / // %, parentheses); "
-                   "returns an integer or a fraction such as 7/2.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+CALCULATOR_TOOL = next(schema for schema in _TOOLS.schemas() if schema["function"]["name"] == "calculator")
 _TOOL_SYSTEM = ("You are a careful assistant. Use the calculator tool for every arithmetic step; it returns exact "
                 "results. End with a line 'Answer: <value>'.")
 
 
 def arithmetic_tools(count: int | None, seed: int) -> Iterator[dict]:
-    """The same kind of problems, one calculator call per step, each followed by the tool's exact result."""
+    """The same kind of problems, one calculator call per step, each followed by what the tool returns for it."""
     for problem in word_problems(count or 0, seed, stream="arithmetic_tools"):
         messages = [{"role": "system", "content": _TOOL_SYSTEM}, {"role": "user", "content": problem.question}]
         for number, (label, quantity) in enumerate(problem.steps):
-            call_id = f"call{number:05d}"
+            call_id, arguments = f"call{number:05d}", {"expression": quantity.operation}
             messages.append({"role": "assistant", "content": f"{label}:", "tool_calls": [
-                {"id": call_id, "type": "function",
-                 "function": {"name": "calculator", "arguments": {"expression": quantity.operation}}}]})
-            messages.append({"role": "tool", "name": "calculator", "tool_call_id": call_id,
-                             "content": format_value(evaluate(quantity.operation))})
+                {"id": call_id, "type": "function", "function": {"name": "calculator", "arguments": arguments}}]})
+            result = _TOOLS.call(tools.ToolCall("calculator", arguments))
+            if not result.ok:
+                raise RuntimeError(f"the calculator refused a generated step {arguments}: {result.content}")
+            messages.append({"role": "tool", "name": "calculator", "tool_call_id": call_id, "content": result.content})
         messages.append({"role": "assistant", "content": problem.solution()})
         yield {"messages": messages, "tools": [CALCULATOR_TOOL], "meta": _problem_meta(problem, "arithmetic_tools")}
 
@@ -552,8 +531,10 @@ class BuiltinRequest:
         return cls(name, values.get("count", default), values.get("seed", 0))
 
     def file_name(self) -> str:
-        """Name of the cached JSONL: the request plus a digest of this module and the interpreter's version."""
-        digest = hashlib.sha256(Path(__file__).read_bytes() + platform.python_version().encode()).hexdigest()[:12]
+        """Name of the cached JSONL: the request plus a digest of this module, of the calculator tool whose
+        results it writes, and of the interpreter's version."""
+        sources = Path(__file__).read_bytes() + Path(tools.__file__).read_bytes()
+        digest = hashlib.sha256(sources + platform.python_version().encode()).hexdigest()[:12]
         return f"{self.name}-{self.count or 'all'}-seed{self.seed}-{digest}.jsonl"
 
 

@@ -267,10 +267,9 @@ def _bounded(value: Number | int) -> Number:
     return value
 
 
-def format_number(value: Number) -> str:
-    """Integers as integers, terminating fractions as exact decimals, others as ``p/q ≈ decimal``."""
-    if isinstance(value, float):
-        return repr(value)
+def format_exact(value: Fraction) -> str:
+    """Integers as integers, terminating fractions as exact decimals, others as ``p/q``: the exact part of
+    ``format_number``, for answers that a verifier parses (no approximation appended)."""
     if value.denominator == 1:
         return str(value.numerator)
     twos, fives, rest = 0, 0, value.denominator
@@ -278,10 +277,20 @@ def format_number(value: Number) -> str:
         rest, twos = rest // 2, twos + 1
     while rest % 5 == 0:
         rest, fives = rest // 5, fives + 1
-    if rest == 1:
-        places = max(twos, fives)
-        digits = str(abs(value.numerator) * 10 ** places // value.denominator).rjust(places + 1, "0")
-        return f"{'-' if value < 0 else ''}{digits[:-places]}.{digits[-places:]}"
+    if rest != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)
+    digits = str(abs(value.numerator) * 10 ** places // value.denominator).rjust(places + 1, "0")
+    return f"{'-' if value < 0 else ''}{digits[:-places]}.{digits[-places:]}"
+
+
+def format_number(value: Number) -> str:
+    """``format_exact`` for Fractions, with ``≈ decimal`` after a ``p/q`` so the model sees its size too."""
+    if isinstance(value, float):
+        return repr(value)
+    exact = format_exact(value)
+    if "/" not in exact:
+        return exact
     with decimal.localcontext(prec=17):
         approximate = decimal.Decimal(value.numerator) / decimal.Decimal(value.denominator)
-    return f"{value.numerator}/{value.denominator} ≈ {approximate}"
+    return f"{exact} ≈ {approximate}"
