@@ -40,6 +40,7 @@ class ChatSampleSettings:
 
     prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
+    tools: bool = False  # offer the default tools (calculator, sandboxed Python) and run the calls the model makes
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
