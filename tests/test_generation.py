@@ -267,3 +267,15 @@ def test_smollm2_kv_cache_greedy_equals_full_recomputation():
     eos = tokenizer.eos_token_id
     first = references[0][: references[0].index(eos) + 1] if eos in references[0] else references[0]
     assert greedy_generate(model, tokenizer, texts[0], 24) == tokenizer.decode(first)
+
+
+def test_backends_are_chosen_by_name_and_megatrons_needs_a_gpu():
+    from nemo_plugins.generation import build_backend
+
+    model = ScriptedModel({})
+    assert isinstance(build_backend("torch", model), TorchEngine)
+    with pytest.raises(ConfigError, match="generation.backend"):
+        build_backend("vllm", model)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="generation.backend=megatron needs CUDA"):
+            build_backend("megatron", model)

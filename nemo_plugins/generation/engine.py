@@ -79,10 +79,6 @@ class Response:
     finish_reason: str = ""
     loop: LoopVerdict | None = None
 
-    @property
-    def looped(self) -> bool:
-        return self.loop is not None
-
 
 class GenerationBackend(Protocol):
     def generate(self, requests: Sequence[Request], tool_hook: ToolHook | None = None) -> list[Response]:

@@ -17,6 +17,8 @@ kernels ignore explicit masks, so with a TE model a batch only holds prompts of 
 
 Tool output returned by the hook is fed one token per decode step (the row's sampled logits are ignored
 until it is consumed), so rows never get holes. Finished rows leave the batch: their cache rows are dropped.
+The cache is allocated up front per batch: 2 x layers x batch x (longest prompt + largest max_new_tokens) x
+kv heads per TP rank x head_dim values in the model's dtype; ``max_batch_size`` bounds it.
 
 Tensor parallelism: each rank computes its vocabulary slice of the last position's logits and the slices
 are all-gathered ([batch, vocab] fp32 per step), so every rank samples the same token from the same
