@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from nemo_plugins.distill.step import DistillationStep
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.generation.torch_engine import check_layout, generation_layout
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.rl.sft_kd import check_tokenizers
 from nemo_plugins.train.config import TrainSettings
@@ -119,3 +121,11 @@ def test_sft_recipe_lowers_assistant_kl_and_a_sigkill_resumes_bit_identically(ch
     resumed = json.loads((interrupted / "manifest.json").read_text())
     assert resumed["eval"] == manifest["eval"] and resumed["cursor_end"] == manifest["cursor_end"]
     assert resumed["samples"] == manifest["samples"]
+
+
+@pytest.mark.parametrize("training", [ParallelConfig(tp=8, cp=8, sequence_parallel=True), ParallelConfig(tp=2, pp=4)])
+def test_samples_and_exports_load_in_a_layout_the_generation_engine_runs(training):
+    layout = generation_layout(training)
+    assert layout.tp == training.tp
+    check_layout(types.SimpleNamespace(pipeline_model_parallel_size=layout.pp, context_parallel_size=layout.cp,
+                                       sequence_parallel=layout.sequence_parallel))

@@ -30,6 +30,7 @@ from nemo_plugins.distill.stage import DistillStage, long_context_eval, run_stag
 from nemo_plugins.distributed import initialize
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.eval.generate import greedy_generate
+from nemo_plugins.generation.torch_engine import generation_layout
 from nemo_plugins.manifest import read_json, read_manifest, write_json_atomic
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval, prune_stage_config, run_prune_stage
@@ -103,9 +104,11 @@ def distill_child(inputs: CascadeInputs, plan: CascadePlan, stage: DistillStage,
 
 
 def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: str, hf_dir: Path):
-    """Load ``checkpoint`` in ``stage``'s layout and write it as a Hugging Face directory; returns the model."""
-    initialize(plan.layout(stage), inputs.seed)
-    config, model = load_model(megatron_source(checkpoint), plan.layout(stage), inputs.dtype)
+    """Load ``checkpoint`` in the generation layout of ``stage`` (its TP, no PP / CP / SP: the export samples
+    from it) and write it as a Hugging Face directory; returns the model."""
+    layout = generation_layout(plan.layout(stage))
+    initialize(layout, inputs.seed)
+    config, model = load_model(megatron_source(checkpoint), layout, inputs.dtype)
     state = gather_hf_state(model, config)
     if dist.get_rank() == 0:
         hf_io.write_model_dir(state, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir))

@@ -37,11 +37,17 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from nemo_plugins.distributed import device
+from nemo_plugins.distributed import ParallelConfig, device
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.generation.engine import Request, Response, ToolHook
 from nemo_plugins.generation.loops import NgramCounter, no_stop
 from nemo_plugins.generation.sampling import choose_tokens, request_generator
+
+
+def generation_layout(parallel: ParallelConfig) -> ParallelConfig:
+    """The layout to load a model in for generation: the training layout's tensor parallelism, one pipeline
+    stage, no context or sequence parallelism (what ``check_layout`` accepts)."""
+    return ParallelConfig(tp=parallel.tp)
 
 
 def check_layout(config) -> None:

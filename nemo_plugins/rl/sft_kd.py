@@ -25,9 +25,10 @@ from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distill.stage import check_teacher_student
 from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
-from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, typed
 from nemo_plugins.eval.chat_samples import chat_samples
+from nemo_plugins.generation.torch_engine import generation_layout
 from nemo_plugins.manifest import write_manifest
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 
@@ -79,6 +80,16 @@ def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:
                           "(stage.sft_kd.teacher)")
 
 
+def sample_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype, chat_format: ChatFormat,
+                 stage: SFTStage) -> list[dict]:
+    """Chat samples of ``source``, loaded in the generation layout of ``parallel`` (the engine decodes one token
+    per step: no pipeline, context or sequence parallelism), so any training layout can report samples."""
+    layout = generation_layout(parallel)
+    initialize(layout, stage.train.seed)
+    _, model = load_model(source, layout, dtype)
+    return chat_samples(model, chat_format, stage.sample)
+
+
 def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: ModelSource, chat: ChatMix,
                   chat_format: ChatFormat, tokenizer_dir: Path, teacher_tokenizer_dir: Path, cursor: Cursor,
                   out_dir: Path, parallel: ParallelConfig, manifest_extra: dict | None = None) -> dict:
@@ -92,12 +103,14 @@ def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: 
     if chat_format.vocab_size > s_config.vocab_size:
         raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
                           f"vocabulary has {s_config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+    samples = {"before": sample_model(student_source, parallel, dtype, chat_format, stage)}
+    initialize(parallel, stage.train.seed)
     _, teacher_model = load_model(teacher_source, parallel, dtype)
     _, student = load_model(student_source, parallel, dtype, fp8=stage.train.fp8)
-    samples = {"before": chat_samples(student, chat_format, stage.sample)}
     result = train_with_distillation(student, s_config, Teacher(teacher_model), chat, stage.train, stage.optimizer,
                                      stage.kl, out_dir, cursor, tokenizer_dir, stage.name)
-    samples["after"] = chat_samples(student, chat_format, stage.sample)
+    del teacher_model, student
+    samples["after"] = sample_model(ModelSource("megatron", result["checkpoint"]), parallel, dtype, chat_format, stage)
     manifest = {
         **(manifest_extra or {}),
         "stage": stage.name,
