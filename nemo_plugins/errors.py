@@ -56,3 +56,7 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"dtype={name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+class CheckpointError(ValueError):
+    """An unreadable or inconsistent checkpoint: a damaged or missing file, or pickled code where data belongs."""

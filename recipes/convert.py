@@ -4,7 +4,9 @@
     python -m recipes.convert --src hf:/data/Mistral-Small-3.1-24B --to-megatron ckpt --tp 8   # under torchrun
     python -m recipes.convert --src megatron:runs/parent/megatron --to-hf runs/parent/hf
 
-Megatron checkpoints are megatron-core dist_checkpointing directories, loadable at any TP/PP.
+Megatron checkpoints are megatron-core dist_checkpointing directories, loadable at any TP/PP. The output path must
+be new, an empty directory, or (with --overwrite) an earlier output of the same kind written by this project;
+anything else is refused before the model is read, and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 
 import torch.distributed as dist
 
-from nemo_plugins.convert import hf_io, megatron_checkpoint
+from nemo_plugins.convert import hf_io, megatron_checkpoint, output_dir
 from nemo_plugins.convert.model_io import gather_hf_state
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-shard-gb", type=float, default=4.0, help="HF safetensors shard size")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this project there")
     return parser.parse_args(argv)
 
 
@@ -45,16 +48,19 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
     source = ModelSource.parse(args.src)
+    output_dir.claim(args.to_megatron or args.to_hf, "megatron" if args.to_megatron else "hf", args.overwrite)
     initialize(parallel)
     config, model = load_model(source, parallel, torch_dtype(args.dtype))
     tokenizer = tokenizer_dir(source)
     if args.to_megatron:
-        out = megatron_checkpoint.save_model(model, config, args.to_megatron, tokenizer_dir=tokenizer)
+        out = megatron_checkpoint.save_model(model, config, args.to_megatron, tokenizer_dir=tokenizer,
+                                             overwrite=args.overwrite)
     else:
         state = gather_hf_state(model, config)
         out = args.to_hf
         if dist.get_rank() == 0:
-            hf_io.write_model_dir(state, config, out, max_shard_bytes=int(args.max_shard_gb * 2**30), extra_files=tokenizer_files(tokenizer))
+            hf_io.write_model_dir(state, config, out, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                                  extra_files=tokenizer_files(tokenizer), overwrite=args.overwrite)
         dist.barrier()
     summary = {
         "src": args.src,

@@ -1,17 +1,17 @@
-"""Read and write Hugging Face model directories (config.json + safetensors, sharded with an index)."""
+"""Read and write Hugging Face model directories (config.json + safetensors, sharded with an index); written ones
+carry the project's record (``output_dir``), so an export never replaces a folder it did not write."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nemo_plugins.convert import output_dir
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 
@@ -59,11 +59,16 @@ def write_model_dir(
     out_dir: str | Path,
     max_shard_bytes: int = 4 * 2**30,
     extra_files: dict[str, Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write config.json + safetensors (sharded past ``max_shard_bytes``) atomically: temp dir, then rename."""
+    """Write config.json + safetensors (sharded past ``max_shard_bytes``) atomically: temp dir, then rename.
+
+    An existing ``out_dir`` is replaced only if it is an earlier export of this project and ``overwrite`` is set
+    (``output_dir.claim``); a failure before the rename leaves it as it was.
+    """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    output_dir.claim(out_dir, "hf", overwrite)
+    tmp = output_dir.temp_sibling(out_dir)
     try:
         hf_config = config.to_hf()
         dtypes = {t.dtype for t in state.values()}
@@ -90,9 +95,8 @@ def write_model_dir(
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         for name, src in (extra_files or {}).items():
             shutil.copy(src, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        output_dir.write_record(tmp, "hf", output_dir.digests(tmp, output_dir.listed_files(tmp)))
+        output_dir.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,7 @@ from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distributed import device
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
-from nemo_plugins.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nemo_plugins.train.checkpoint import intact_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.metrics import MetricsLog
 from nemo_plugins.train.optimizer import build_optimizer, wrap_for_training
@@ -147,7 +147,7 @@ class TrainingRun:
         checkpoints = Path(self.out_dir) / "checkpoints"
 
         step, cursor, nonfinite_in_a_row = 0, cursor_start, 0
-        resume_from = latest_checkpoint(checkpoints)
+        resume_from = intact_checkpoint(checkpoints)  # the newest one whose files match their record
         if resume_from is not None:
             state = load_checkpoint(resume_from, self.model, optimizer)
             if state["cursor_start"] != cursor_start.to_dict():
