@@ -1,7 +1,14 @@
-"""The one Hydra entry point shape every recipe shares: compose conf/<name>.yaml, log, run, tear down."""
+"""The one Hydra entry point shape every recipe shares: compose conf/<name>.yaml, log, run, tear down.
+
+The project's own errors (``nemo_plugins.errors.ProjectError``: a bad config, unusable data, a damaged checkpoint,
+a NaN, a full disk, a busy output folder) say everything in their message, so they print as ONE line on stderr
+and exit with code 2, caught here before Hydra would wrap them in a traceback; ``HYDRA_FULL_ERROR=1`` shows the
+traceback. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -10,10 +17,17 @@ import hydra
 from omegaconf import DictConfig
 
 from nemo_plugins.distributed import shutdown
+from nemo_plugins.errors import ProjectError
 from nemo_plugins.logs import setup_logging
 from nemo_plugins.train.loop import Preempted
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ERROR_EXIT_CODE = 2
+
+
+def one_line(err: ProjectError) -> str:
+    """``ConfigError: <message>`` with any line breaks of the message folded."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def hydra_entry(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -25,6 +39,11 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], object]) -> Callab
         except Preempted as stop:  # a checkpoint was written: exit with the code a job script reads as "requeue"
             print(stop, file=sys.stderr)
             sys.exit(stop.exit_code)
+        except ProjectError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(one_line(err), file=sys.stderr)
+            sys.exit(ERROR_EXIT_CODE)
         finally:
             shutdown()
 

@@ -14,7 +14,7 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.model.config import MistralConfig
 
 _NAME_MAP = {
@@ -59,7 +59,11 @@ def read_gguf(path: str | Path) -> tuple[MistralConfig, dict[str, torch.Tensor]]
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"GGUF file {path} not found")
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as err:  # what gguf raises on a truncated or foreign file
+        raise DataError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err}; {path.stat().st_size} bytes): "
+                        "the file is damaged or truncated, download it again") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ConfigError(f"{path.name}: GGUF architecture {arch!r} is not supported (llama only)")

@@ -1,4 +1,6 @@
-"""Perplexity of a (TP/PP/DP-parallel) megatron model on token windows, through megatron's schedules."""
+"""Perplexity of a (TP/PP/DP-parallel) megatron model on token windows, through megatron's schedules.
+
+A non-finite result is an error naming the non-finite weights (if any), never a ``nan`` in a report."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from nemo_plugins.distributed import device
+from nemo_plugins.errors import DataError, NonFiniteError
 from nemo_plugins.model.forward import forward_only
 
 
@@ -28,7 +31,7 @@ def token_windows(tokenizer, documents: Iterable[tuple[str, str]], seq_len: int,
             break
     n = min(max_windows, len(stream) // (seq_len + 1))
     if n == 0:
-        raise ValueError(f"only {len(stream)} tokens of text: fewer than one window of {seq_len + 1}")
+        raise DataError(f"only {len(stream)} tokens of text: fewer than one window of {seq_len + 1}")
     return torch.tensor(stream[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
 
 
@@ -69,4 +72,10 @@ def evaluate_perplexity(model: torch.nn.Module, windows: torch.Tensor, micro_bat
             totals[0] += out["nll_sum"]
             totals[1] += out["tokens"]
     dist.all_reduce(totals)
-    return PerplexityResult(tokens=int(totals[1].item()), mean_nll=(totals[0] / totals[1]).item())
+    result = PerplexityResult(tokens=int(totals[1].item()), mean_nll=(totals[0] / totals[1]).item())
+    if not math.isfinite(result.mean_nll):
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        raise NonFiniteError(f"the mean NLL over {result.tokens} tokens is {result.mean_nll}: "
+                             + (f"the model holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+                                if bad else "the logits overflow (try dtype=float32)"))
+    return result
