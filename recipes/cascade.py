@@ -5,7 +5,9 @@
     python -m recipes.cascade ablations=[kl_ce_mix,random_init]
     torchrun ... -m recipes.cascade cascade=ministral3 until=ministral3_14b/distill_short   (see slurm/)
 
-Running the same command again skips finished stages and resumes an interrupted one.
+Running the same command again skips finished stages and resumes an interrupted one; a stage finished or
+checkpointed with other settings is refused, naming them, before anything is written (resume_with_changes=true:
+unfinished stages continue with the new settings, finished ones are kept as they are).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from nemo_plugins.data.mix import build_mix, source_specs
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distill.stage import DistillStage
 from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, torch_dtype, typed
+from nemo_plugins.errors import ConfigError, checked, torch_dtype, typed
+from nemo_plugins.output_lock import output_lock
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval
 from nemo_plugins.rl.sft_kd import SFTStage
@@ -78,9 +81,6 @@ def run(cfg: DictConfig) -> dict:
     tok_dir = tokenizer_dir(parent)
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, parent_config)
-    if dist.get_rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     chat_format = load_chat_format(cfg.chat_data.format, tok_dir) if plan.sft is not None else None
     inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction),
                            tokenizer=tokenizer, tokenizer_dir=tok_dir, prune_options=prune_options,
@@ -89,14 +89,17 @@ def run(cfg: DictConfig) -> dict:
                            seed=plan.short.train.seed, chat_format=chat_format,
                            chat=None if chat_format is None else build_chat_mix(
                                chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir,
-                               cfg.chat_data.heldout_fraction))
-    results = run_cascade(inputs, plan)
-    finished = plan.until is None
-    tables = run_ablations(inputs, plan, results) if finished else []
-    parent_long = parent_long_context(inputs, plan) if finished else None
-    if dist.get_rank() == 0:
-        report = write_report(results, out_dir, parent_config.num_parameters(), cfg.cascade.name, tables, parent_long)
-        print(f"cascade {cfg.cascade.name}: report at {report}")
+                               cfg.chat_data.heldout_fraction),
+                           resolved_config=OmegaConf.to_yaml(cfg, resolve=True),
+                           resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
+    with output_lock(out_dir):
+        results = run_cascade(inputs, plan)
+        finished = plan.until is None
+        tables = run_ablations(inputs, plan, results) if finished else []
+        parent_long = parent_long_context(inputs, plan) if finished else None
+        if dist.get_rank() == 0:
+            report = write_report(results, out_dir, parent_config.num_parameters(), cfg.cascade.name, tables, parent_long)
+            print(f"cascade {cfg.cascade.name}: report at {report}")
     return results
 
 

@@ -5,7 +5,9 @@
         cursor=runs/distill/distill_short/manifest.json
     torchrun --nproc-per-node 2 -m recipes.distill parallel.tp=2 student=...
 
-Running the same command again after a kill resumes from the newest checkpoint under output_dir.
+Running the same command again after a kill resumes from the newest checkpoint under output_dir; with other
+settings it is refused, naming them, unless resume_with_changes=true (they then apply from the resumed step). A
+finished stage is skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from nemo_plugins.data.mix import build_mix, cursor_from_manifest, source_specs
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distill.stage import DistillStage, run_stage
 from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError, checked, typed
+from nemo_plugins.output_lock import output_lock
 from recipes._entry import hydra_entry
 
 
@@ -45,8 +48,10 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, teacher_config)
     mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction)
-    return run_stage(stage, teacher_source, student_source, mix, tokenizer, tok_dir, cursor_from_manifest(cfg.cursor),
-                     Path(cfg.output_dir), parallel)
+    cursor = cursor_from_manifest(cfg.cursor, mix.identity())
+    with output_lock(cfg.output_dir):
+        return run_stage(stage, teacher_source, student_source, mix, tokenizer, tok_dir, cursor, Path(cfg.output_dir),
+                         parallel, resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
 
 
 main = hydra_entry("distill", run)

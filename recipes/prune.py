@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_plugins.convert.sources import ModelSource, declared_architecture
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, torch_dtype, typed
+from nemo_plugins.output_lock import output_lock
 from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget
 from nemo_plugins.prune.stage import CalibrationData, PruneEval, run_prune_stage
 from recipes._entry import hydra_entry
@@ -32,10 +33,11 @@ def run(cfg: DictConfig) -> dict:
     dtype = torch_dtype(cfg.dtype)
     source = ModelSource.parse(cfg.model.source)
     initialize(parallel)
-    manifest = run_prune_stage(source, target, options, calibration, evaluation, Path(cfg.output_dir), parallel, dtype,
-                               declared_architecture(cfg.model.architecture))
-    if dist.get_rank() == 0:
-        (Path(cfg.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with output_lock(cfg.output_dir):
+        manifest = run_prune_stage(source, target, options, calibration, evaluation, Path(cfg.output_dir), parallel,
+                                   dtype, declared_architecture(cfg.model.architecture))
+        if dist.get_rank() == 0:
+            (Path(cfg.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return manifest["report"]
 
 

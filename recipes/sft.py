@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 2 -m recipes.sft parallel.tp=2 student=...
 
 The teacher is ``stage.sft_kd.teacher``, else ``model.source`` (the parent). Running the same command again after
-a kill resumes from the newest checkpoint under output_dir.
+a kill resumes from the newest checkpoint under output_dir; with other settings it is refused, naming them, unless
+resume_with_changes=true. A finished stage is skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
 from nemo_plugins.data.mix import cursor_from_manifest, source_specs
 from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError, checked, typed
+from nemo_plugins.output_lock import output_lock
 from nemo_plugins.rl.sft_kd import SFTStage, run_sft_stage
 from recipes._entry import hydra_entry
 
@@ -37,8 +39,10 @@ def run(cfg: DictConfig) -> dict:
     student_tokenizer = tokenizer_dir(student)
     chat_format = load_chat_format(cfg.chat_data.format, student_tokenizer)
     chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir, cfg.chat_data.heldout_fraction)
-    return run_sft_stage(stage, teacher, student, chat, chat_format, student_tokenizer, tokenizer_dir(teacher),
-                         cursor_from_manifest(cfg.chat_cursor), Path(cfg.output_dir), parallel)
+    cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
+    with output_lock(cfg.output_dir):
+        return run_sft_stage(stage, teacher, student, chat, chat_format, student_tokenizer, tokenizer_dir(teacher),
+                             cursor, Path(cfg.output_dir), parallel, resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
 
 
 main = hydra_entry("sft", run)

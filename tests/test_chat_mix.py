@@ -11,7 +11,7 @@ from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
 from nemo_plugins.data.mix import Cursor, SourceSpec
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 
 SEQ_LEN = 160
 LONG = {4, 13}  # conversations written longer than SEQ_LEN
@@ -97,7 +97,7 @@ def test_heldout_is_disjoint_from_everything_training_reads_and_long_ones_are_co
     assert stats["dropped"] == len(LONG) and stats["dropped_train"] == len(LONG)  # both long ones are in the first 15
     assert (stats["conversations"], stats["train_conversations"], stats["heldout_conversations"]) == (20, 15, 5)
     trained, cursor = [], Cursor()
-    with pytest.raises(ConfigError, match="chat mix is exhausted after .* training tokens"):
+    with pytest.raises(DataError, match="chat mix is exhausted after .* training tokens"):
         while True:
             tokens, positions, targets, cursor = mix.next_rows(cursor, rows=1, seq_len=SEQ_LEN)
             trained += [tuple(t) for t, _ in row_conversations(tokens[0], positions[0], targets[0], chatml.pad_id)[0]]

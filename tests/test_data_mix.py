@@ -5,7 +5,7 @@ import torch
 
 from nemo_plugins.data.mix import Cursor, DataMix, MixSource
 from nemo_plugins.data.token_store import write_token_file
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import DataError
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_positions_restart_per_document(mix):
 
 
 def test_exhaustion_is_an_error_not_a_repeat(mix):
-    with pytest.raises(ConfigError, match="exhausted after .* training tokens"):
+    with pytest.raises(DataError, match="exhausted after .* training tokens"):
         mix.next_rows(Cursor(), rows=10_000, seq_len=16)
 
 

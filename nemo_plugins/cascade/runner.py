@@ -4,15 +4,16 @@ when post-training is on, the long-context base goes through SFT with logit dist
 own cursor also runs once across all children).
 
 Every stage writes ``<run>/<child>/<stage>/`` and, last, its ``manifest.json``: re-running skips stages that have
-one and resumes the one that does not from its newest checkpoint.
+one and resumes the one that does not from its newest checkpoint. Check first, write after: a stage finished (or
+checkpointed) with another fingerprint is refused before anything is written, the data is checked against what
+the whole cascade will read before the first stage, and ``resolved_config.yaml`` is written by the first step of
+this invocation that does work (a refused or all-skipped rerun leaves it as it was).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,14 +25,14 @@ from nemo_plugins.convert.model_io import gather_hf_state
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
-from nemo_plugins.data.mix import Cursor, DataMix
+from nemo_plugins.data.mix import Cursor, DataMix, check_data_budget
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distill.stage import DistillStage, long_context_eval, run_stage
 from nemo_plugins.distributed import initialize
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import DataError
 from nemo_plugins.eval.generate import greedy_generate
 from nemo_plugins.generation.torch_engine import generation_layout
-from nemo_plugins.manifest import read_json, read_manifest, write_json_atomic
+from nemo_plugins.manifest import finished_stage, read_json, write_json_atomic
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval, prune_stage_config, run_prune_stage
 from nemo_plugins.rl.sft_kd import run_sft_stage
@@ -39,6 +40,7 @@ from nemo_plugins.rl.sft_kd import run_sft_stage
 logger = logging.getLogger(__name__)
 
 HF_EXPORT = "hf"
+RESOLVED_CONFIG = "resolved_config.yaml"
 SAMPLE = "sample.json"
 EXPORTED = "export.json"
 INSTRUCT_SFT = "instruct_sft"
@@ -63,44 +65,68 @@ class CascadeInputs:
     seed: int
     chat: ChatMix | None = None  # the SFT conversations, when post-training is on
     chat_format: ChatFormat | None = None
+    resolved_config: str | None = None  # the run's config as YAML, written by the first step that does work
+    resume_with_changes: bool = False
+    config_recorded: bool = field(default=False, init=False)
+
+
+def record_config(inputs: CascadeInputs) -> None:
+    """Write ``resolved_config.yaml`` once per invocation, when the first step starts work (not before: a rerun
+    refused for a changed config must leave the record of the run that did the work)."""
+    if inputs.config_recorded or inputs.resolved_config is None:
+        return
+    inputs.config_recorded = True
+    if dist.get_rank() == 0:
+        inputs.out_dir.mkdir(parents=True, exist_ok=True)
+        (inputs.out_dir / RESOLVED_CONFIG).write_text(inputs.resolved_config)
 
 
 def megatron_source(checkpoint: str) -> ModelSource:
     return ModelSource("megatron", str(checkpoint))
 
 
-def finished_stage(stage_dir: Path, config: dict) -> dict | None:
-    """The manifest of a stage finished earlier with this same config; a different config is an error, never
-    a silent reuse (the user changed something: a new output_dir, or delete that stage's directory)."""
-    done = read_manifest(stage_dir)
-    if done is None:
-        return None
-    if json.loads(json.dumps(config)) != done.get("config"):
-        raise ConfigError(f"{stage_dir} was finished with a different stage config than this run's; use another "
-                          f"output_dir, or delete {stage_dir} (and the stages after it) to redo it")
-    logger.info("%s: finished earlier, skipped", stage_dir)
-    return done
+def check_data_budget_of_cascade(inputs: CascadeInputs, plan: CascadePlan) -> None:
+    """Before the first stage: the text mix holds the tokens every distillation stage up to ``until`` reads (a bound:
+    each stage's exact check, at its own row length, comes when it starts), and the chat mix every SFT row (exact:
+    the SFT stages of all children read rows of one length from one continuing cursor)."""
+    stages = plan.order()[: plan.order().index(plan.until) + 1] if plan.until else plan.order()
+    text = sum(plan.training_stage(s).train.steps * plan.training_stage(s).train.tokens_per_step
+               for _, s in stages if s in ("distill_short", "distill_long"))
+    available = inputs.mix.train_tokens_left(Cursor())
+    if text > available:
+        raise DataError(f"the cascade's distillation stages read {text} training tokens but the data mix's training "
+                        f"split holds {available} (single pass, no repetition): add data or lower the stages' "
+                        "train_tokens (or token_scale)")
+    sft = [s for _, s in stages if s == "sft_kd"]
+    if sft:
+        check_data_budget(inputs.chat, Cursor(), len(sft) * plan.sft.train.steps * plan.sft.train.global_batch_size,
+                          plan.sft.train.seq_len, "stage.sft_kd.train.train_tokens (or token_scale)")
 
 
 def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, parent: ModelSource, stage_dir: Path) -> dict:
-    done = finished_stage(stage_dir, prune_stage_config(child.target, inputs.prune_options, inputs.calibration,
-                                                        inputs.prune_eval))
+    fingerprint = {"stage": prune_stage_config(child.target, inputs.prune_options, inputs.calibration, inputs.prune_eval),
+                   "parent": str(parent)}
+    done = finished_stage(stage_dir, fingerprint, inputs.resume_with_changes)
     if done is not None:
         return done
+    record_config(inputs)
     initialize(plan.layout("prune"), inputs.seed)
     return run_prune_stage(parent, child.target, inputs.prune_options, inputs.calibration, inputs.prune_eval, stage_dir,
-                           plan.layout("prune"), inputs.dtype, manifest_extra={"child": child.name, "input": str(parent)})
+                           plan.layout("prune"), inputs.dtype,
+                           manifest_extra={"child": child.name, "input": str(parent), "fingerprint": fingerprint})
 
 
 def distill_child(inputs: CascadeInputs, plan: CascadePlan, stage: DistillStage, child: ChildSpec, student: ModelSource,
                   cursor: Cursor, stage_dir: Path) -> dict:
-    done = finished_stage(stage_dir, dataclasses.asdict(stage))
-    if done is not None:
-        return done
     parallel = plan.layout(stage.name)
-    initialize(parallel, stage.train.seed)
+
+    def start() -> None:
+        record_config(inputs)
+        initialize(parallel, stage.train.seed)
+
     return run_stage(stage, inputs.parent, student, inputs.mix, inputs.tokenizer, inputs.tokenizer_dir, cursor, stage_dir,
-                     parallel, manifest_extra={"child": child.name, "input": str(student)})
+                     parallel, manifest_extra={"child": child.name, "input": str(student)},
+                     resume_with_changes=inputs.resume_with_changes, before_work=start)
 
 
 def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: str, hf_dir: Path):
@@ -121,6 +147,7 @@ def export_child(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, chil
     finished = read_json(sample_path)
     if finished is not None:
         return finished
+    record_config(inputs)
     model = _write_hf(inputs, plan, checkpoint, "distill_long", child_dir / HF_EXPORT)
     sample = {"prompt": inputs.sample_prompt, "completion": greedy_generate(model, inputs.tokenizer, inputs.sample_prompt,
                                                                             inputs.sample_tokens),
@@ -135,15 +162,13 @@ def sft_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, base: 
               stage_dir: Path) -> dict:
     """SFT with logit distillation of the child's long-context base, then its Hugging Face export."""
     stage = plan.sft
-    done = finished_stage(stage_dir, dataclasses.asdict(stage))
-    if done is None:
-        parallel = plan.layout("sft_kd")
-        initialize(parallel, stage.train.seed)
-        teacher = stage.teacher_source(inputs.parent)
-        done = run_sft_stage(stage, teacher, base, inputs.chat, inputs.chat_format, inputs.tokenizer_dir,
-                             tokenizer_dir(teacher), cursor, stage_dir, parallel,
-                             manifest_extra={"child": child.name, "input": str(base)})
+    teacher = stage.teacher_source(inputs.parent)
+    done = run_sft_stage(stage, teacher, base, inputs.chat, inputs.chat_format, inputs.tokenizer_dir,
+                         tokenizer_dir(teacher), cursor, stage_dir, plan.layout("sft_kd"),
+                         manifest_extra={"child": child.name, "input": str(base)},
+                         resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
     if read_json(stage_dir / EXPORTED) is None:
+        record_config(inputs)
         _write_hf(inputs, plan, done["checkpoint"], "sft_kd", stage_dir / HF_EXPORT)
         if dist.get_rank() == 0:
             write_json_atomic(stage_dir / EXPORTED, {"hf_dir": str(stage_dir / HF_EXPORT)})
@@ -159,6 +184,7 @@ def parent_long_context(inputs: CascadeInputs, plan: CascadePlan) -> dict | None
     finished = read_json(path)
     if finished is not None:
         return finished
+    record_config(inputs)
     initialize(plan.layout("distill_long"), inputs.seed)
     _, model = load_model(inputs.parent, plan.layout("distill_long"), inputs.dtype)
     result = long_context_eval(model, inputs.tokenizer, plan.long)
@@ -170,6 +196,7 @@ def parent_long_context(inputs: CascadeInputs, plan: CascadePlan) -> dict | None
 
 def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
     """All stages in order (or up to ``plan.until``); returns every stage's manifest per child."""
+    check_data_budget_of_cascade(inputs, plan)
     results: dict[str, dict] = {}
     cursor, chat_cursor = Cursor(), Cursor()
     parent = inputs.parent

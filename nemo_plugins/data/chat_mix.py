@@ -35,7 +35,7 @@ from nemo_plugins.data.chat import ChatFormat, EncodedChat
 from nemo_plugins.data.instruct_sources import materialize
 from nemo_plugins.data.mix import Cursor, SourceSpec, check_sources, round_robin_order
 from nemo_plugins.data.token_store import TokenFile, source_key, token_dtype
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ChatTokens:
         self.file = TokenFile(prefix)
         self.mask = np.memmap(self.file.prefix.with_name(self.file.prefix.name + MASK_SUFFIX), dtype=np.uint8, mode="r")
         if len(self.mask) != len(self.file):
-            raise ConfigError(f"chat token file {prefix}: {len(self.mask)} mask bytes for {len(self.file)} tokens")
+            raise DataError(f"chat token file {prefix}: {len(self.mask)} mask bytes for {len(self.file)} tokens")
         self.starts = self.file.starts
         self.lengths = np.diff(self.starts)
 
@@ -173,6 +173,7 @@ class ChatMix:
     def __init__(self, sources: list[ChatSource], heldout_fraction: float, pad_id: int) -> None:
         check_sources({s.name: s.weight for s in sources} if sources else {}, heldout_fraction, len(sources))
         self.sources = sources
+        self.heldout_fraction = heldout_fraction
         self.pad_id = pad_id
         self.train_end = {s.name: int(len(s.data) * (1.0 - heldout_fraction)) for s in sources}
         self._reported: set[int] = set()
@@ -186,7 +187,7 @@ class ChatMix:
             ready = [(s, k) for s in self.sources
                      if (k := _next_fitting(s.data, self._index(s, cursor), self.train_end[s.name], seq_len)) is not None]
             if not ready:
-                raise ConfigError(
+                raise DataError(
                     f"the chat mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
                     "add conversations or lower the stage's token budget"
                 )
@@ -196,6 +197,23 @@ class ChatMix:
             cursor.offsets[source.name] = int(source.data.starts[k])
             cursor.rows[source.name] = cursor.rows.get(source.name, 0) + 1
         return (*_stack(built), cursor)
+
+    def identity(self) -> dict:
+        """What a cursor's offsets refer to: per source its weight, conversation count and token-file key."""
+        return {"kind": "chat", "heldout_fraction": self.heldout_fraction,
+                "sources": {s.name: {"weight": s.weight, "conversations": len(s.data), "key": s.data.file.metadata.get("key")}
+                            for s in self.sources}}
+
+    def rows_left(self, cursor: Cursor, seq_len: int, limit: int) -> int:
+        """Training rows of ``seq_len`` still available from ``cursor``, counted up to ``limit`` (exact: each source
+        packs its own rows, and the round robin only skips sources with no conversation left that fits)."""
+        left = 0
+        for source in self.sources:
+            k, end = self._index(source, cursor), self.train_end[source.name]
+            while left < limit and (k := _next_fitting(source.data, k, end, seq_len)) is not None:
+                k = _pack(source.data.lengths, k, end, seq_len)[1]
+                left += 1
+        return left
 
     def heldout_rows(self, seq_len: int, max_rows_per_source: int) -> Rows:
         """Evaluation rows packed from the held-out conversations of every source (never part of training)."""
@@ -239,7 +257,7 @@ class ChatMix:
         offset = cursor.offsets.get(source.name, 0)
         k = int(np.searchsorted(source.data.starts, offset))
         if k >= len(source.data.starts) or source.data.starts[k] != offset:
-            raise ConfigError(f"cursor offset {offset} of source {source.name!r} is not a conversation boundary: "
+            raise DataError(f"cursor offset {offset} of source {source.name!r} is not a conversation boundary: "
                               "the cursor was written for other data")
         return k
 
@@ -249,21 +267,30 @@ class ChatMix:
         positions = np.empty(seq_len, dtype=np.int64)
         targets = np.zeros(seq_len, dtype=np.float32)
         used = 0
-        while k < end:
-            length = int(data.lengths[k])
-            if length > seq_len:
-                k += 1
-                continue
-            if used + length > seq_len:
-                break
-            begin = int(data.starts[k])
+        packed, next_k = _pack(data.lengths, k, end, seq_len)
+        for k in packed:
+            length, begin = int(data.lengths[k]), int(data.starts[k])
             tokens[used : used + length] = data.file.tokens[begin : begin + length]
             positions[used : used + length] = np.arange(length)
             targets[used : used + length - 1] = data.mask[begin + 1 : begin + length]
             used += length
-            k += 1
         positions[used:] = np.arange(seq_len - used)
-        return tokens, positions, targets, k
+        return tokens, positions, targets, next_k
+
+
+def _pack(lengths: np.ndarray, k: int, end: int, seq_len: int) -> tuple[list[int], int]:
+    """The conversations one row takes from ``k`` on (``end`` excluded): whole ones in order, longer-than-row
+    ones skipped, until the next does not fit; and the next unread conversation."""
+    taken, used = [], 0
+    while k < end:
+        length = int(lengths[k])
+        if length <= seq_len:
+            if used + length > seq_len:
+                break
+            taken.append(k)
+            used += length
+        k += 1
+    return taken, k
 
 
 def _next_fitting(data: ChatTokens, k: int, end: int, seq_len: int) -> int | None:

@@ -5,19 +5,24 @@ depends only on the cursor (smooth weighted round robin: the source furthest beh
 so a run resumed from a saved cursor reads exactly what an uninterrupted run would have, and the next stage
 (or child) continues where the previous one stopped: no token is read twice. The last ``heldout_fraction``
 of every source is never handed out for training; it is the evaluation split.
+
+A cursor belongs to the mix that wrote it: a stage's manifest records the mix's ``identity`` (sources, weights,
+the token files' keys), and a cursor from another mix is refused (its offsets would re-read, or skip, data).
+Because every row is ``seq_len`` tokens of one source and the round robin only ever skips exhausted sources, the
+rows a mix can still supply are known exactly without reading it (``rows_left``), so a stage checks its budget
+before the first step.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from nemo_plugins.data.token_store import TokenFile, tokenize_to_file
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError, DataError, typed
+from nemo_plugins.manifest import changed_keys, describe_changes, read_json
 
 
 @dataclass
@@ -62,14 +67,32 @@ def source_specs(node) -> list[SourceSpec]:
     return [typed(SourceSpec, s, f"data.sources[{i}]") for i, s in enumerate(values)]
 
 
-def cursor_from_manifest(path: str | None) -> Cursor:
-    """The data cursor a previous stage ended at (its manifest's ``cursor_end``); the data's start if none."""
+def cursor_from_manifest(path: str | None, identity: dict, key: str = "cursor") -> Cursor:
+    """The data cursor a previous stage ended at (its manifest's ``cursor_end``); the data's start if none. The
+    manifest must come from a stage that read this same mix (``identity``): offsets are only meaningful there."""
     if not path:
         return Cursor()
-    manifest = Path(path)
-    if not manifest.is_file():
-        raise ConfigError(f"cursor={path}: no such manifest (a finished stage writes <output_dir>/manifest.json)")
-    return Cursor.from_dict(json.loads(manifest.read_text())["cursor_end"])
+    manifest = read_json(path)
+    if manifest is None:
+        raise ConfigError(f"{key}={path}: no such manifest (a finished stage writes <output_dir>/manifest.json)")
+    if "cursor_end" not in manifest:
+        raise ConfigError(f"{key}={path} is not a training stage's manifest (no cursor_end)")
+    recorded = manifest.get("fingerprint", {}).get("data")
+    if recorded != identity:
+        found = describe_changes(changed_keys(recorded or {}, identity)) if recorded else "it records no data mix"
+        raise ConfigError(f"{key}={path} was written for another data mix ({found}): a cursor continues only the mix "
+                          f"that wrote it; use that stage's data settings, or leave {key} unset to start at the beginning")
+    return Cursor.from_dict(manifest["cursor_end"])
+
+
+def check_data_budget(data, cursor: Cursor, rows: int, seq_len: int, budget_key: str) -> None:
+    """Before the first step: ``data`` (a ``DataMix`` or ``ChatMix``) can supply ``rows`` training rows of
+    ``seq_len`` from ``cursor``, or the stage is refused now rather than when the data runs out."""
+    left = data.rows_left(cursor, seq_len, rows)
+    if left < rows:
+        raise DataError(f"the data holds {left} more training rows of {seq_len} tokens after the {cursor.tokens()} "
+                        f"tokens already read, but the stage needs {rows} (single pass, no repetition): add data or "
+                        f"lower {budget_key}")
 
 
 def build_mix(tokenizer, sources: list[SourceSpec], cache_dir: str, heldout_fraction: float) -> "DataMix":
@@ -102,16 +125,33 @@ class DataMix:
     def __init__(self, sources: list[MixSource], heldout_fraction: float = 0.02) -> None:
         check_sources({s.name: s.weight for s in sources}, heldout_fraction, len(sources))
         self.sources = sources
+        self.heldout_fraction = heldout_fraction
         self.train_end = {s.name: int(len(s.file) * (1.0 - heldout_fraction)) for s in sources}
 
     def _pick(self, cursor: Cursor, seq_len: int) -> MixSource:
         open_sources = [s for s in self.sources if cursor.offsets.get(s.name, 0) + seq_len <= self.train_end[s.name]]
         if not open_sources:
-            raise ConfigError(
+            raise DataError(
                 f"the data mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
                 "add data or lower the stage's token budget"
             )
         return min(open_sources, key=lambda s: round_robin_order(cursor, s.name, s.weight))
+
+    def identity(self) -> dict:
+        """What a cursor's offsets refer to: per source its weight, token count and token-file key."""
+        return {"kind": "text", "heldout_fraction": self.heldout_fraction,
+                "sources": {s.name: {"weight": s.weight, "tokens": len(s.file), "key": s.file.metadata.get("key")}
+                            for s in self.sources}}
+
+    def rows_left(self, cursor: Cursor, seq_len: int, limit: int | None = None) -> int:
+        """Training rows of ``seq_len`` still available from ``cursor`` (exact: each source gives whole rows until
+        its training split is used up, and the round robin only skips used-up sources). The count is cheap here;
+        ``limit`` (where counting may stop) matters for ``ChatMix``, which counts by packing conversations."""
+        return sum(max(0, self.train_end[s.name] - cursor.offsets.get(s.name, 0)) // seq_len for s in self.sources)
+
+    def train_tokens_left(self, cursor: Cursor) -> int:
+        """Training-split tokens not yet read: an upper bound of what stages of any row length can still read."""
+        return sum(max(0, self.train_end[s.name] - cursor.offsets.get(s.name, 0)) for s in self.sources)
 
     def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, Cursor]:
         """``rows`` training rows of ``seq_len`` tokens with per-document positions, and the advanced cursor."""
@@ -137,7 +177,7 @@ class DataMix:
                     break
                 rows.append(_row(s.file, begin, seq_len))
         if not rows:
-            raise ConfigError(f"held-out split holds fewer than {seq_len} tokens per source: raise data.heldout_fraction")
+            raise DataError(f"held-out split holds fewer than {seq_len} tokens per source: raise data.heldout_fraction")
         return torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
 
 

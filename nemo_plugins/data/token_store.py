@@ -21,7 +21,8 @@ from typing import Iterable
 import numpy as np
 
 from nemo_plugins.data.text_files import iter_documents, resolve
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
+from nemo_plugins.manifest import read_json
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -45,7 +46,7 @@ def write_token_file(documents: Iterable[list[int]], prefix: str | Path, vocab_s
             out.write(ids.astype(dtype).tobytes())
             starts.append(starts[-1] + len(ids))
     if len(starts) == 1:
-        raise ConfigError(f"no non-empty documents for token file {prefix}")
+        raise DataError(f"no non-empty documents for token file {prefix}")
     np.asarray(starts, dtype=np.int64).tofile(tmp_idx)
     tmp_json.write_text(json.dumps({**metadata, "vocab_size": vocab_size, "eos_id": eos_id, "dtype": dtype.name,
                                     "documents": len(starts) - 1, "tokens": starts[-1]}, indent=2))
@@ -62,14 +63,21 @@ class TokenFile:
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix)
-        meta_path = self.prefix.with_name(self.prefix.name + ".json")
-        if not meta_path.is_file():
-            raise ConfigError(f"token file {self.prefix} not found (no {meta_path.name})")
-        self.metadata = json.loads(meta_path.read_text())
-        self.tokens = np.memmap(self.prefix.with_name(self.prefix.name + ".bin"), dtype=self.metadata["dtype"], mode="r")
-        self.starts = np.fromfile(self.prefix.with_name(self.prefix.name + ".idx"), dtype=np.int64)
-        if len(self.tokens) != self.starts[-1]:
-            raise ConfigError(f"token file {self.prefix} is truncated: {len(self.tokens)} tokens, index says {self.starts[-1]}")
+        meta_path, bin_path, idx_path = (self.prefix.with_name(self.prefix.name + s) for s in (".json", ".bin", ".idx"))
+        self.metadata = read_json(meta_path)
+        if self.metadata is None:
+            raise DataError(f"token file {self.prefix} not found (no {meta_path.name})")
+        fix = f"delete {self.prefix}.* to rebuild it from the source files"
+        missing = [p.name for p in (bin_path, idx_path) if not p.is_file()]
+        if missing or not isinstance(self.metadata, dict) or "dtype" not in self.metadata:
+            raise DataError(f"token file {self.prefix} is damaged ({', '.join(missing) or meta_path.name} "
+                            f"{'missing' if missing else 'has no dtype'}): {fix}")
+        self.tokens = np.memmap(bin_path, dtype=self.metadata["dtype"], mode="r") if bin_path.stat().st_size else \
+            np.zeros(0, dtype=self.metadata["dtype"])
+        self.starts = np.fromfile(idx_path, dtype=np.int64)
+        if not len(self.starts) or len(self.tokens) != self.starts[-1]:
+            raise DataError(f"token file {self.prefix} is truncated: {len(self.tokens)} tokens, index says "
+                            f"{self.starts[-1] if len(self.starts) else 'nothing'}: {fix}")
 
     def __len__(self) -> int:
         return len(self.tokens)

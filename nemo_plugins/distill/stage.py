@@ -1,5 +1,9 @@
 """One distillation stage (short- or long-context) from config to artefacts: teacher + student loading,
-optional context extension, the training run, long-context evaluation before and after, a manifest."""
+optional context extension, the training run, long-context evaluation before and after, a manifest.
+
+Before anything is loaded the stage checks what it can: a finished stage with the same fingerprint is skipped,
+one with other settings (or a checkpoint written with them) is refused naming the keys, and the data must hold
+every row the stage will read."""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from nemo_plugins.convert.sources import ModelSource, load_model, source_config
-from nemo_plugins.data.mix import Cursor, DataMix
+from nemo_plugins.data.mix import Cursor, DataMix, check_data_budget
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.distill.context import ContextExtension
 from nemo_plugins.distill.kl_loss import KLOptions
@@ -26,6 +31,7 @@ from nemo_plugins.eval.perplexity import token_windows
 from nemo_plugins.manifest import write_manifest
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
+from nemo_plugins.train.facts import RunFacts, check_stage_dir, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +88,46 @@ def long_context_eval(model, tokenizer, stage: DistillStage) -> dict:
                                         spec.passkey_samples)}
 
 
+def stage_facts(stage: DistillStage, teacher_source: ModelSource, student_source: ModelSource, data) -> dict:
+    """What a distillation stage adds to the loop's fingerprint (``train/facts.py``): loss and context settings,
+    both models' sources, the data mix's identity (``data``: a ``DataMix`` or a ``ChatMix``)."""
+    return {"stage": {"name": stage.name, "kl": dataclasses.asdict(stage.kl),
+                      "context": dataclasses.asdict(stage.context) if stage.context is not None else None},
+            "teacher": str(teacher_source), "student": str(student_source), "data": data.identity()}
+
+
+def prepare_stage(name: str, train: TrainSettings, optimizer: OptimizerSettings, facts: dict, data, cursor: Cursor,
+                  out_dir: Path, resume_with_changes: bool,
+                  before_work: Callable[[], None] | None) -> tuple[RunFacts, dict | None]:
+    """The checks every training stage makes before it loads anything; returns the loop's ``RunFacts`` and the
+    manifest of the stage if it finished earlier (then it is skipped)."""
+    done = check_stage_dir(out_dir, run_fingerprint(train, optimizer, cursor, facts), resume_with_changes)
+    if done is None:
+        check_data_budget(data, cursor, train.steps * train.global_batch_size, train.seq_len,
+                          f"the train_tokens of stage {name}")
+        if before_work is not None:
+            before_work()
+    return RunFacts(facts, resume_with_changes), done
+
+
 def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: ModelSource, mix: DataMix, tokenizer,
               tokenizer_dir: Path, cursor: Cursor, out_dir: Path, parallel: ParallelConfig,
-              manifest_extra: dict | None = None) -> dict:
+              manifest_extra: dict | None = None, resume_with_changes: bool = False,
+              before_work: Callable[[], None] | None = None) -> dict:
     """Train ``student_source`` against ``teacher_source`` from ``cursor``; returns the stage's manifest.
 
-    The student's newest checkpoint (``manifest["checkpoint"]``) is the stage's output model.
+    The student's newest checkpoint (``manifest["checkpoint"]``) is the stage's output model. ``before_work`` runs
+    once the checks have passed, before anything is loaded or written (the cascade records its config there).
     """
     started = time.monotonic()
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
     s_config = student_config(stage, student_source)
     t_config = source_config(teacher_source)
     check_teacher_student(t_config, s_config)
+    facts, done = prepare_stage(stage.name, stage.train, stage.optimizer, stage_facts(stage, teacher_source, student_source, mix),
+                                mix, cursor, out_dir, resume_with_changes, before_work)
+    if done is not None:
+        return done
     _, teacher_model = load_model(teacher_source, parallel, dtype)
     _, student = load_model(student_source, parallel, dtype, config=s_config, fp8=stage.train.fp8)
     teacher = Teacher(teacher_model)
@@ -101,7 +135,7 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     if stage.long_eval is not None:
         long_context["before"] = long_context_eval(student, tokenizer, stage)
     result = train_with_distillation(student, s_config, teacher, mix, stage.train, stage.optimizer, stage.kl, out_dir,
-                                     cursor, tokenizer_dir, stage.name)
+                                     cursor, tokenizer_dir, stage.name, facts)
     if stage.long_eval is not None:
         long_context["after"] = long_context_eval(student, tokenizer, stage)
     manifest = {

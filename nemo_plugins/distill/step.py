@@ -22,6 +22,7 @@ from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.parallel_ops import flatten_tokens, full_sequence, sum_from_last_stage, tp_group
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
+from nemo_plugins.train.facts import RunFacts
 from nemo_plugins.train.loop import DataStream, TrainingRun
 
 
@@ -81,9 +82,11 @@ class DistillationStep:
 
 def train_with_distillation(student: torch.nn.Module, student_config: MistralConfig, teacher: Teacher, data: DataStream,
                             train: TrainSettings, optimizer: OptimizerSettings, kl: KLOptions, out_dir: Path,
-                            cursor: Cursor, tokenizer_dir: Path | None = None, name: str = "distill") -> dict:
+                            cursor: Cursor, tokenizer_dir: Path | None = None, name: str = "distill",
+                            facts: RunFacts | None = None) -> dict:
     """The training loop with the distillation step, evaluated on ``data``'s held-out rows (KL and both
-    perplexities; assistant tokens only when the data is a chat mix). Returns the loop's result."""
+    perplexities; assistant tokens only when the data is a chat mix). ``facts``: the stage's fingerprint (see
+    ``train/facts.py``). Returns the loop's result."""
     heldout = data.heldout_rows(train.seq_len, train.eval_rows_per_source)
     tokens, positions, *target_mask = heldout
 
@@ -91,5 +94,5 @@ def train_with_distillation(student: torch.nn.Module, student_config: MistralCon
         return evaluate_heldout(student, teacher, tokens, positions, train.micro_batch_size, kl.chunk_tokens,
                                 target_mask[0] if target_mask else None)
 
-    run = TrainingRun(student, student_config, train, optimizer, Path(out_dir), tokenizer_dir, name)
+    run = TrainingRun(student, student_config, train, optimizer, Path(out_dir), tokenizer_dir, name, facts or RunFacts())
     return run.run(DistillationStep(teacher, kl, train), data, evaluate, cursor)

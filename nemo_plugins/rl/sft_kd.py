@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.kl_loss import KLOptions
-from nemo_plugins.distill.stage import check_teacher_student
+from nemo_plugins.distill.stage import check_teacher_student, prepare_stage
 from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig, initialize
@@ -90,11 +91,21 @@ def sample_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dty
     return chat_samples(model, chat_format, stage.sample)
 
 
+def stage_facts(stage: SFTStage, teacher_source: ModelSource, student_source: ModelSource, chat: ChatMix,
+                chat_format: ChatFormat) -> dict:
+    """What an SFT stage adds to the loop's fingerprint (``train/facts.py``): loss settings, both models' sources,
+    the chat format and the chat mix's identity (chat samples are a report, not part of the trajectory)."""
+    return {"stage": {"name": stage.name, "kl": dataclasses.asdict(stage.kl)}, "teacher": str(teacher_source),
+            "student": str(student_source), "chat_format": chat_format.name, "data": chat.identity()}
+
+
 def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: ModelSource, chat: ChatMix,
                   chat_format: ChatFormat, tokenizer_dir: Path, teacher_tokenizer_dir: Path, cursor: Cursor,
-                  out_dir: Path, parallel: ParallelConfig, manifest_extra: dict | None = None) -> dict:
+                  out_dir: Path, parallel: ParallelConfig, manifest_extra: dict | None = None,
+                  resume_with_changes: bool = False, before_work: Callable[[], None] | None = None) -> dict:
     """Train ``student_source`` on the chat mix ``chat`` against ``teacher_source``; returns the stage's manifest
-    (its ``checkpoint`` is the instruct model)."""
+    (its ``checkpoint`` is the instruct model). ``before_work`` runs once the checks have passed, before anything
+    is loaded or written; a finished stage with the same fingerprint is returned as it is."""
     started = time.monotonic()
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
     s_config, t_config = source_config(student_source), source_config(teacher_source)
@@ -103,12 +114,17 @@ def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: 
     if chat_format.vocab_size > s_config.vocab_size:
         raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
                           f"vocabulary has {s_config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+    facts, done = prepare_stage(stage.name, stage.train, stage.optimizer,
+                                stage_facts(stage, teacher_source, student_source, chat, chat_format), chat, cursor,
+                                out_dir, resume_with_changes, before_work)
+    if done is not None:
+        return done
     samples = {"before": sample_model(student_source, parallel, dtype, chat_format, stage)}
     initialize(parallel, stage.train.seed)
     _, teacher_model = load_model(teacher_source, parallel, dtype)
     _, student = load_model(student_source, parallel, dtype, fp8=stage.train.fp8)
     result = train_with_distillation(student, s_config, Teacher(teacher_model), chat, stage.train, stage.optimizer,
-                                     stage.kl, out_dir, cursor, tokenizer_dir, stage.name)
+                                     stage.kl, out_dir, cursor, tokenizer_dir, stage.name, facts)
     del teacher_model, student
     samples["after"] = sample_model(ModelSource("megatron", result["checkpoint"]), parallel, dtype, chat_format, stage)
     manifest = {

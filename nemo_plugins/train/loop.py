@@ -18,7 +18,7 @@ import fnmatch
 import logging
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -27,10 +27,12 @@ import torch.distributed as dist
 
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distributed import device
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, NonFiniteError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.checkpoint import intact_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
+from nemo_plugins.train.disk_space import checkpoint_bytes, space_for_checkpoint
+from nemo_plugins.train.facts import RunFacts, resume_changes, run_fingerprint
 from nemo_plugins.train.metrics import MetricsLog
 from nemo_plugins.train.optimizer import build_optimizer, wrap_for_training
 
@@ -45,7 +47,7 @@ REQUEUE_EXIT_CODE = 75
 SAVE_SIGNALS = (signal.SIGUSR1,)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """Too many steps in a row had a NaN/inf loss or gradient; the last checkpoint is still clean."""
 
 
@@ -136,6 +138,7 @@ class TrainingRun:
     out_dir: Path
     tokenizer_dir: Path | None = None
     name: str = "train"
+    facts: RunFacts = field(default_factory=RunFacts)
 
     def run(self, step_fn: StepFunction, data: DataStream, evaluate: Evaluate, cursor_start: Cursor) -> dict:
         frozen = freeze_parameters(self.model, list(self.train.frozen_parameters))
@@ -145,14 +148,20 @@ class TrainingRun:
         ddp, distributed = wrap_for_training(self.model)
         optimizer, scheduler = build_optimizer(ddp, self.optimizer, total_steps, distributed)
         checkpoints = Path(self.out_dir) / "checkpoints"
+        fingerprint = run_fingerprint(self.train, self.optimizer, cursor_start, self.facts.fingerprint)
+        history: list[dict] = []
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
         step, cursor, nonfinite_in_a_row = 0, cursor_start, 0
         resume_from = intact_checkpoint(checkpoints)  # the newest one whose files match their record
         if resume_from is not None:
             state = load_checkpoint(resume_from, self.model, optimizer)
-            if state["cursor_start"] != cursor_start.to_dict():
-                raise ConfigError(f"{resume_from} was written by a run that started at data cursor "
-                                  f"{state['cursor_start']}, not {cursor_start.to_dict()}: a different run's output dir")
+            changes = resume_changes(state.get("fingerprint", {}), fingerprint, resume_from, state["step"],
+                                     self.facts.resume_with_changes)
+            history = list(state.get("history", []))
+            if changes:
+                history.append({"step": state["step"], "changes": {k: list(v) for k, v in changes.items()}})
+                _apply_settings(optimizer, scheduler, settings)
             scheduler.load_state_dict(state["scheduler"])
             step, cursor, nonfinite_in_a_row = state["step"], Cursor.from_dict(state["cursor"]), state["nonfinite_in_a_row"]
             logger.info("%s: resumed from %s (step %d/%d, %d tokens read)", self.name, resume_from, step, total_steps,
@@ -167,12 +176,16 @@ class TrainingRun:
                         " | ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
             return result
 
+        checkpoint_size = checkpoint_bytes(self.model_config, self.train.precision, self.tokenizer_dir)
+
         def save(at_step: int) -> None:
             _check_finite_parameters(self.model)
-            save_checkpoint(checkpoints, at_step, self.model, optimizer, self.model_config,
-                            {"cursor": cursor.to_dict(), "cursor_start": cursor_start.to_dict(),
-                             "scheduler": scheduler.state_dict(), "nonfinite_in_a_row": nonfinite_in_a_row},
-                            self.tokenizer_dir, self.train.keep_last)
+            with space_for_checkpoint(checkpoints, checkpoint_size):
+                save_checkpoint(checkpoints, at_step, self.model, optimizer, self.model_config,
+                                {"cursor": cursor.to_dict(), "cursor_start": cursor_start.to_dict(),
+                                 "scheduler": scheduler.state_dict(), "nonfinite_in_a_row": nonfinite_in_a_row,
+                                 "fingerprint": fingerprint, "history": history},
+                                self.tokenizer_dir, self.train.keep_last)
 
         last_eval = evaluate_at(0) if step == 0 else log.last("eval", step)
         with SaveSignal() as save_signal:
@@ -220,7 +233,16 @@ class TrainingRun:
             last_eval = evaluate_at(step)
         return {"steps": total_steps, "cursor_start": cursor_start.to_dict(), "cursor_end": cursor.to_dict(),
                 "tokens": cursor.tokens() - cursor_start.tokens(), "eval": last_eval,
-                "checkpoint": str(latest_checkpoint(checkpoints))}
+                "checkpoint": str(latest_checkpoint(checkpoints)), "fingerprint": fingerprint, "history": history}
+
+
+def _apply_settings(optimizer, scheduler, settings: list[dict]) -> None:
+    """Resuming with changed settings: the schedule takes this run's values (and the checkpoint's step count)
+    instead of the checkpoint's, and the optimizer's parameter groups (max/min lr, betas, eps, restored from the
+    checkpoint) get back this run's ``settings``, as built before the load."""
+    scheduler.override_opt_param_scheduler = True
+    for group, fresh in zip(optimizer.param_groups, settings, strict=True):
+        group.update(fresh)
 
 
 def _all_finite(model: torch.nn.Module, loss: float) -> bool:
