@@ -101,7 +101,7 @@ def test_an_earlier_export_is_replaced_only_with_overwrite_and_only_by_the_same_
     out = tmp_path / "export"
     out.mkdir()  # an empty directory holds nothing to lose
     convert.run(convert.parse_args(["--src", f"hf:{src}", "--to-hf", str(out)]))
-    with pytest.raises(ConfigError, match="holds an earlier Hugging Face export: nothing was written; pass --overwrite"):
+    with pytest.raises(ConfigError, match="holds an earlier Hugging Face export: nothing was written; pass --over"):
         convert.run(convert.parse_args(["--src", f"hf:{other}", "--to-hf", str(out)]))
     with pytest.raises(ConfigError, match="holds a Hugging Face export, not a megatron checkpoint"):
         convert.run(convert.parse_args(["--src", f"hf:{other}", "--to-megatron", str(out), "--overwrite"]))

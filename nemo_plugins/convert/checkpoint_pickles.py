@@ -43,8 +43,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name in _METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
+        value = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value
         raise pickle.UnpicklingError(f"refers to {module}.{name}, which checkpoint metadata never holds")
 
 
@@ -57,7 +58,8 @@ def read_metadata(weights_dir: str | Path) -> Metadata:
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path} {err}: refusing to load it (a planted pickle would run)") from None
     except (OSError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {err}); the checkpoint is damaged") from None
+        reason = f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{path} is unreadable ({reason}); the checkpoint is damaged") from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not distributed-checkpoint metadata")
     return metadata

@@ -70,7 +70,7 @@ def intact_checkpoint(root: str | Path) -> Path | None:
             logger.warning("checkpoint %s is damaged: %s; falling back to the one before it", candidate.name, problem)
         damaged.append((candidate, problem))
     if damaged:
-        raise CheckpointError(f"no intact checkpoint under {root}: all {len(damaged)} are damaged (newest: "
+        raise CheckpointError(f"no intact checkpoint under {root} ({len(damaged)} damaged; the newest: "
                               f"{damaged[0][1]}); delete {root} to start this stage over from its input model")
     return None
 
@@ -100,7 +100,7 @@ def _rng_state() -> dict:
         "numpy": {**numpy, "state": {"key": numpy["state"]["key"].tolist(), "pos": numpy["state"]["pos"]}},
         "torch": torch.get_rng_state().tolist(),
         "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None,
-        "tracker": {name: state.tolist() for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+        "tracker": {name: s.tolist() for name, s in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
     }
 
 
@@ -123,7 +123,8 @@ def _read_json(path: Path, missing: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: {missing}") from None
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {err}); the checkpoint is damaged") from None
+        reason = f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{path} is unreadable ({reason}); the checkpoint is damaged") from None
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer, config: MistralConfig,
