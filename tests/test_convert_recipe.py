@@ -49,13 +49,15 @@ def test_corrupt_shard_is_named(tiny_hf_dir):
         hf_io.read_state(src)
 
 
-def test_missing_megatron_shard_is_reported(tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("damage,found", [(lambda f: f.unlink(), "is missing"),
+                                           (lambda f: f.write_bytes(f.read_bytes()[:-10]), r"has \d+ bytes, \d+ when saved")])
+def test_missing_or_truncated_megatron_shard_is_named(tiny_hf_dir, tmp_path, damage, found):
     src, _ = tiny_hf_dir
     convert.run(convert.parse_args(["--src", f"hf:{src}", "--to-megatron", str(tmp_path / "meg")]))
     weights = tmp_path / "meg" / megatron_checkpoint.WEIGHTS_DIR
     victim = sorted(weights.glob("*.distcp"))[0]
-    victim.unlink()
-    with pytest.raises(CheckpointError, match=f"{victim} is unreadable"):
+    damage(victim)
+    with pytest.raises(CheckpointError, match=f"^{victim} {found}: the checkpoint is damaged$"):
         convert.run(convert.parse_args(["--src", f"megatron:{tmp_path / 'meg'}", "--to-hf", str(tmp_path / "x")]))
 
 

@@ -99,8 +99,9 @@ def _megatron_version() -> tuple[int, int]:
 
 
 def load_weights(model: torch.nn.Module, ckpt_dir: str | Path, extra_sharded: dict | None = None) -> dict:
-    """Load this rank's shards; a missing or damaged shard file is reported with the directory to fix, and
-    pickled files holding anything but data are refused before megatron-core unpickles them.
+    """Load this rank's shards; a missing or truncated file (sizes against the record, when the checkpoint has
+    one) or a damaged shard is reported, and pickled files holding anything but data are refused before
+    megatron-core unpickles them.
 
     ``extra_sharded`` requests more of a training checkpoint (the optimizer); their loaded values are returned.
     """
@@ -112,6 +113,11 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path, extra_sharded: di
         raise ConfigError(
             f"{weights} was written by megatron-core >= 0.19 (no common.pt); load it with megatron-core >= 0.19"
         )
+    if (Path(ckpt_dir) / output_dir.RECORD).is_file():
+        files = output_dir.read_record(ckpt_dir, "megatron")
+        wrong = output_dir.mismatches(ckpt_dir, files, sorted(files), checksums=False)
+        if wrong:
+            raise CheckpointError(f"{wrong[min(wrong)]}: the checkpoint is damaged")
     checkpoint_pickles.check_data_only(weights)
     try:
         state = dist_checkpointing.load({"model": model.sharded_state_dict(), **(extra_sharded or {})}, str(weights))
