@@ -8,6 +8,7 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -30,21 +31,29 @@ def one_line(err: ProjectError) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
+@contextlib.contextmanager
+def project_errors():
+    """Around a recipe's work: a preempted run exits with the requeue code, a project error prints one line and
+    exits with ERROR_EXIT_CODE, and the distributed state is torn down either way."""
+    try:
+        yield
+    except Preempted as stop:  # a checkpoint was written: exit with the code a job script reads as "requeue"
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except ProjectError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(one_line(err), file=sys.stderr)
+        sys.exit(ERROR_EXIT_CODE)
+    finally:
+        shutdown()
+
+
 def hydra_entry(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
         setup_logging()
-        try:
+        with project_errors():
             run(cfg)
-        except Preempted as stop:  # a checkpoint was written: exit with the code a job script reads as "requeue"
-            print(stop, file=sys.stderr)
-            sys.exit(stop.exit_code)
-        except ProjectError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(one_line(err), file=sys.stderr)
-            sys.exit(ERROR_EXIT_CODE)
-        finally:
-            shutdown()
 
     return main

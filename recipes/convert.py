@@ -23,9 +23,10 @@ from nemo_plugins.convert import hf_io, megatron_checkpoint, output_dir
 from nemo_plugins.convert.model_io import gather_hf_state
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
-from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
+from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import torch_dtype
 from nemo_plugins.logs import setup_logging
+from recipes._entry import project_errors
 
 logger = logging.getLogger("recipes.convert")
 
@@ -75,10 +76,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    try:
+    with project_errors():
         run(parse_args(argv))
-    finally:
-        shutdown()
 
 
 if __name__ == "__main__":

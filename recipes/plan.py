@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -22,7 +21,7 @@ from nemo_plugins.cascade.memory import estimate_memory
 from nemo_plugins.convert.sources import ModelSource, declared_architecture, source_config
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
-from recipes._entry import CONF_DIR
+from recipes._entry import CONF_DIR, project_errors
 from recipes.cascade import build_plan
 
 
@@ -88,12 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--commands", action="store_true", help="print '<stage>\\t<command>' lines only")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for recipes.cascade")
     args = parser.parse_args(argv)
-    try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            cfg = compose("cascade", overrides=args.overrides)
+    with project_errors():
+        try:
+            with initialize_config_dir(CONF_DIR, version_base="1.3"):
+                cfg = compose("cascade", overrides=args.overrides)
+        except ConfigCompositionException as err:
+            raise ConfigError(str(err)) from err
         lines = launch_lines(cfg, args.overrides)
-    except (ConfigCompositionException, ConfigError) as err:
-        sys.exit(f"error: {err}")
     for stage, text, command in lines:
         print(f"{stage}\t{command}" if args.commands else f"{text}\n    {command}")
 

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nemo_plugins.cascade.runner import CascadeInputs, check_data_budget_of_cascade
-from nemo_plugins.convert import megatron_checkpoint
+from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.gguf_reader import read_gguf
 from nemo_plugins.convert.sources import ModelSource, embedded_gguf, tokenizer_dir
 from nemo_plugins.data.chat import EncodedChat
@@ -356,6 +356,12 @@ def test_damaged_json_files_are_named(tmp_path, mix):
     manifest.write_text('{"cursor_end": {"offsets"')
     with pytest.raises(DataError, match=rf"^{manifest}: not valid JSON"):
         cursor_from_manifest(str(manifest), {})
+    for directory, name, read in ((tmp_path / "hf", "config.json", hf_io.read_config),
+                                  (tmp_path / "megatron", megatron_checkpoint.CONFIG_NAME, megatron_checkpoint.read_config)):
+        directory.mkdir()
+        (directory / name).write_text('{"hidden_size": 5')
+        with pytest.raises(DataError, match=rf"^{directory / name}: not valid JSON"):
+            read(directory)
 
 
 def test_a_truncated_token_file_is_named_with_the_fix(mix):

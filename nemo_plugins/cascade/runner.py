@@ -137,7 +137,8 @@ def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: 
     config, model = load_model(megatron_source(checkpoint), layout, inputs.dtype)
     state = gather_hf_state(model, config)
     if dist.get_rank() == 0:
-        hf_io.write_model_dir(state, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir))
+        # the runner owns the export folder: a rerun after a kill before the sample replaces its own export
+        hf_io.write_model_dir(state, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
     return model
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from nemo_plugins.convert import output_dir
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.manifest import read_json
 from nemo_plugins.model.config import MistralConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -23,7 +24,7 @@ def read_config(model_dir: str | Path) -> MistralConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path} not found: a Hugging Face model directory needs config.json")
-    return MistralConfig.from_hf(json.loads(path.read_text()))
+    return MistralConfig.from_hf(read_json(path))
 
 
 def shard_files(model_dir: str | Path) -> list[Path]:
@@ -31,7 +32,7 @@ def shard_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         files = sorted({model_dir / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

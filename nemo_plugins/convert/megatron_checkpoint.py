@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from nemo_plugins.convert import checkpoint_pickles, output_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.errors import CheckpointError, ConfigError
+from nemo_plugins.manifest import read_json
 from nemo_plugins.model.config import MistralConfig
 
 CONFIG_NAME = "model_config.json"
@@ -88,7 +89,7 @@ def read_config(ckpt_dir: str | Path) -> MistralConfig:
     path = Path(ckpt_dir) / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"{ckpt_dir} is not a megatron checkpoint of this project ({CONFIG_NAME} missing)")
-    return MistralConfig.from_dict(json.loads(path.read_text()))
+    return MistralConfig.from_dict(read_json(path))
 
 
 def _megatron_version() -> tuple[int, int]:

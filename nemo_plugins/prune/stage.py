@@ -79,14 +79,16 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
     report["perplexity"] = {"parent": before.to_dict(), "child": after.to_dict(), "eval_paths": list(evaluation.paths)}
 
     out_dir = Path(out_dir)
-    megatron_checkpoint.save_model(child_model, child.config, out_dir / MEGATRON_DIR, tokenizer_dir=tok_dir)
+    # the stage owns these folders: a rerun after a kill (no manifest yet) replaces its own earlier outputs
+    megatron_checkpoint.save_model(child_model, child.config, out_dir / MEGATRON_DIR, tokenizer_dir=tok_dir, overwrite=True)
     manifest = {**(manifest_extra or {}), "stage": "prune", "parent": str(parent),
                 "config": prune_stage_config(target, options, calibration, evaluation), "child_config": child.config.to_dict(),
                 "parameters": {"parent": config.num_parameters(), "child": child.config.num_parameters()},
                 "perplexity": report["perplexity"], "checkpoint": str(out_dir / MEGATRON_DIR),
                 "wall_seconds": time.monotonic() - started}
     if dist.get_rank() == 0:
-        hf_io.write_model_dir(child.tensors, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir))
+        hf_io.write_model_dir(child.tensors, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir),
+                              overwrite=True)
         write_report(report, out_dir)
         write_manifest(out_dir, manifest)
         logger.info("child %s: %d -> %d parameters, held-out perplexity %.2f -> %.2f; wrote %s",
