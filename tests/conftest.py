@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +36,18 @@ def tiny_config(**changes) -> MistralConfig:
         max_position_embeddings=512,
     )
     return base.replace(**changes)
+
+
+def save_tiny_teacher_and_student(root: Path) -> Path:
+    """Tiny teacher and student megatron checkpoints under ``root`` on SmolLM2's real tokenizer (vocabulary 49,152,
+    chat template): what the recipe tests run as a user would."""
+    from nemo_plugins.convert import megatron_checkpoint
+    from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+    from nemo_plugins.model.builder import build_model
+
+    tok = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
+    for name, config, seed in (("teacher", tiny_config(vocab_size=49152), 0),
+                               ("student", tiny_config(vocab_size=49152, hidden_size=32, ffn_hidden_size=64), 1)):
+        torch.manual_seed(seed)
+        megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, root / name, tokenizer_dir=tok)
+    return root

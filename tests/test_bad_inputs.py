@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from nemo_plugins.cascade.runner import CascadeInputs, check_data_budget_of_cascade
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.gguf_reader import read_gguf
-from nemo_plugins.convert.sources import ModelSource, embedded_gguf, tokenizer_dir
+from nemo_plugins.convert.sources import embedded_gguf
 from nemo_plugins.data.chat import EncodedChat
 from nemo_plugins.data.chat_mix import ChatMix, ChatSource, write_chat_tokens
 from nemo_plugins.data.mix import Cursor, DataMix, MixSource, check_data_budget, cursor_from_manifest
@@ -47,7 +47,7 @@ from nemo_plugins.train.loop import NonFiniteLossError
 from nemo_plugins.train.metrics import MetricsLog
 from recipes._entry import CONF_DIR, ERROR_EXIT_CODE
 from recipes.cascade import build_plan
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_teacher_and_student, tiny_config
 
 STUDENT = tiny_config(hidden_size=32, ffn_hidden_size=64)
 REPO = Path(__file__).resolve().parents[1]
@@ -97,11 +97,7 @@ def distill(root: Path, out_dir: Path, *extra: str) -> list[str]:
 def models(tmp_path_factory):
     """Tiny teacher and student on SmolLM2's tokenizer as megatron checkpoints, and one finished distill stage."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    tok = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
-    for name, config, seed in (("teacher", tiny_config(vocab_size=49152), 0),
-                               ("student", tiny_config(vocab_size=49152, hidden_size=32, ffn_hidden_size=64), 1)):
-        torch.manual_seed(seed)
-        megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, root / name, tokenizer_dir=tok)
+    save_tiny_teacher_and_student(root)
     done = recipe("distill", *distill(root, root / "finished"), tmp=root)
     assert done.returncode == 0, done.stderr[-3000:]
     return root

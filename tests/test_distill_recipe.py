@@ -8,16 +8,11 @@ import sys
 import time
 
 import pytest
-import torch
 
-from nemo_plugins.convert import megatron_checkpoint
-from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
-from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.model.builder import build_model
 from nemo_plugins.train.checkpoint import latest_checkpoint
 from nemo_plugins.train.loop import REQUEUE_EXIT_CODE
 from nemo_plugins.train.metrics import MetricsLog
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_teacher_and_student
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -27,11 +22,7 @@ STEPS = 8
 def checkpoints(tmp_path_factory):
     """Tiny teacher and student on SmolLM2's real tokenizer (vocabulary 49,152), as megatron checkpoints."""
     root = tmp_path_factory.mktemp("distill_recipe")
-    tok = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
-    for name, config, seed in (("teacher", tiny_config(vocab_size=49152), 0),
-                               ("student", tiny_config(vocab_size=49152, hidden_size=32, ffn_hidden_size=64), 1)):
-        torch.manual_seed(seed)
-        megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, root / name, tokenizer_dir=tok)
+    save_tiny_teacher_and_student(root)
     return root
 
 

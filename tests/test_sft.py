@@ -14,7 +14,6 @@ import types
 import pytest
 import torch
 
-from nemo_plugins.convert import megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distill.kl_loss import KLOptions, naive_kl_loss
@@ -28,7 +27,7 @@ from nemo_plugins.rl.sft_kd import check_tokenizers
 from nemo_plugins.train.config import TrainSettings
 from nemo_plugins.train.metrics import MetricsLog
 from nemo_plugins.train.optimizer import wrap_for_training
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_teacher_and_student, tiny_config
 
 STEPS = 6
 
@@ -75,11 +74,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
 def checkpoints(tmp_path_factory):
     """Tiny teacher and student on SmolLM2's real tokenizer and chat template, as megatron checkpoints."""
     root = tmp_path_factory.mktemp("sft_recipe")
-    tok = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
-    for name, config, seed in (("teacher", tiny_config(vocab_size=49152), 0),
-                               ("student", tiny_config(vocab_size=49152, hidden_size=32, ffn_hidden_size=64), 1)):
-        torch.manual_seed(seed)
-        megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, root / name, tokenizer_dir=tok)
+    save_tiny_teacher_and_student(root)
     return root
 
 

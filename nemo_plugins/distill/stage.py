@@ -138,8 +138,19 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
                                      cursor, tokenizer_dir, stage.name, facts)
     if stage.long_eval is not None:
         long_context["after"] = long_context_eval(student, tokenizer, stage)
+    if dist.get_rank() == 0 and long_context:
+        plot_long_context({f"{stage.name} {k}": v for k, v in long_context.items()}, Path(out_dir) / "long_context.png")
+    return finish_training_stage(stage, teacher_source, student_source, s_config, t_config, result, started, out_dir,
+                                 {**(manifest_extra or {}), "long_context": long_context}, "held-out KL")
+
+
+def finish_training_stage(stage, teacher_source: ModelSource, student_source: ModelSource, s_config: MistralConfig,
+                          t_config: MistralConfig, result: dict, started: float, out_dir: Path, extra: dict,
+                          kl_name: str) -> dict:
+    """Write a distillation-trained stage's manifest (what it read, trained, measured, its cost) and log its line."""
+    tokens = result["tokens"]
     manifest = {
-        **(manifest_extra or {}),
+        **extra,
         "stage": stage.name,
         "config": dataclasses.asdict(stage),
         "teacher": str(teacher_source),
@@ -147,16 +158,13 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
         "student_config": s_config.to_dict(),
         "parameters": s_config.num_parameters(),
         **result,
-        "long_context": long_context,
-        "train_flops": 6 * s_config.num_parameters() * result["tokens"] + 2 * t_config.num_parameters() * result["tokens"],
+        "train_flops": 6 * s_config.num_parameters() * tokens + 2 * t_config.num_parameters() * tokens,
         "wall_seconds": time.monotonic() - started,
     }
     if dist.get_rank() == 0:
-        if long_context:
-            plot_long_context({f"{stage.name} {k}": v for k, v in long_context.items()}, Path(out_dir) / "long_context.png")
         write_manifest(out_dir, manifest)
-        logger.info("%s done: %d tokens, held-out KL %.4f, student ppl %.2f (teacher %.2f), %.0f s", stage.name,
-                    result["tokens"], result["eval"]["kl"], result["eval"]["student_ppl"], result["eval"]["teacher_ppl"],
+        logger.info("%s done: %d tokens, %s %.4f, student ppl %.2f (teacher %.2f), %.0f s", stage.name, tokens, kl_name,
+                    result["eval"]["kl"], result["eval"]["student_ppl"], result["eval"]["teacher_ppl"],
                     manifest["wall_seconds"])
     dist.barrier()
     return manifest

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from nemo_plugins.convert.sources import ModelSource, load_model, source_config
 from nemo_plugins.data.chat import ChatFormat
@@ -23,14 +22,13 @@ from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.kl_loss import KLOptions
-from nemo_plugins.distill.stage import check_teacher_student, prepare_stage
+from nemo_plugins.distill.stage import check_teacher_student, finish_training_stage, prepare_stage
 from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, typed
 from nemo_plugins.eval.chat_samples import chat_samples
 from nemo_plugins.generation.torch_engine import generation_layout
-from nemo_plugins.manifest import write_manifest
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -127,24 +125,6 @@ def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: 
                                      stage.kl, out_dir, cursor, tokenizer_dir, stage.name, facts)
     del teacher_model, student
     samples["after"] = sample_model(ModelSource("megatron", result["checkpoint"]), parallel, dtype, chat_format, stage)
-    manifest = {
-        **(manifest_extra or {}),
-        "stage": stage.name,
-        "config": dataclasses.asdict(stage),
-        "teacher": str(teacher_source),
-        "student_input": str(student_source),
-        "student_config": s_config.to_dict(),
-        "parameters": s_config.num_parameters(),
-        **result,
-        "chat_data": chat.stats(stage.train.seq_len),
-        "samples": samples,
-        "train_flops": 6 * s_config.num_parameters() * result["tokens"] + 2 * t_config.num_parameters() * result["tokens"],
-        "wall_seconds": time.monotonic() - started,
-    }
-    if dist.get_rank() == 0:
-        write_manifest(out_dir, manifest)
-        logger.info("%s done: %d tokens, held-out assistant-token KL %.4f, student ppl %.2f (teacher %.2f), %.0f s",
-                    stage.name, result["tokens"], result["eval"]["kl"], result["eval"]["student_ppl"],
-                    result["eval"]["teacher_ppl"], manifest["wall_seconds"])
-    dist.barrier()
-    return manifest
+    extra = {**(manifest_extra or {}), "chat_data": chat.stats(stage.train.seq_len), "samples": samples}
+    return finish_training_stage(stage, teacher_source, student_source, s_config, t_config, result, started, out_dir,
+                                 extra, "held-out assistant-token KL")
