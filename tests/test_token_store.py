@@ -5,7 +5,7 @@ import pytest
 
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.token_store import TokenFile, write_token_file
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 
 DOCS = [[5, 6, 7], [8], [9, 10, 11, 12]]
 
@@ -33,7 +33,7 @@ def test_truncated_file_is_named(tmp_path):
     write_token_file(DOCS, tmp_path / "t", vocab_size=100, eos_id=2, metadata={})
     data = (tmp_path / "t.bin").read_bytes()
     (tmp_path / "t.bin").write_bytes(data[:-4])
-    with pytest.raises(ConfigError, match="truncated"):
+    with pytest.raises(DataError, match="truncated"):
         TokenFile(tmp_path / "t")
 
 
@@ -41,5 +41,5 @@ def test_jsonl_files_hold_one_document_per_line(tmp_path):
     (tmp_path / "corpus.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc", "id": 2}\n')
     assert [text for _, text in iter_documents([str(tmp_path)])] == ["first doc", "second doc"]
     (tmp_path / "corpus.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    with pytest.raises(ConfigError, match=r"corpus.jsonl:2: .*\"text\""):
+    with pytest.raises(DataError, match=r"corpus.jsonl:2: .*\"text\""):
         list(iter_documents([str(tmp_path)]))
