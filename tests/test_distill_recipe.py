@@ -1,11 +1,9 @@
 """recipes.distill as a user runs it: SIGKILL at a random step, the same command again, the same trajectory."""
 
-import os
 import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -13,6 +11,7 @@ from nemo_plugins.train.checkpoint import latest_checkpoint
 from nemo_plugins.train.loop import REQUEUE_EXIT_CODE
 from nemo_plugins.train.metrics import MetricsLog
 from tests.conftest import save_tiny_teacher_and_student
+from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -35,26 +34,18 @@ def _command(root, out_dir):
             "stage.distill.train.eval_rows_per_source=2", "stage.distill.optimizer.lr=3e-3", f"output_dir={out_dir}"]
 
 
-def _train_records(out_dir):
-    return [r for r in MetricsLog.read(out_dir / "metrics.jsonl") if r["kind"] == "train"]
-
-
 def test_sigkill_then_same_command_continues_bit_identically(checkpoints, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = recipe_env()
     reference = tmp_path / "uninterrupted"
     subprocess.run(_command(checkpoints, reference), check=True, env=env, capture_output=True)
 
     kill_after = random.randrange(1, STEPS - 1)
     interrupted = tmp_path / "interrupted"
-    job = subprocess.Popen(_command(checkpoints, interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(_train_records(interrupted)) <= kill_after and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    assert job.wait() == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
+    code, _ = interrupt_after_step(_command(checkpoints, interrupted), interrupted, kill_after + 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
     subprocess.run(_command(checkpoints, interrupted), check=True, env=env, capture_output=True)
 
-    expected, resumed = _train_records(reference), _train_records(interrupted)
+    expected, resumed = train_records(reference), train_records(interrupted)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), f"killed after step {kill_after + 1}"
     assert resumed == expected, f"trajectory differs after a SIGKILL after step {kill_after + 1}"
     assert expected[-1]["loss"] < expected[0]["loss"]
@@ -63,23 +54,18 @@ def test_sigkill_then_same_command_continues_bit_identically(checkpoints, tmp_pa
 
 
 def test_sigusr1_saves_after_the_current_step_exits_for_requeue_and_the_rerun_continues_bit_identically(checkpoints, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = recipe_env()
     reference = tmp_path / "uninterrupted"
     subprocess.run(_command(checkpoints, reference), check=True, env=env, capture_output=True)
 
     signal_after = random.randrange(1, STEPS - 2)
     preempted = tmp_path / "preempted"
-    job = subprocess.Popen(_command(checkpoints, preempted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while len(_train_records(preempted)) < signal_after and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job.send_signal(signal.SIGUSR1)
-    _, stderr = job.communicate(timeout=300)
-    assert job.returncode == REQUEUE_EXIT_CODE, stderr.decode()[-2000:]
+    code, stderr = interrupt_after_step(_command(checkpoints, preempted), preempted, signal_after, signal.SIGUSR1)
+    assert code == REQUEUE_EXIT_CODE, stderr[-2000:]
     saved = latest_checkpoint(preempted / "checkpoints")
-    stopped_at = len(_train_records(preempted))
+    stopped_at = len(train_records(preempted))
     assert saved is not None and saved.name == f"step_{stopped_at:08d}" and stopped_at < STEPS, \
         "the signal must save the step it interrupted (not only the periodic saves)"
     subprocess.run(_command(checkpoints, preempted), check=True, env=env, capture_output=True)
-    assert _train_records(preempted) == _train_records(reference)
+    assert train_records(preempted) == train_records(reference)
     assert MetricsLog.read(preempted / "metrics.jsonl")[-1] == MetricsLog.read(reference / "metrics.jsonl")[-1]

@@ -2,13 +2,11 @@
 after a SIGKILL, and refuses a teacher with another tokenizer."""
 
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import types
 
 import pytest
@@ -28,6 +26,7 @@ from nemo_plugins.train.config import TrainSettings
 from nemo_plugins.train.metrics import MetricsLog
 from nemo_plugins.train.optimizer import wrap_for_training
 from tests.conftest import save_tiny_teacher_and_student, tiny_config
+from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
 
 STEPS = 6
 
@@ -88,13 +87,9 @@ def _command(root, out_dir):
             "stage.sft_kd.optimizer.lr=3e-3", "stage.sft_kd.sample.max_new_tokens=4", f"output_dir={out_dir}"]
 
 
-def _train_records(out_dir):
-    return [r for r in MetricsLog.read(out_dir / "metrics.jsonl") if r["kind"] == "train"]
-
-
 @pytest.mark.slow
 def test_sft_recipe_lowers_assistant_kl_and_a_sigkill_resumes_bit_identically(checkpoints, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = recipe_env()
     reference = tmp_path / "uninterrupted"
     subprocess.run(_command(checkpoints, reference), check=True, env=env, capture_output=True)
     manifest = json.loads((reference / "manifest.json").read_text())
@@ -105,14 +100,10 @@ def test_sft_recipe_lowers_assistant_kl_and_a_sigkill_resumes_bit_identically(ch
 
     kill_after = random.randrange(1, STEPS - 1)
     interrupted = tmp_path / "interrupted"
-    job = subprocess.Popen(_command(checkpoints, interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(_train_records(interrupted)) <= kill_after and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    assert job.wait() == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
+    code, _ = interrupt_after_step(_command(checkpoints, interrupted), interrupted, kill_after + 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
     subprocess.run(_command(checkpoints, interrupted), check=True, env=env, capture_output=True)
-    assert _train_records(interrupted) == _train_records(reference), f"killed after step {kill_after + 1}"
+    assert train_records(interrupted) == train_records(reference), f"killed after step {kill_after + 1}"
     resumed = json.loads((interrupted / "manifest.json").read_text())
     assert resumed["eval"] == manifest["eval"] and resumed["cursor_end"] == manifest["cursor_end"]
     assert resumed["samples"] == manifest["samples"]
