@@ -488,3 +488,13 @@ def test_a_save_that_fails_for_lack_of_space_says_so(tmp_path, mix, monkeypatch,
     _, run = _training(tmp_path, mix, steps=1)
     with pytest.raises(ResourceError, match=f"^no space left on {tmp_path / 'checkpoints'}"):
         run()
+
+
+def test_a_save_that_fails_for_another_reason_keeps_its_own_error(tmp_path, mix, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(loop, "save_checkpoint", broken)
+    _, run = _training(tmp_path, mix, steps=1)
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        run()

@@ -26,6 +26,7 @@ from nemo_plugins.model.config import MistralConfig
 
 MIB = 2**20
 OVERHEAD = MIB  # dist_checkpointing metadata, RNG state, train_state.json, model config
+ZIP_SHORT_WRITE = "unexpected pos"  # torch's PyTorchStreamWriter when a write came up short
 
 
 def checkpoint_bytes(config: MistralConfig, precision: str, tokenizer_dir: str | Path | None) -> int:
@@ -60,10 +61,13 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
 
 
 def _no_space(err: BaseException, path: Path, needed: int) -> bool:
-    if any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) for e in _causes(err)):
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return False
+    # torch's zip writer drops the errno of a short write ("unexpected pos ..."): a full disk (or quota) is its cause
+    if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+           or ZIP_SHORT_WRITE in str(e) for e in _causes(err)):
         return True
-    # torch's zip writer drops the errno ("unexpected pos ..."): judge by what is left
-    return not isinstance(err, (KeyboardInterrupt, SystemExit)) and free_bytes(path) < needed
+    return free_bytes(path) < needed
 
 
 def _no_space_message(path: Path, needed: int) -> str:
