@@ -51,3 +51,21 @@ def save_tiny_teacher_and_student(root: Path) -> Path:
         torch.manual_seed(seed)
         megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, root / name, tokenizer_dir=tok)
     return root
+
+
+def random_token_mix(directory: Path, metadata: dict | None = None):
+    """One source of 120 random documents (10-89 tokens, vocabulary 128), 10% held out: data for loop tests."""
+    import numpy as np
+
+    from nemo_plugins.data.mix import DataMix, MixSource
+    from nemo_plugins.data.token_store import write_token_file
+
+    rng = np.random.default_rng(0)
+    file = write_token_file([list(rng.integers(3, 128, size=int(rng.integers(10, 90)))) for _ in range(120)],
+                            directory / "data", 128, 2, metadata or {})
+    return DataMix([MixSource("a", file, 1.0)], heldout_fraction=0.1)
+
+
+@pytest.fixture
+def mix(tmp_path):
+    return random_token_mix(tmp_path)

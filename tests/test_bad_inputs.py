@@ -47,7 +47,7 @@ from nemo_plugins.train.loop import NonFiniteLossError
 from nemo_plugins.train.metrics import MetricsLog
 from recipes._entry import CONF_DIR, ERROR_EXIT_CODE
 from recipes.cascade import build_plan
-from tests.conftest import save_tiny_teacher_and_student, tiny_config
+from tests.conftest import random_token_mix, save_tiny_teacher_and_student, tiny_config
 
 STUDENT = tiny_config(hidden_size=32, ffn_hidden_size=64)
 REPO = Path(__file__).resolve().parents[1]
@@ -105,10 +105,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def mix(tmp_path):
-    rng = np.random.default_rng(0)
-    file = write_token_file([list(rng.integers(3, 128, size=int(rng.integers(10, 90)))) for _ in range(120)],
-                            tmp_path / "data", 128, 2, {"key": "k1"})
-    return DataMix([MixSource("a", file, 1.0)], heldout_fraction=0.1)
+    return random_token_mix(tmp_path, {"key": "k1"})
 
 
 def _training(out_dir, mix, steps=2, facts=None, optimizer=None, **train):

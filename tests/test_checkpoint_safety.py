@@ -19,8 +19,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from nemo_plugins.convert import megatron_checkpoint, output_dir
-from nemo_plugins.data.mix import Cursor, DataMix, MixSource
-from nemo_plugins.data.token_store import write_token_file
+from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
@@ -99,14 +98,6 @@ def test_a_pickle_planted_in_an_rng_shard_is_refused_before_it_runs(tmp_path):
              r"__0_\d\.distcp \(item rng_state/shard_0\.0_1\.1\) holds pickled builtins\.exec")
     dist_checkpointing.load({"rng": _rng_item(None)}, str(ckpt / megatron_checkpoint.WEIGHTS_DIR))  # control
     assert marker.exists()
-
-
-@pytest.fixture
-def mix(tmp_path):
-    rng = np.random.default_rng(0)
-    file = write_token_file([list(rng.integers(3, 128, size=int(rng.integers(10, 90)))) for _ in range(120)],
-                            tmp_path / "data", 128, 2, {})
-    return DataMix([MixSource("a", file, 1.0)], heldout_fraction=0.1)
 
 
 def _train(out_dir, mix, steps):

@@ -2,13 +2,11 @@
 
 import functools
 
-import numpy as np
 import pytest
 import torch
 
 from nemo_plugins.data.context_parallel import context_parallel_slice
-from nemo_plugins.data.mix import Cursor, DataMix, MixSource
-from nemo_plugins.data.token_store import write_token_file
+from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distill.context import ContextExtension
 from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distill.step import train_with_distillation
@@ -23,14 +21,6 @@ from nemo_plugins.train.metrics import MetricsLog
 from tests.conftest import tiny_config
 
 STUDENT = tiny_config(hidden_size=32, ffn_hidden_size=64)
-
-
-@pytest.fixture
-def mix(tmp_path):
-    rng = np.random.default_rng(0)
-    file = write_token_file([list(rng.integers(3, 128, size=int(rng.integers(10, 90)))) for _ in range(120)],
-                            tmp_path / "data", 128, 2, {})
-    return DataMix([MixSource("a", file, 1.0)], heldout_fraction=0.1)
 
 
 @pytest.fixture
