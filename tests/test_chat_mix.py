@@ -11,7 +11,7 @@ from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
 from nemo_plugins.data.mix import Cursor, SourceSpec
-from nemo_plugins.errors import ConfigError, DataError
+from nemo_plugins.errors import DataError
 
 SEQ_LEN = 160
 LONG = {4, 13}  # conversations written longer than SEQ_LEN
@@ -127,7 +127,7 @@ def test_weights_set_the_share_of_rows(chatml, tmp_path):
 def test_a_bad_line_is_an_error_naming_file_and_line(chatml, tmp_path, line, match):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(conversation(0)) + "\n\n" + line + "\n")
-    with pytest.raises(ConfigError, match=f"{path}:3: .*{match}"):
+    with pytest.raises(DataError, match=f"{path}:3: .*{match}"):
         build_chat_mix(chatml, [SourceSpec("bad", [str(path)])], tmp_path / "cache", 0.1)
 
 
@@ -151,3 +151,9 @@ def test_builtin_sources_and_the_tekken_format(tmp_path):
     text = tekken.decode(tokens[0].tolist())
     assert text.startswith("<s>[SYSTEM_PROMPT]") and "[TOOL_CALLS]calculator[ARGS]" in text
     assert targets.sum() > 0 and tokens.max() >= 2**16  # Tekken ids need the uint32 token file
+
+
+def test_a_heldout_split_with_no_conversation_that_fits_is_a_data_error(chatml, source_file, tmp_path):
+    mix = build_chat_mix(chatml, [SourceSpec("a", [source_file])], tmp_path / "cache", heldout_fraction=0.25)
+    with pytest.raises(DataError, match="no held-out conversation fits in 4 tokens"):
+        mix.heldout_rows(4, max_rows_per_source=1)

@@ -3,7 +3,7 @@
 A source is ``data/mix.py``'s ``SourceSpec(name, paths, weight)`` whose paths are JSONL files, directories of
 them, or ``builtin:<name>`` (the demo conversations of ``instruct_sources.materialize``). Each line is
 ``{"messages": [...], "tools": [...]}`` (``tools`` optional, other keys such as ``meta`` ignored); a bad line is
-a ``ConfigError`` naming ``file:line`` and what is wrong. A ``ChatFormat`` renders every source once into a
+a ``DataError`` naming ``file:line`` and what is wrong. A ``ChatFormat`` renders every source once into a
 cached token file (tokens, per-token assistant mask, conversation starts), keyed on the files (name, size,
 mtime) and the format's fingerprint.
 
@@ -114,7 +114,8 @@ def resolve_chat_paths(paths: list[str], cache_dir: str | Path) -> list[Path]:
 
 
 def encode_jsonl(files: list[Path], chat_format: ChatFormat) -> Iterator[EncodedChat]:
-    """Every line's conversation rendered; a bad line raises ``ConfigError`` with ``file:line``."""
+    """Every line's conversation rendered; a bad line raises ``DataError`` with ``file:line`` (as a bad line of a
+    text corpus does)."""
     for file in files:
         with open(file, encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
@@ -124,15 +125,15 @@ def encode_jsonl(files: list[Path], chat_format: ChatFormat) -> Iterator[Encoded
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ConfigError(f"{where}: not valid JSON ({err.msg})") from err
+                    raise DataError(f"{where}: not valid JSON ({err.msg})") from err
                 if not isinstance(record, dict) or "messages" not in record:
-                    raise ConfigError(f'{where}: a line must be an object with "messages"')
+                    raise DataError(f'{where}: a line must be an object with "messages"')
                 try:
                     encoded = chat_format.encode(record["messages"], record.get("tools"))
                 except ConfigError as err:
-                    raise ConfigError(f"{where}: {err}") from err
+                    raise DataError(f"{where}: {err}") from err
                 if not any(encoded.assistant_mask):
-                    raise ConfigError(f"{where}: no assistant turn, nothing to train on")
+                    raise DataError(f"{where}: no assistant turn, nothing to train on")
                 yield encoded
 
 
@@ -227,7 +228,7 @@ class ChatMix:
                 *row, k = self._row(s.data, k, len(s.data), seq_len)
                 built.append(row)
         if not built:
-            raise ConfigError(f"no held-out conversation fits in {seq_len} tokens: raise data.heldout_fraction or seq_len")
+            raise DataError(f"no held-out conversation fits in {seq_len} tokens: raise data.heldout_fraction or seq_len")
         return _stack(built)
 
     def stats(self, seq_len: int) -> dict[str, dict[str, int]]:
