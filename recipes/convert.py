@@ -6,7 +6,13 @@
 
 Megatron checkpoints are megatron-core dist_checkpointing directories, loadable at any TP/PP. The output path must
 be new, an empty directory, or (with --overwrite) an earlier output of the same kind written by this project;
-anything else is refused before the model is read, and nothing is deleted.
+anything else is refused before the model is read, and nothing is deleted. Each rank reads only its own slices of
+the source; an HF export is streamed tensor by tensor to rank 0, which writes the shards.
+
+A Mistral3ForConditionalGeneration source (Mistral Small 3.1, Ministral 3) is its text model: ``--to-hf`` writes it
+as the matching CausalLM plus the vision tower and projector copied unchanged into multimodal.safetensors (with
+multimodal_config.json and a README line); ``--to-megatron`` converts the text model and says that the vision part
+stays in the source directory.
 """
 
 from __future__ import annotations
@@ -17,11 +23,9 @@ import logging
 import resource
 import time
 
-import torch.distributed as dist
-
-from nemo_plugins.convert import hf_io, megatron_checkpoint, output_dir
-from nemo_plugins.convert.model_io import gather_hf_state
-from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
+from nemo_plugins.convert import megatron_checkpoint, output_dir
+from nemo_plugins.convert.model_io import export_hf
+from nemo_plugins.convert.sources import ModelSource, load_model, multimodal_part, tokenizer_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import torch_dtype
@@ -53,16 +57,16 @@ def run(args: argparse.Namespace) -> dict:
     initialize(parallel)
     config, model = load_model(source, parallel, torch_dtype(args.dtype))
     tokenizer = tokenizer_dir(source)
+    multimodal = multimodal_part(source)
     if args.to_megatron:
         out = megatron_checkpoint.save_model(model, config, args.to_megatron, tokenizer_dir=tokenizer,
                                              overwrite=args.overwrite)
+        if multimodal is not None:
+            logger.warning("%s: the megatron checkpoint holds the text model; the vision tower and projector (%d "
+                           "tensors) stay in the source (--to-hf carries them)", args.src, len(multimodal.tensors))
     else:
-        state = gather_hf_state(model, config)
-        out = args.to_hf
-        if dist.get_rank() == 0:
-            hf_io.write_model_dir(state, config, out, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                                  extra_files=tokenizer_files(tokenizer), overwrite=args.overwrite)
-        dist.barrier()
+        out = export_hf(model, config, args.to_hf, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                        extra_files=tokenizer_files(tokenizer), overwrite=args.overwrite, multimodal=multimodal)
     summary = {
         "src": args.src,
         "dst": str(out),

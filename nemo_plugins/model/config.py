@@ -12,12 +12,14 @@ from typing import Any, Mapping
 
 from nemo_plugins.errors import ConfigError, typed
 
-# HF architectures we read and write; all share the same tensor layout.
+# HF text architectures we read and write (-> their ``model_type``); all share the same tensor layout.
 HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "LlamaForCausalLM": "llama",
     "Ministral3ForCausalLM": "ministral3",
 }
+# Vision-language checkpoints whose text model we read from ``text_config`` (Mistral Small 3.1, Ministral 3).
+MULTIMODAL_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,7 @@ class MistralConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "MistralConfig":
         """Read a Hugging Face ``config.json`` (Mistral, Llama, Ministral3 text, or Mistral3's text_config)."""
-        if "text_config" in hf and "architectures" in hf and "Mistral3ForConditionalGeneration" in hf["architectures"]:
-            hf = {**hf["text_config"], "architectures": ["Ministral3ForCausalLM"]}
+        hf = cls._text_model(hf)
         architectures = hf.get("architectures") or []
         architecture = next((a for a in architectures if a in HF_ARCHITECTURES), None)
         if architecture is None:
@@ -186,9 +187,32 @@ class MistralConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
             architecture=architecture,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0],
+            bos_token_id=hf.get("bos_token_id", 1),
+            eos_token_id=eos[0] if isinstance(eos := hf.get("eos_token_id", 2), list) else eos,
         )
+
+    @staticmethod
+    def _text_model(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The text model's config of a Mistral3ForConditionalGeneration (plain configs pass through).
+
+        Its architecture follows ``text_config.model_type``: Mistral Small 3.1 24B is ``mistral`` (a plain Mistral,
+        rope_theta 1e9, no YaRN), the Ministral 3 children are ``ministral3`` (YaRN + ``llama_4_scaling_beta``).
+        Tying comes from ``text_config.tie_word_embeddings`` (default False), never the outer flag: transformers
+        5.x defaults the outer one to True, which would discard the 24B's real ``lm_head``.
+        """
+        if not any(a in MULTIMODAL_ARCHITECTURES for a in hf.get("architectures") or []):
+            return hf
+        text = dict(hf.get("text_config") or {})
+        if not text:
+            raise ConfigError("config.json declares Mistral3ForConditionalGeneration but has no text_config")
+        model_type = text.get("model_type", "mistral")
+        by_type = {t: a for a, t in HF_ARCHITECTURES.items()}
+        if model_type not in by_type:
+            raise ConfigError(f"text_config.model_type={model_type!r} is not one of {sorted(by_type)}")
+        for key in ("bos_token_id", "eos_token_id"):
+            if key not in text and key in hf:
+                text[key] = hf[key]
+        return {**text, "architectures": [by_type[model_type]], "tie_word_embeddings": text.get("tie_word_embeddings", False)}
 
     def to_hf(self) -> dict[str, Any]:
         """A ``config.json`` that transformers loads into the matching *ForCausalLM class."""
