@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
-from nemo_plugins.convert import hf_io
-from nemo_plugins.convert.model_io import gather_hf_state
+from nemo_plugins.convert.model_io import export_hf
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
@@ -135,10 +134,9 @@ def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: 
     layout = generation_layout(plan.layout(stage))
     initialize(layout, inputs.seed)
     config, model = load_model(megatron_source(checkpoint), layout, inputs.dtype)
-    state = gather_hf_state(model, config)
-    if dist.get_rank() == 0:
-        # the runner owns the export folder: a rerun after a kill before the sample replaces its own export
-        hf_io.write_model_dir(state, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
+    # streamed to rank 0 tensor by tensor; the runner owns the export folder: a rerun after a kill before the
+    # sample replaces its own export
+    export_hf(model, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
     return model
 
 
