@@ -17,6 +17,9 @@ chunk by chunk and no [tokens x vocab] tensor exists at all.
 
 Options: ``temperature`` (both distributions at z / T), ``ce_weight`` (mix in next-token cross-entropy on
 ``labels``, (1 - w) KL + w CE; 0 = the paper's KL alone) and ``reverse`` (KL(student || teacher), ablations).
+
+``reduction="sum"`` returns the sum over unmasked tokens instead of their mean: the training step hands that
+sum and the token count to megatron, which divides by the count of every micro-batch, DP and CP rank together.
 """
 
 from __future__ import annotations
@@ -122,9 +125,9 @@ def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions,
 
 class _FusedKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, mask, labels, options: KLOptions, group, needs_grad: bool):
+    def forward(ctx, hidden, weight, teacher, mask, labels, options: KLOptions, group, needs_grad: bool, mean: bool):
         tokens = hidden.shape[0]
-        count = mask.sum().clamp_min(1.0)
+        count = mask.sum().clamp_min(1.0) if mean else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if needs_grad:
             grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -138,18 +141,18 @@ class _FusedKL(torch.autograd.Function):
                                               None if labels is None else labels[rows], options, group, vocab_start)
             total += loss.sum()
             if needs_grad:
-                grad = (grad / count).to(weight.dtype)
+                grad = (grad if count is None else grad / count).to(weight.dtype)
                 grad_hidden[rows] = grad @ weight
                 grad_weight += (grad.T @ h).float()
         if needs_grad:
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
             ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
-        return total / count
+        return total if count is None else total / count
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None, None, None
 
 
 def fused_kl_loss(
@@ -160,8 +163,10 @@ def fused_kl_loss(
     labels: torch.Tensor | None = None,
     options: KLOptions = KLOptions(),
     tp_group=None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean over unmasked tokens of KL(p_teacher || p_student), student logits = ``hidden @ weight.T``.
+    """Mean (or, with ``reduction="sum"``, sum) over unmasked tokens of KL(p_teacher || p_student), student
+    logits = ``hidden @ weight.T``.
 
     Shapes: ``hidden`` [tokens, hidden], ``weight`` [vocab_shard, hidden], ``teacher`` a ``DenseTeacher`` /
     ``FusedTeacher`` (a plain tensor means dense logits [tokens, vocab_shard]), ``mask`` [tokens], ``labels``
@@ -169,6 +174,8 @@ def fused_kl_loss(
     """
     if options.ce_weight > 0 and labels is None:
         raise ConfigError("distill.ce_weight > 0 needs labels")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if isinstance(teacher, torch.Tensor):
         teacher = DenseTeacher(teacher)
     if teacher.shape != (hidden.shape[0], weight.shape[0]):
@@ -177,7 +184,7 @@ def fused_kl_loss(
             f"({hidden.shape[0]}, {weight.shape[0]}): teacher and student need the same vocabulary and TP layout"
         )
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _FusedKL.apply(hidden, weight, teacher, mask, labels, options, tp_group, needs_grad)
+    return _FusedKL.apply(hidden, weight, teacher, mask, labels, options, tp_group, needs_grad, reduction == "mean")
 
 
 @torch.no_grad()

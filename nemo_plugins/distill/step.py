@@ -3,6 +3,14 @@ student forward/backward through megatron's pipeline schedules with the fused fo
 
 A batch is ``(tokens, positions)`` or ``(tokens, positions, target_mask)``; the mask (a chat mix's assistant
 tokens) narrows the loss to those targets, which is all that separates SFT-KD from pretraining distillation.
+
+Normalisation: the gradient is the mean over every target token of the global batch, whatever the number of
+targets in each micro-batch, DP rank and CP rank (SFT masks make them unequal). Each micro-batch's loss function
+returns ``(loss sum, target count, ...)`` and megatron's per-token path (``calculate_per_token_loss``) sums the
+counts over micro-batches, then over the DP x CP group in ``finalize_model_grads``, and divides the summed
+gradients by that total; DDP then sums instead of averaging. A per-micro-batch mean would weight a micro-batch
+with 3 targets like one with 3,000, and under CP megatron's legacy path multiplies each rank's mean by cp while
+DDP divides by dp x cp only: gradients cp times too large.
 """
 
 from __future__ import annotations
@@ -37,18 +45,27 @@ def split_micro_batches(batch: tuple, train: TrainSettings) -> list[dict[str, to
     return [local_batch(*rows) for rows in zip(*parts)]
 
 
+def use_per_token_loss(model: torch.nn.Module) -> None:
+    """Let megatron divide the summed gradients by the global target count. Must run before DDP wraps the model:
+    DDP reads the flag at construction to drop its 1 / (dp x cp) gradient scaling."""
+    model.config.calculate_per_token_loss = True
+
+
 @dataclass
 class DistillationStep:
-    """``step(ddp, batch) -> mean loss`` for the training loop."""
+    """``step(ddp, batch) -> mean loss per target token of the global batch`` for the training loop."""
 
     teacher: Teacher
     kl: KLOptions
     train: TrainSettings
 
     def __call__(self, ddp: torch.nn.Module, batch: tuple) -> float:
+        student = ddp.module
+        if not student.config.calculate_per_token_loss:
+            raise RuntimeError("the distillation step normalises by the global token count: call "
+                              "use_per_token_loss(model) before wrapping the model in DDP")
         micro = split_micro_batches(batch, self.train)
         teacher_out = self.teacher.run([(b["tokens"], b["positions"]) for b in micro])
-        student = ddp.module
         kl, sequence_parallel, group = self.kl, student.config.sequence_parallel, tp_group()
 
         def forward_step(data_iterator, chunk):
@@ -57,9 +74,11 @@ class DistillationStep:
 
             def loss_func(output):
                 labels = micro_batch["labels"].reshape(-1) if kl.ce_weight > 0 else None
-                loss = fused_kl_loss(flatten_tokens(full_sequence(output, sequence_parallel)), student.output_weight(),
-                                     teacher_out[index], micro_batch["mask"].reshape(-1), labels, kl, group)
-                return loss, {"loss": loss.detach().clone()}
+                mask = micro_batch["mask"].reshape(-1)
+                loss_sum = fused_kl_loss(flatten_tokens(full_sequence(output, sequence_parallel)),
+                                         student.output_weight(), teacher_out[index], mask, labels, kl, group, "sum")
+                count = mask.sum().to(torch.int)
+                return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "tokens": count}
 
             return hidden, loss_func
 
@@ -74,8 +93,8 @@ class DistillationStep:
         )
         local = torch.zeros(2, dtype=torch.float64)
         for out in outputs:
-            local[0] += out["loss"].double().cpu()
-            local[1] += 1
+            local[0] += out["loss_sum"].double().cpu()
+            local[1] += out["tokens"].double().cpu()
         loss_sum, count = sum_from_last_stage(local).tolist()
         return loss_sum / max(count, 1.0)
 
@@ -94,5 +113,6 @@ def train_with_distillation(student: torch.nn.Module, student_config: MistralCon
         return evaluate_heldout(student, teacher, tokens, positions, train.micro_batch_size, kl.chunk_tokens,
                                 target_mask[0] if target_mask else None)
 
+    use_per_token_loss(student)
     run = TrainingRun(student, student_config, train, optimizer, Path(out_dir), tokenizer_dir, name, facts or RunFacts())
     return run.run(DistillationStep(teacher, kl, train), data, evaluate, cursor)
