@@ -95,12 +95,15 @@ def check_data_budget(data, cursor: Cursor, rows: int, seq_len: int, budget_key:
                         f"lower {budget_key}")
 
 
-def build_mix(tokenizer, sources: list[SourceSpec], cache_dir: str, heldout_fraction: float) -> "DataMix":
-    """Tokenise every source once into a cached token file and mix them."""
+def build_mix(tokenizer, sources: list[SourceSpec], cache_dir: str, heldout_fraction: float,
+              prebuilt_by: str | None = None) -> "DataMix":
+    """Tokenise every source once into a cached token file (rank 0 builds, the other ranks wait) and mix them.
+    ``prebuilt_by``: the command that builds the token files offline (``python -m recipes.tokenize ...``); when
+    given, a missing file is a ``DataError`` naming it instead of a build inside the job."""
     if not sources:
         raise ConfigError("data.sources is empty")
-    return DataMix([MixSource(s.name, tokenize_to_file(tokenizer, list(s.paths), cache_dir, s.name), s.weight)
-                    for s in sources], heldout_fraction)
+    return DataMix([MixSource(s.name, tokenize_to_file(tokenizer, list(s.paths), cache_dir, s.name, prebuilt_by),
+                              s.weight) for s in sources], heldout_fraction)
 
 
 def check_sources(weights: dict[str, float], heldout_fraction: float, count: int) -> None:

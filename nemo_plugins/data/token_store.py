@@ -4,54 +4,100 @@ A token file is three siblings sharing a prefix:
 * ``<prefix>.bin``   every document's token ids end to end, each document followed by EOS (uint16 when the
   vocabulary fits, else uint32);
 * ``<prefix>.idx``   int64 start offset of every document, plus the total length at the end;
-* ``<prefix>.json``  what it was built from (tokenizer, files with sizes and mtimes) and counts.
-Writing goes to temporary names renamed into place, so a killed build leaves no half file behind, and a
-rebuild happens only when the key (tokenizer + source files) changes.
+* ``<prefix>.json``  what it was built from (paths, key of tokenizer + source files) and counts.
+Files are written under temporary names and renamed into place, ``.json`` last (it marks the file complete), so a
+killed build leaves no half file behind; a rebuild happens only when the key (tokenizer + source files) changes.
+
+Building scales out: the corpus is split into ``parts`` pieces of about equal bytes (``text_files.split_pieces``),
+each tokenised by a worker process into a part file (``<prefix>.part-00003-of-00008.*``), and the parts are
+concatenated in order. The documents and their order do not depend on the split, so the store is the same bytes
+for any number of parts or workers, built by one process pool or by the tasks of a Slurm array
+(``recipes/tokenize.py``). Inside a training job only rank 0 builds a missing entry while the others wait
+(``built_once``); a cluster preset can instead require the store to exist (``prebuilt_by``: the command to run).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from nemo_plugins.data.text_files import iter_documents, resolve
-from nemo_plugins.errors import ConfigError, DataError
+from nemo_plugins.data.text_files import Piece, piece_documents, resolve, split_pieces
+from nemo_plugins.errors import ConfigError, DataError, ProjectError
 from nemo_plugins.manifest import read_json
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".bin", ".idx", ".json")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
+def sibling(prefix: Path, suffix: str) -> Path:
+    return prefix.with_name(prefix.name + suffix)
+
+
+def _describe(metadata: dict, vocab_size: int, eos_id: int, documents: int, tokens: int) -> str:
+    return json.dumps({**metadata, "vocab_size": vocab_size, "eos_id": eos_id, "dtype": token_dtype(vocab_size).name,
+                       "documents": documents, "tokens": tokens}, indent=2)
+
+
+def _publish(partial: dict[str, Path], prefix: Path, write: Callable[[], None]) -> None:
+    """``write`` the files under their temporary names, then rename them into place, ``.json`` last; a failed
+    write leaves nothing behind."""
+    try:
+        write()
+        for suffix in SUFFIXES:
+            os.replace(partial[suffix], sibling(prefix, suffix))
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+
+
+def _partial_names(prefix: Path) -> dict[str, Path]:
+    """Temporary names private to this process (two writers never rename each other's files)."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    return {s: prefix.with_name(f".{prefix.name}{s}.{os.getpid()}.partial") for s in SUFFIXES}
+
+
+def _write(documents: Iterable[list[int]], prefix: Path, vocab_size: int, eos_id: int, metadata: dict,
+           allow_empty: bool) -> None:
+    dtype = token_dtype(vocab_size)
+    partial = _partial_names(prefix)
+
+    def write() -> None:
+        starts = [0]
+        with open(partial[".bin"], "wb") as out:
+            for doc in documents:
+                if not doc:
+                    continue
+                ids = np.asarray(list(doc) + [eos_id], dtype=np.int64)
+                if ids.max() >= vocab_size or ids.min() < 0:
+                    raise ConfigError(f"token id {int(ids.max())} outside the vocabulary of {vocab_size}: wrong tokenizer for this model")
+                out.write(ids.astype(dtype).tobytes())
+                starts.append(starts[-1] + len(ids))
+        if len(starts) == 1 and not allow_empty:
+            raise DataError(f"no non-empty documents for token file {prefix}")
+        np.asarray(starts, dtype=np.int64).tofile(partial[".idx"])
+        partial[".json"].write_text(_describe(metadata, vocab_size, eos_id, len(starts) - 1, starts[-1]))
+
+    _publish(partial, prefix, write)
+
+
 def write_token_file(documents: Iterable[list[int]], prefix: str | Path, vocab_size: int, eos_id: int, metadata: dict) -> "TokenFile":
     """Write documents (lists of ids) as a token file; returns it opened."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(vocab_size)
-    starts = [0]
-    tmp_bin, tmp_idx, tmp_json = (prefix.with_name(prefix.name + s + ".partial") for s in (".bin", ".idx", ".json"))
-    with open(tmp_bin, "wb") as out:
-        for doc in documents:
-            if not doc:
-                continue
-            ids = np.asarray(list(doc) + [eos_id], dtype=np.int64)
-            if ids.max() >= vocab_size or ids.min() < 0:
-                raise ConfigError(f"token id {int(ids.max())} outside the vocabulary of {vocab_size}: wrong tokenizer for this model")
-            out.write(ids.astype(dtype).tobytes())
-            starts.append(starts[-1] + len(ids))
-    if len(starts) == 1:
-        raise DataError(f"no non-empty documents for token file {prefix}")
-    np.asarray(starts, dtype=np.int64).tofile(tmp_idx)
-    tmp_json.write_text(json.dumps({**metadata, "vocab_size": vocab_size, "eos_id": eos_id, "dtype": dtype.name,
-                                    "documents": len(starts) - 1, "tokens": starts[-1]}, indent=2))
-    for tmp, suffix in ((tmp_bin, ".bin"), (tmp_idx, ".idx"), (tmp_json, ".json")):
-        os.replace(tmp, prefix.with_name(prefix.name + suffix))
+    _write(documents, Path(prefix), vocab_size, eos_id, metadata, allow_empty=False)
     return TokenFile(prefix)
 
 
@@ -63,7 +109,7 @@ class TokenFile:
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix)
-        meta_path, bin_path, idx_path = (self.prefix.with_name(self.prefix.name + s) for s in (".json", ".bin", ".idx"))
+        bin_path, idx_path, meta_path = (sibling(self.prefix, s) for s in SUFFIXES)
         self.metadata = read_json(meta_path)
         if self.metadata is None:
             raise DataError(f"token file {self.prefix} not found (no {meta_path.name})")
@@ -100,12 +146,145 @@ def source_key(tokenizer_name: str, vocab_size: int, paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenize_to_file(tokenizer, paths: list[str], cache_dir: str | Path, name: str) -> TokenFile:
-    """The cached token file of ``paths`` under ``cache_dir``; built on first use."""
-    vocab = len(tokenizer)
-    key = source_key(getattr(tokenizer, "name_or_path", type(tokenizer).__name__), vocab, paths)
-    prefix = Path(cache_dir) / f"{name}-{key}"
-    if prefix.with_name(prefix.name + ".json").is_file():
-        return TokenFile(prefix)
-    docs = (tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in iter_documents(paths))
-    return write_token_file(docs, prefix, vocab, tokenizer.eos_token_id, {"paths": list(paths), "key": key})
+def store_prefix(tokenizer, paths: list[str], cache_dir: str | Path, name: str) -> tuple[Path, str]:
+    """Where the token file of ``paths`` lives under ``cache_dir``, and its key."""
+    key = source_key(getattr(tokenizer, "name_or_path", type(tokenizer).__name__), len(tokenizer), paths)
+    return Path(cache_dir) / f"{name}-{key}", key
+
+
+def is_built(prefix: Path) -> bool:
+    return sibling(prefix, ".json").is_file()
+
+
+def part_prefix(prefix: Path, part: int, parts: int) -> Path:
+    return prefix.with_name(f"{prefix.name}.part-{part:05d}-of-{parts:05d}")
+
+
+def tokenize_part(tokenizer, pieces: list[Piece], prefix: Path, metadata: dict) -> Path:
+    """Tokenise the documents of ``pieces`` into the part file ``prefix`` (run in a worker process)."""
+    documents = (tokenizer(text, add_special_tokens=False)["input_ids"] for piece in pieces
+                 for _, text in piece_documents(piece))
+    _write(documents, prefix, len(tokenizer), tokenizer.eos_token_id, metadata, allow_empty=True)
+    return prefix
+
+
+def merge_parts(prefix: Path, parts: int, metadata: dict) -> "TokenFile":
+    """Concatenate the part files, in order, into the token file ``prefix``; the parts are removed after."""
+    files = [TokenFile(part_prefix(prefix, i, parts)) for i in range(parts)]
+    for i, file in enumerate(files):
+        if file.metadata.get("key") != metadata["key"] or file.metadata.get("part") != [i, parts]:
+            raise DataError(f"part file {file.prefix} belongs to another build (key {file.metadata.get('key')}, "
+                            f"part {file.metadata.get('part')}): delete it and rerun")
+    vocab_size, eos_id = files[0].metadata["vocab_size"], files[0].metadata["eos_id"]
+    offsets = np.cumsum([0] + [len(f) for f in files])
+    starts = np.concatenate([f.starts[:-1] + offset for f, offset in zip(files, offsets)] + [offsets[-1:]])
+    if len(starts) == 1:
+        raise DataError(f"no non-empty documents for token file {prefix} (paths {metadata.get('paths')})")
+    partial = _partial_names(prefix)
+
+    def write() -> None:
+        if parts == 1:  # a second name for the one part (no copy); the part stays intact until the end
+            _link_or_copy(sibling(files[0].prefix, ".bin"), partial[".bin"])
+        else:
+            with open(partial[".bin"], "wb") as out:
+                for file in files:
+                    with open(sibling(file.prefix, ".bin"), "rb") as part:
+                        shutil.copyfileobj(part, out, 1 << 24)
+        starts.astype(np.int64).tofile(partial[".idx"])
+        partial[".json"].write_text(_describe(metadata, vocab_size, eos_id, len(starts) - 1, int(starts[-1])))
+
+    _publish(partial, prefix, write)
+    for file in files:
+        for suffix in SUFFIXES:
+            sibling(file.prefix, suffix).unlink(missing_ok=True)
+    return TokenFile(prefix)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(source, target)
+
+
+def build_token_file(tokenizer, paths: list[str], cache_dir: str | Path, name: str, workers: int = 1,
+                     parts: int | None = None, shard: tuple[int, int] | None = None) -> Path:
+    """Build the token file of ``paths`` (if missing) with ``workers`` processes over ``parts`` parts (default
+    ``workers``); with ``shard=(i, n)`` only the parts ``p % n == i`` are tokenised and nothing is merged (one
+    task of many: a later call without ``shard`` finds every part done and merges). Returns the prefix."""
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    prefix, key = store_prefix(tokenizer, paths, cache_dir, name)
+    if is_built(prefix):
+        return prefix
+    parts = parts or workers
+    pieces = split_pieces(list(paths), parts)
+    todo = [i for i in range(parts) if (shard is None or i % shard[1] == shard[0])
+            and not is_built(part_prefix(prefix, i, parts))]
+    jobs = [(tokenizer, pieces[i], part_prefix(prefix, i, parts), {"paths": list(paths), "key": key, "part": [i, parts]})
+            for i in todo]
+    logger.info("tokenising %s: %d of %d parts with %d worker(s) into %s", name, len(todo), parts, workers, prefix)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            tokenize_part(*job)
+    else:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+            list(pool.map(tokenize_part, *zip(*jobs)))
+    if shard is None:
+        merge_parts(prefix, parts, {"paths": list(paths), "key": key})
+    return prefix
+
+
+def built_once(locate: Callable[[], Path], build: Callable[[Path], object], what: str,
+               prebuilt_by: str | None = None) -> Path:
+    """The prefix of a cache entry, built if missing by rank 0 alone while every other rank waits (a torch
+    distributed job), then checked by all. ``locate`` runs on rank 0 only (it may stat a whole corpus). With
+    ``prebuilt_by`` (the command that builds it offline) a missing entry is a ``DataError`` on every rank."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    outcome: list = [None, None]
+    if rank == 0:
+        try:
+            prefix = locate()
+            if not is_built(prefix):
+                if prebuilt_by:
+                    raise DataError(f"no prebuilt {what} at {prefix}.*: this configuration requires it built "
+                                    f"before the job (data.require_prebuilt); run: {prebuilt_by}")
+                build(prefix)
+            outcome[0] = str(prefix)
+        except Exception as err:
+            if not distributed:
+                raise
+            outcome[1] = err if isinstance(err, ProjectError) else \
+                RuntimeError(f"rank 0 failed building {what}: {type(err).__name__}: {err}")
+            _broadcast(outcome)
+            raise
+    if distributed:
+        _broadcast(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    prefix = Path(outcome[0])
+    if not is_built(prefix):
+        raise DataError(f"{what} built by rank 0 at {prefix} is not visible on rank {rank}: the cache directory must "
+                        "be on a filesystem every node shares")
+    return prefix
+
+
+def _broadcast(outcome: list) -> None:
+    import torch.distributed as dist
+
+    from nemo_plugins.distributed import device
+
+    dist.broadcast_object_list(outcome, src=0, device=device())
+
+
+def tokenize_to_file(tokenizer, paths: list[str], cache_dir: str | Path, name: str,
+                     prebuilt_by: str | None = None) -> TokenFile:
+    """The cached token file of ``paths`` under ``cache_dir``: built on first use by rank 0 (one process), or
+    required to exist when ``prebuilt_by`` names the offline command (cluster presets)."""
+    prefix = built_once(lambda: store_prefix(tokenizer, paths, cache_dir, name)[0],
+                        lambda _: build_token_file(tokenizer, paths, cache_dir, name),
+                        f"token file of source {name!r}", prebuilt_by)
+    return TokenFile(prefix)
