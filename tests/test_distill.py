@@ -121,3 +121,29 @@ def test_bad_frozen_patterns_are_config_errors(tmp_path, teacher, mix, pattern, 
     _, run = _run(tmp_path, teacher, mix, steps=1, frozen_parameters=(pattern,))
     with pytest.raises(ConfigError, match=message):
         run(Cursor())
+
+
+def test_the_teacher_runs_all_micro_batches_through_one_schedule(teacher, monkeypatch):
+    """One forward-only schedule per step (the pipeline drains once), and each micro-batch's hidden states are
+    the teacher model's own."""
+    import nemo_plugins.distill.teacher as teacher_module
+
+    calls, real = [], teacher_module.get_forward_backward_func
+
+    def counting():
+        schedule = real()
+
+        def record(**kwargs):
+            calls.append(kwargs["num_microbatches"])
+            return schedule(**kwargs)
+
+        return record
+
+    monkeypatch.setattr(teacher_module, "get_forward_backward_func", counting)
+    micro = [(torch.randint(0, 128, (2, 16)), torch.arange(16).expand(2, -1).contiguous()) for _ in range(3)]
+    out = teacher.run(micro)
+    assert calls == [3]
+    with torch.no_grad():
+        for (tokens, positions), fused in zip(micro, out):
+            hidden = teacher.model(tokens, positions, return_hidden=True)
+            torch.testing.assert_close(fused.hidden, hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]))

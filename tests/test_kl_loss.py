@@ -37,6 +37,25 @@ def test_fused_equals_naive_in_value_and_gradient(options):
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_sum_reduction_is_the_naive_sum_over_targets_in_value_and_gradient():
+    """What the training step hands megatron: sum over unmasked tokens (naive mean x target count), whatever the
+    chunking; the sums of two token ranges add up to the sum of both."""
+    h, w, teacher, mask, labels = problem()
+    options = KLOptions(ce_weight=0.25, chunk_tokens=7)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    fused = fused_kl_loss(h1, w1, teacher, mask, labels, options, reduction="sum")
+    naive = naive_kl_loss(h2 @ w2.T, teacher, mask, labels, options) * mask.sum()
+    fused.backward()
+    naive.backward()
+    assert fused.item() == pytest.approx(naive.item(), rel=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    halves = [fused_kl_loss(h[rows], w, teacher[rows], mask[rows], labels[rows], options, reduction="sum")
+              for rows in (slice(0, 20), slice(20, None))]
+    assert sum(halves).item() == pytest.approx(fused.item(), rel=1e-6)
+
+
 def test_masked_tokens_do_not_contribute():
     h, w, teacher, mask, labels = problem()
     mask[:10] = 0
