@@ -1,0 +1,149 @@
+"""``hf:`` sources that are Mistral3ForConditionalGeneration directories (Mistral Small 3.1, the Ministral 3 releases),
+built and saved by transformers itself: the text model's config and weights, in both weight layouts transformers
+writes, give transformers' text-path logits; conversion keeps the vision part; evaluate runs on such a source."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from hydra import compose, initialize_config_dir
+from safetensors import safe_open
+
+from nemo_plugins.convert import hf_io
+from nemo_plugins.convert.sources import ModelSource, hf_dir, load_model, multimodal_part, source_config
+from nemo_plugins.data.text_files import iter_documents
+from nemo_plugins.data.tokenizer import load_tokenizer, tokenizer_files
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.eval.perplexity import token_windows
+from nemo_plugins.model.config import MistralConfig, YarnScaling
+from recipes import convert
+from recipes import evaluate as evaluate_recipe
+from recipes._entry import CONF_DIR
+from tests.conftest import tiny_config
+
+VISION = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              head_dim=16, image_size=56, patch_size=14)
+TEXT = {
+    # Mistral Small 3.1 24B's text model: a plain Mistral (rope_theta 1e9, no YaRN), untied
+    "mistral": tiny_config(rope_theta=1e9, max_position_embeddings=256),
+    # a Ministral 3 child: ministral3 with YaRN, attention temperature, tied (as the 3B)
+    "ministral3": tiny_config(architecture="Ministral3ForCausalLM", tie_embeddings=True, max_position_embeddings=64,
+                              rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=16),
+                              attention_temperature_beta=0.1, rope_theta=1e6),
+}
+
+
+def mistral3_model(text: MistralConfig, seed: int = 0) -> torch.nn.Module:
+    """A random transformers Mistral3ForConditionalGeneration whose text model has exactly ``text``'s shape."""
+    text_config = {k: v for k, v in text.to_hf().items() if k not in ("architectures", "torch_dtype")}
+    config = transformers.Mistral3Config(text_config=text_config, vision_config=dict(VISION),
+                                         tie_word_embeddings=text.tie_embeddings)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Mistral3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    return model
+
+
+def save(model, path, original_format: bool = True, drop_outer_tie: bool = False):
+    model.save_pretrained(path, save_original_format=original_format)
+    if drop_outer_tie:  # the released 24B config.json has no outer tie_word_embeddings
+        raw = json.loads((path / "config.json").read_text())
+        raw.pop("tie_word_embeddings")
+        (path / "config.json").write_text(json.dumps(raw))
+    return path
+
+
+def stored_names(path):
+    with safe_open(str(path / hf_io.SINGLE_NAME), "pt") as f:
+        return set(f.keys())
+
+
+def text_logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT))
+def test_config_is_the_text_model(kind, tmp_path):
+    text = TEXT[kind]
+    path = save(mistral3_model(text), tmp_path / "m3", drop_outer_tie=not text.tie_embeddings)
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["Mistral3ForConditionalGeneration"]
+    assert source_config(ModelSource.parse(f"hf:{path}")) == text
+
+
+@pytest.mark.parametrize("original_format", [True, False], ids=["language_model.model", "model.language_model"])
+@pytest.mark.parametrize("kind", sorted(TEXT))
+def test_logits_equal_transformers_text_path(kind, original_format, tmp_path):
+    text = TEXT[kind]
+    reference = mistral3_model(text)
+    path = save(reference, tmp_path / "m3", original_format, drop_outer_tie=not text.tie_embeddings)
+    prefix = "language_model.model." if original_format else "model.language_model."
+    assert any(n.startswith(prefix) for n in stored_names(path)), "the layout under test is the one transformers wrote"
+    config, model = load_model(ModelSource.parse(f"hf:{path}"), ParallelConfig())
+    length = 3 * 16 + 5  # past the ministral3 temperature period
+    tokens = torch.randint(0, text.vocab_size, (2, length))
+    with torch.no_grad():
+        ours = model.eval()(tokens, torch.arange(length).expand(2, -1))
+    assert (ours - text_logits(reference, tokens)).abs().max().item() <= 1e-4
+
+
+def test_outer_tie_flag_never_discards_the_real_lm_head(tmp_path):
+    """transformers 5.x defaults Mistral3's outer tie_word_embeddings to True; the 24B's text model is untied."""
+    text = TEXT["mistral"]
+    reference = mistral3_model(text)
+    path = save(reference, tmp_path / "m3", drop_outer_tie=True)
+    config, model = load_model(ModelSource.parse(f"hf:{path}"), ParallelConfig())
+    assert not config.tie_embeddings
+    assert torch.equal(model.output_layer.weight, reference.lm_head.weight)
+    assert not torch.equal(model.output_layer.weight, reference.model.language_model.embed_tokens.weight)
+
+
+def test_convert_to_hf_writes_the_text_model_and_keeps_the_vision_part_verbatim(tmp_path):
+    text = TEXT["mistral"]
+    reference = mistral3_model(text)
+    src = save(reference, tmp_path / "m3")
+    out = tmp_path / "out"
+    convert.run(convert.parse_args(["--src", f"hf:{src}", "--to-hf", str(out), "--max-shard-gb", str(20_000 / 2**30)]))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    assert (out / hf_io.INDEX_NAME).is_file(), "sharded"
+    stored = hf_io.read_state(src)
+    exported = hf_io.read_state(out)
+    assert sorted(exported) == sorted(stored) and all(torch.equal(exported[n], stored[n]) for n in stored)
+    vision = {n: t for n, t in reference.state_dict().items() if "vision_tower" in n or "multi_modal_projector" in n}
+    with safe_open(str(out / hf_io.MULTIMODAL_NAME), "pt") as f:
+        kept = {n: f.get_tensor(n) for n in f.keys()}
+    assert len(kept) == len(vision) > 0
+    assert all(torch.equal(kept[n], vision["model." + n]) for n in kept), "copied unchanged, names as released"
+    assert json.loads((out / hf_io.MULTIMODAL_CONFIG).read_text())["vision_config"]["hidden_size"] == VISION["hidden_size"]
+    assert hf_io.MULTIMODAL_NAME in (out / hf_io.README).read_text()
+    # transformers loads the export as the text model, with the same logits
+    causal = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    tokens = torch.randint(0, text.vocab_size, (1, 20))
+    assert (text_logits(causal, tokens) - text_logits(reference, tokens)).abs().max().item() <= 1e-5
+    # an export of the export still carries the vision part
+    again = tmp_path / "again"
+    convert.run(convert.parse_args(["--src", f"hf:{out}", "--to-hf", str(again)]))
+    assert multimodal_part(ModelSource.parse(f"hf:{again}")).tensors.keys() == kept.keys()
+
+
+def test_evaluate_on_a_mistral3_source_matches_transformers_perplexity(tmp_path):
+    text = tiny_config(vocab_size=49_152)
+    reference = mistral3_model(text)
+    src = save(reference, tmp_path / "m3", drop_outer_tie=True)
+    for name, file in tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2"))).items():
+        (src / name).write_bytes(file.read_bytes())
+    overrides = [f"model.source=hf:{src}", "model.architecture=null", "data.seq_len=32", "data.max_windows=3",
+                 "micro_batch_size=3", f"output={tmp_path / 'ppl.json'}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        report = evaluate_recipe.run(compose(config_name="evaluate", overrides=overrides))
+    windows = token_windows(load_tokenizer(src), iter_documents(["stdlib:json", "stdlib:email"]), 32, 3)
+    logits = text_logits(reference, windows[:, :-1])
+    expected = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert report["tokens"] == windows[:, 1:].numel()
+    assert abs(report["mean_nll"] - expected) <= 1e-4
