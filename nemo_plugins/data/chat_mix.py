@@ -5,7 +5,8 @@ them, or ``builtin:<name>`` (the demo conversations of ``instruct_sources.materi
 ``{"messages": [...], "tools": [...]}`` (``tools`` optional, other keys such as ``meta`` ignored); a bad line is
 a ``DataError`` naming ``file:line`` and what is wrong. A ``ChatFormat`` renders every source once into a
 cached token file (tokens, per-token assistant mask, conversation starts), keyed on the files (name, size,
-mtime) and the format's fingerprint.
+mtime) and the format's fingerprint; inside a job rank 0 alone renders it while the other ranks wait
+(``token_store.built_once``), and ``python -m recipes.tokenize`` can render it before the job.
 
 Rows: whole conversations laid end to end, positions restarting at 0 for each; the rest of the row is padding
 (the EOS id, a position run of its own, never a target). A conversation longer than the row is dropped and
@@ -26,7 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ import torch
 from nemo_plugins.data.chat import ChatFormat, EncodedChat
 from nemo_plugins.data.instruct_sources import materialize
 from nemo_plugins.data.mix import Cursor, SourceSpec, check_sources, round_robin_order
-from nemo_plugins.data.token_store import TokenFile, source_key, token_dtype
+from nemo_plugins.data.token_store import TokenFile, built_once, source_key, token_dtype
 from nemo_plugins.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -137,25 +138,34 @@ def encode_jsonl(files: list[Path], chat_format: ChatFormat) -> Iterator[Encoded
                 yield encoded
 
 
-def tokenize_chat_source(chat_format: ChatFormat, spec: SourceSpec, cache_dir: str | Path) -> ChatTokens:
-    """The cached chat token file of one source under ``cache_dir``; rendered on first use."""
-    files = resolve_chat_paths(list(spec.paths), cache_dir)
-    key = source_key(chat_format.fingerprint, chat_format.vocab_size, [str(f) for f in files])
-    prefix = Path(cache_dir) / f"{spec.name}-chat-{key}"
-    if prefix.with_name(prefix.name + ".json").is_file():
-        return ChatTokens(prefix)
-    logger.info("rendering chat source %s with %s (once; cached at %s)", spec.name, chat_format.name, prefix)
-    return write_chat_tokens(encode_jsonl(files, chat_format), prefix, chat_format.vocab_size, chat_format.pad_id,
-                             {"paths": list(spec.paths), "files": [str(f) for f in files], "format": chat_format.name, "key": key})
+def tokenize_chat_source(chat_format: ChatFormat, spec: SourceSpec, cache_dir: str | Path,
+                         prebuilt_by: str | None = None) -> ChatTokens:
+    """The cached chat token file of one source under ``cache_dir``: rendered on first use by rank 0 alone (the
+    other ranks wait), or required to exist when ``prebuilt_by`` names the offline command."""
+
+    def locate() -> tuple[Path, Callable[[], object]]:
+        files = resolve_chat_paths(list(spec.paths), cache_dir)
+        key = source_key(chat_format.fingerprint, chat_format.vocab_size, [str(f) for f in files])
+        prefix = Path(cache_dir) / f"{spec.name}-chat-{key}"
+
+        def build() -> None:
+            logger.info("rendering chat source %s with %s (once; cached at %s)", spec.name, chat_format.name, prefix)
+            write_chat_tokens(encode_jsonl(files, chat_format), prefix, chat_format.vocab_size, chat_format.pad_id,
+                              {"paths": list(spec.paths), "files": [str(f) for f in files], "format": chat_format.name,
+                               "key": key})
+
+        return prefix, build
+
+    return ChatTokens(built_once(locate, f"chat token file of source {spec.name!r}", prebuilt_by))
 
 
 def build_chat_mix(chat_format: ChatFormat, sources: list[SourceSpec], cache_dir: str | Path,
-                   heldout_fraction: float) -> "ChatMix":
-    """Render every source once (cached) and mix them."""
+                   heldout_fraction: float, prebuilt_by: str | None = None) -> "ChatMix":
+    """Render every source once (cached; see ``tokenize_chat_source``) and mix them."""
     if not sources:
         raise ConfigError("data.sources is empty")
-    return ChatMix([ChatSource(s.name, tokenize_chat_source(chat_format, s, cache_dir), s.weight) for s in sources],
-                   heldout_fraction, chat_format.pad_id)
+    return ChatMix([ChatSource(s.name, tokenize_chat_source(chat_format, s, cache_dir, prebuilt_by), s.weight)
+                    for s in sources], heldout_fraction, chat_format.pad_id)
 
 
 @dataclass(frozen=True)
