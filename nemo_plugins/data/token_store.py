@@ -235,11 +235,11 @@ def build_token_file(tokenizer, paths: list[str], cache_dir: str | Path, name: s
     return prefix
 
 
-def built_once(locate: Callable[[], Path], build: Callable[[Path], object], what: str,
-               prebuilt_by: str | None = None) -> Path:
+def built_once(locate: Callable[[], tuple[Path, Callable[[], object]]], what: str, prebuilt_by: str | None = None) -> Path:
     """The prefix of a cache entry, built if missing by rank 0 alone while every other rank waits (a torch
-    distributed job), then checked by all. ``locate`` runs on rank 0 only (it may stat a whole corpus). With
-    ``prebuilt_by`` (the command that builds it offline) a missing entry is a ``DataError`` on every rank."""
+    distributed job), then checked by all. ``locate`` (rank 0 only: it may stat a whole corpus) gives the prefix
+    and the function that builds it. With ``prebuilt_by`` (the command that builds it offline) a missing entry is
+    a ``DataError`` on every rank."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -247,12 +247,12 @@ def built_once(locate: Callable[[], Path], build: Callable[[Path], object], what
     outcome: list = [None, None]
     if rank == 0:
         try:
-            prefix = locate()
+            prefix, build = locate()
             if not is_built(prefix):
                 if prebuilt_by:
                     raise DataError(f"no prebuilt {what} at {prefix}.*: this configuration requires it built "
                                     f"before the job (data.require_prebuilt); run: {prebuilt_by}")
-                build(prefix)
+                build()
             outcome[0] = str(prefix)
         except Exception as err:
             if not distributed:
@@ -284,7 +284,7 @@ def tokenize_to_file(tokenizer, paths: list[str], cache_dir: str | Path, name: s
                      prebuilt_by: str | None = None) -> TokenFile:
     """The cached token file of ``paths`` under ``cache_dir``: built on first use by rank 0 (one process), or
     required to exist when ``prebuilt_by`` names the offline command (cluster presets)."""
-    prefix = built_once(lambda: store_prefix(tokenizer, paths, cache_dir, name)[0],
-                        lambda _: build_token_file(tokenizer, paths, cache_dir, name),
+    prefix = built_once(lambda: (store_prefix(tokenizer, paths, cache_dir, name)[0],
+                                 lambda: build_token_file(tokenizer, paths, cache_dir, name)),
                         f"token file of source {name!r}", prebuilt_by)
     return TokenFile(prefix)
