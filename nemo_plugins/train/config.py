@@ -52,6 +52,7 @@ class TrainSettings:
     eval_interval: int = 0  # 0: evaluate at the start and the end only
     eval_rows_per_source: int = 4
     save_interval: int = 0  # 0: only the final checkpoint
+    save_interval_minutes: float = 0.0  # also save when this much wall time passed since the last save (0: off)
     keep_last: int = 2
     max_nonfinite_steps: int = 3
     seed: int = 1234
@@ -69,6 +70,9 @@ class TrainSettings:
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
+        if not self.save_interval_minutes >= 0:
+            raise ConfigError(f"train.save_interval_minutes must be >= 0 (0 turns time-based saves off), "
+                              f"got {self.save_interval_minutes}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.fp8 not in FP8_FORMATS:

@@ -27,8 +27,8 @@ from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 logger = logging.getLogger(__name__)
 
 # TrainSettings fields that change what is written down, never what is learnt
-BOOKKEEPING = ("log_interval", "eval_interval", "eval_rows_per_source", "save_interval", "keep_last",
-               "max_nonfinite_steps")
+BOOKKEEPING = ("log_interval", "eval_interval", "eval_rows_per_source", "save_interval", "save_interval_minutes",
+               "keep_last", "max_nonfinite_steps")
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,25 @@ A stage plugs in three things:
 - ``step``: ``step(ddp_model, batch) -> mean loss``; it runs forward + backward (through megatron's schedules)
   into the zeroed gradient buffers. The loop checks finiteness, steps the optimizer and the schedule.
 - ``evaluate``: ``evaluate() -> dict`` of held-out numbers, logged at step 0, every ``eval_interval`` and at the end.
+
+Saves: at the end, every ``save_interval`` steps, every ``save_interval_minutes`` of wall time (rank 0's clock
+decides: ranks never disagree about saving, which would leave some in the save's collectives and others in the
+next step's), and when SIGUSR1 or SIGTERM reaches any rank (see ``SaveTriggers``): every rank finishes the current
+step, saves, writes ``<out_dir>/requeue`` and exits with ``REQUEUE_EXIT_CODE``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import signal
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NoReturn, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,6 +36,7 @@ import torch.distributed as dist
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distributed import device
 from nemo_plugins.errors import ConfigError, NonFiniteError
+from nemo_plugins.manifest import write_json_atomic
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.checkpoint import intact_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
@@ -41,10 +50,13 @@ logger = logging.getLogger(__name__)
 _LAYER = re.compile(r"^(.*\blayers\.)\d+(\..*)$")
 
 # What a preempted run exits with after its checkpoint is written (EX_TEMPFAIL): "run me again", not "failed".
+# torchrun reports any non-zero worker code as its own exit code 1, so rank 0 also writes REQUEUE_MARKER in the
+# stage's folder (JSON: step, signal, checkpoint) for the job script; a rerun of the stage removes it.
 REQUEUE_EXIT_CODE = 75
-# SIGUSR1 only: Slurm's `--signal=USR1@<seconds>` warns ahead of the end; SIGTERM keeps its default, because
-# torchrun sends it to the survivors when a peer dies, and they must not wait on that peer to finish a step.
-SAVE_SIGNALS = (signal.SIGUSR1,)
+REQUEUE_MARKER = "requeue"
+SAVE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# How long a signalled rank waits for the others to agree to save before it takes the group for broken.
+SIGNAL_AGREEMENT_TIMEOUT = timedelta(seconds=60)
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -57,22 +69,48 @@ class Preempted(RuntimeError):
     exit_code = REQUEUE_EXIT_CODE
 
 
+class GroupLost(RuntimeError):
+    """A signalled rank could not reach the other ranks: a peer died (torchrun then SIGTERMs the survivors) or is
+    stuck; nothing can be saved, and the process group cannot even be torn down (its destructor waits for them)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what the signal's default action would have left
+
+
 class DataStream(Protocol):
     def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[Any, ...]: ...
 
 
 StepFunction = Callable[[torch.nn.Module, tuple], float]
 Evaluate = Callable[[], dict]
+Clock = Callable[[], float]
 
 
-class SaveSignal:
-    """Remembers that SIGUSR1 arrived (on any rank) so the loop saves at the end of the current step."""
+class SaveTriggers:
+    """The saves a step count cannot schedule: a signal on any rank (save, then stop) and wall time since the last
+    save, decided by one all-reduce per step so every rank reaches the same answer.
 
-    def __init__(self) -> None:
+    SIGUSR1 is Slurm's warning ahead of the end (``--signal=USR1@<seconds>``, forwarded by the job script).
+    SIGTERM means two things under torchrun, which forwards the signals it gets itself (SIGTERM by default, USR1
+    with ``--signals-to-handle``) to every worker and SIGTERMs the survivors when a worker fails. A worker cannot
+    tell which from the signal, but the agreement tells it: if every rank answers, the group is whole and saves;
+    if a signalled rank's agreement fails or gets no answer within ``timeout``, a peer is gone, so it leaves
+    without saving (``GroupLost``) instead of hanging in a collective until torchrun's SIGKILL. The last
+    periodic checkpoint is then the resume point. torchrun SIGKILLs its workers ``--shutdown-timeout`` seconds
+    (default 30) after forwarding a signal: the job must give it the time of a step plus a save.
+    """
+
+    def __init__(self, interval_minutes: float, clock: Clock = time.monotonic,
+                 timeout: timedelta = SIGNAL_AGREEMENT_TIMEOUT) -> None:
         self.received: int | None = None
+        self.interval_seconds = interval_minutes * 60.0
+        self.clock = clock
+        self.timeout = timeout
+        self.last_save = clock()
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "SaveSignal":
+    def __enter__(self) -> "SaveTriggers":
         for sig in SAVE_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -84,11 +122,30 @@ class SaveSignal:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def any_rank(self) -> bool:
-        """Every rank must agree, or one would save while the others wait at the next collective."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device())
-        dist.all_reduce(flag)
-        return bool(flag.item())
+    def saved(self) -> None:
+        """A checkpoint was just written: the wall-time interval counts from now."""
+        self.last_save = self.clock()
+
+    def decide(self) -> tuple[bool, bool]:
+        """``(stop, due)``, the same on every rank: a signal reached some rank; rank 0's clock says a save is due."""
+        due = (dist.get_rank() == 0 and self.interval_seconds > 0
+               and self.clock() - self.last_save >= self.interval_seconds)
+        flags = torch.tensor([float(self.received is not None), float(due)], device=device())
+        if self.received is None:
+            dist.all_reduce(flags)
+        else:
+            self._agree(flags)
+        return bool(flags[0].item()), bool(flags[1].item())
+
+    def _agree(self, flags: torch.Tensor) -> None:
+        """The all-reduce of a signalled rank, bounded by ``timeout``."""
+        work = dist.all_reduce(flags, async_op=True)
+        try:
+            work.wait(timeout=self.timeout)
+        except RuntimeError as err:  # gloo: peer closed / timed out; NCCL: DistBackendError (a RuntimeError)
+            raise GroupLost(f"signal {self.received} arrived but the other ranks did not answer within "
+                            f"{self.timeout.total_seconds():.0f} s ({' '.join(str(err).split())[:200]}): "
+                            "leaving without a checkpoint", self.received) from err
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -129,7 +186,8 @@ def _check_whole_layer_stacks(names: list[str], frozen: set[str]) -> None:
 
 @dataclass
 class TrainingRun:
-    """One stage's training of ``model``; ``run`` returns what the stage's manifest records."""
+    """One stage's training of ``model``; ``run`` returns what the stage's manifest records. ``clock`` measures
+    ``save_interval_minutes`` (tests inject one)."""
 
     model: torch.nn.Module
     model_config: MistralConfig
@@ -139,6 +197,7 @@ class TrainingRun:
     tokenizer_dir: Path | None = None
     name: str = "train"
     facts: RunFacts = field(default_factory=RunFacts)
+    clock: Clock = time.monotonic
 
     def run(self, step_fn: StepFunction, data: DataStream, evaluate: Evaluate, cursor_start: Cursor) -> dict:
         frozen = freeze_parameters(self.model, list(self.train.frozen_parameters))
@@ -151,6 +210,8 @@ class TrainingRun:
         fingerprint = run_fingerprint(self.train, self.optimizer, cursor_start, self.facts.fingerprint)
         history: list[dict] = []
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        if dist.get_rank() == 0:  # this run answers an earlier requeue
+            (Path(self.out_dir) / REQUEUE_MARKER).unlink(missing_ok=True)
 
         step, cursor, nonfinite_in_a_row = 0, cursor_start, 0
         resume_from = intact_checkpoint(checkpoints)  # the newest one whose files match their record
@@ -188,7 +249,7 @@ class TrainingRun:
                                 self.tokenizer_dir, self.train.keep_last)
 
         last_eval = evaluate_at(0) if step == 0 else log.last("eval", step)
-        with SaveSignal() as save_signal:
+        with SaveTriggers(self.train.save_interval_minutes, self.clock) as triggers:
             while step < total_steps:
                 *batch, next_cursor = data.next_rows(cursor, self.train.global_batch_size, self.train.seq_len)
                 ddp.train()
@@ -220,20 +281,41 @@ class TrainingRun:
                     log.progress(step, {k: values[k] for k in ("loss", "lr", "grad_norm")})
                 if step == total_steps or (self.train.eval_interval and step % self.train.eval_interval == 0):
                     last_eval = evaluate_at(step)
-                preempted = step < total_steps and save_signal.any_rank()
-                if step == total_steps or preempted or (finite and self.train.save_interval
-                                                        and step % self.train.save_interval == 0):
+                stop, due = self._decide(triggers, log) if step < total_steps else (False, False)
+                if step == total_steps or stop or (finite and (due or (self.train.save_interval
+                                                                       and step % self.train.save_interval == 0))):
                     save(step)
-                if preempted:
+                    triggers.saved()
+                if stop:
                     log.close()
-                    raise Preempted(f"{self.name}: signal {save_signal.received or 'on another rank'} at step "
-                                    f"{step}/{total_steps}; checkpoint written, run the same command to continue")
+                    self._requeue(step, triggers.received, latest_checkpoint(checkpoints))
         log.close()
         if last_eval is None:  # resumed after a checkpoint that had no evaluation logged with it
             last_eval = evaluate_at(step)
         return {"steps": total_steps, "cursor_start": cursor_start.to_dict(), "cursor_end": cursor.to_dict(),
                 "tokens": cursor.tokens() - cursor_start.tokens(), "eval": last_eval,
                 "checkpoint": str(latest_checkpoint(checkpoints)), "fingerprint": fingerprint, "history": history}
+
+    def _decide(self, triggers: SaveTriggers, log: MetricsLog) -> tuple[bool, bool]:
+        """``triggers.decide()``; on a lost group this process leaves at once with the signal's exit code: raising
+        would reach ``destroy_process_group``, which waits for the missing peer."""
+        try:
+            return triggers.decide()
+        except GroupLost as lost:
+            logger.error("%s: %s", self.name, lost)
+            log.close()
+            logging.shutdown()
+            os._exit(lost.exit_code)
+
+    def _requeue(self, step: int, signum: int | None, checkpoint: Path | None) -> NoReturn:
+        """After the signal's save: the marker the job script reads (rank 0), then ``Preempted`` on every rank."""
+        received = signal.Signals(signum).name if signum is not None else "a signal on another rank"
+        if dist.get_rank() == 0:
+            write_json_atomic(Path(self.out_dir) / REQUEUE_MARKER, {"stage": self.name, "step": step,
+                                                                    "signal": received, "checkpoint": str(checkpoint)})
+        dist.barrier()  # no rank exits (torchrun would then SIGTERM the rest) before the marker is written
+        raise Preempted(f"{self.name}: {received} at step {step}/{self.train.steps}; checkpoint {checkpoint} "
+                        "written, run the same command to continue")
 
 
 def _apply_settings(optimizer, scheduler, settings: list[dict]) -> None:
