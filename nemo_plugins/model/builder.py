@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -19,6 +20,7 @@ from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.attention_temperature import query_scale, with_query_scale
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.masks import is_single_document, packed_causal_mask
+from nemo_plugins.model.packed_sequences import cu_seqlens_from_positions, thd_params
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +127,11 @@ class MistralGPTModel(GPTModel):
     unchanged there (checked against 0.19.2), so we stay on it until it stops doing so.
 
     ``position_ids`` [b, s] restart at 0 at each packed document. Plain (unpacked) batches take megatron's
-    implicit causal mask; packed ones get a block-diagonal causal mask. RoPE itself is relative, so
-    megatron's in-pack rotary positions give the same scores as per-document ones under that mask.
+    implicit causal mask. Packed ones get, with the local spec, a block-diagonal causal mask (RoPE is relative,
+    so megatron's in-pack rotary positions give the same scores as per-document ones under that mask); with
+    Transformer Engine, whose kernels ignore masks, THD ``packed_seq_params`` read from the positions
+    (``packed_sequences``): the rows run as one ``[1, b*s]`` row, logits and losses come back as ``[b, s, ...]``
+    and ``return_hidden`` gives ``[b*s, 1, h]`` (the same token order for ``flatten_tokens``).
     """
 
     uses_transformer_engine: bool = False
@@ -136,13 +141,14 @@ class MistralGPTModel(GPTModel):
         """Logits (or per-token loss with ``labels``); with ``return_hidden`` the final-norm hidden states
         ``[s, b, h]`` instead (sequence-sharded under sequence parallelism), for losses fused with the output
         layer that must never see full logits."""
-        if attention_mask is None and not is_single_document(position_ids):
-            if self.uses_transformer_engine:
-                # TE's causal kernels ignore an explicit mask: documents would silently attend to each other.
-                raise ConfigError(
-                    "packed documents with the Transformer Engine spec need THD packed_seq_params, which is not "
-                    "wired yet; run unpacked batches or the local spec (use_te=False)"
-                )
+        rows = input_ids.shape
+        if attention_mask is None and self.uses_transformer_engine:
+            packed = self._thd_params(position_ids)
+            if packed is not None:
+                kwargs["packed_seq_params"] = packed
+                input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+                labels = None if labels is None else labels.reshape(1, -1)
+        elif attention_mask is None and not is_single_document(position_ids):
             attention_mask = packed_causal_mask(position_ids)
         period = self.config.attention_temperature_period
         if period is not None:
@@ -151,9 +157,23 @@ class MistralGPTModel(GPTModel):
             kwargs["extra_block_kwargs"] = extra
         self._return_hidden = return_hidden
         try:
-            return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+            output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
         finally:
             self._return_hidden = False
+        if "packed_seq_params" in kwargs and not return_hidden and self.post_process:
+            output = output.reshape(*rows, *output.shape[2:])
+        return output
+
+    def _thd_params(self, position_ids: torch.Tensor) -> PackedSeqParams | None:
+        """THD parameters for these rows (this CP rank's part), or None when every row is one whole document
+        (plain causal attention, megatron's zigzag CP)."""
+        cp = parallel_state.get_context_parallel_world_size()
+        cu_seqlens = cu_seqlens_from_positions(position_ids, cp, parallel_state.get_context_parallel_rank())
+        b, s = position_ids.shape
+        whole_rows = torch.arange(b + 1, dtype=torch.int32) * (s * cp)
+        if torch.equal(cu_seqlens.cpu(), whole_rows):
+            return None
+        return thd_params(cu_seqlens, position_ids.device)
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         # GPTModel's output stage (a private megatron method, same shape in 0.16 and 0.19); the decoder has
