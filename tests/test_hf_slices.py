@@ -2,8 +2,8 @@
 
 Each TP rank reads only its slice of every HF tensor, and its shard equals the old path written plainly here (the
 full fused TP=1 tensor, then that rank's chunk), bit for bit; a counting ``safe_open`` proves no rank reads more
-bytes than its own parameters hold. The streamed export at TP=2 and PP=2 (gloo) writes exactly the bytes of the HF
-directory the model was loaded from.
+bytes than its own parameters hold. The streamed export at TP=2 (from a transformers-saved Mistral3 directory) and
+PP=2 (gloo) writes exactly the bytes the old whole-state writer gives (for a plain source: the source itself).
 """
 
 import socket
@@ -158,12 +158,24 @@ def _files(root: Path) -> dict:
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def mistral3_dir(tmp_path, config):
+    """A transformers-saved Mistral3ForConditionalGeneration (language_model.* names, vision part, several files)."""
+    from tests.test_mistral3_source import mistral3_model
+
+    src = tmp_path / "mistral3"
+    mistral3_model(config).save_pretrained(src, max_shard_size="40KB")
+    return src, hf_io.read_state(src)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp,tied", [(2, 1, False), (1, 2, True)], ids=["tp2", "pp2-tied"])
+@pytest.mark.parametrize("tp,pp,tied", [(2, 1, False), (1, 2, True)], ids=["tp2-mistral3", "pp2-tied"])
 def test_parallel_load_reads_slices_and_streamed_export_is_bit_identical(tmp_path, tp, pp, tied):
+    """The export's reference is the old writer given the full state (for the plain source: the source itself)."""
     config = tiny_config(tie_embeddings=tied, num_layers=4)
     max_shard_bytes = 30_000
-    src, state = hf_dir(tmp_path, config, max_shard_bytes)
+    src, state = mistral3_dir(tmp_path, config) if tp == 2 else hf_dir(tmp_path, config, max_shard_bytes)
+    assert len(hf_io.shard_files(src)) > 2
+    reference = hf_io.write_model_dir(state, config, tmp_path / "reference", max_shard_bytes)
     out, result = tmp_path / "export", tmp_path / "result"
     mp.spawn(distributed_worker.run, nprocs=2, join=True,
              args=(2, _port(), load_and_export, (str(src), str(out), str(result), tp, pp, max_shard_bytes)))
@@ -175,4 +187,4 @@ def test_parallel_load_reads_slices_and_streamed_export_is_bit_identical(tmp_pat
             assert torch.equal(got["local"][name], tensor), name
         assert got["bytes"] == sum(t.numel() * t.element_size() for t in expected.values()), f"rank {rank} read more"
     assert len(hf_io.shard_files(out)) > 2
-    assert _files(out) == _files(src), "the streamed export writes the loaded directory's bytes"
+    assert _files(out) == _files(reference), "the streamed export writes the old writer's bytes"
