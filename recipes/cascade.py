@@ -40,6 +40,7 @@ from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval
 from nemo_plugins.rl.sft_kd import SFTStage
 from recipes._entry import hydra_entry
+from recipes.tokenize import prebuilt_by
 
 
 def build_plan(cfg: DictConfig) -> CascadePlan:
@@ -82,14 +83,15 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, parent_config)
     chat_format = load_chat_format(cfg.chat_data.format, tok_dir) if plan.sft is not None else None
-    inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction),
+    inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction,
+                                                         prebuilt_by(cfg)),
                            tokenizer=tokenizer, tokenizer_dir=tok_dir, prune_options=prune_options,
                            calibration=calibration, prune_eval=prune_eval, out_dir=out_dir, dtype=dtype,
                            sample_prompt=cfg.report.sample_prompt, sample_tokens=cfg.report.sample_tokens,
                            seed=plan.short.train.seed, chat_format=chat_format,
                            chat=None if chat_format is None else build_chat_mix(
                                chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir,
-                               cfg.chat_data.heldout_fraction),
+                               cfg.chat_data.heldout_fraction, prebuilt_by(cfg, "chat_data")),
                            resolved_config=OmegaConf.to_yaml(cfg, resolve=True),
                            resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
     with output_lock(out_dir):

@@ -1,25 +1,36 @@
-"""The launch plan of a cascade: per stage the parallel layout, a per-GPU memory estimate and the exact
-`srun ... torchrun ... -m recipes.cascade` command line (one stage per srun, resumable).
+"""The launch plan of a cascade: per stage the parallel layout, a per-GPU memory estimate and the exact command
+(on Slurm: one `srun` in the pyxis container + `torchrun` per stage, resumable; locally: `torchrun --standalone`).
 
     python -m recipes.plan cascade=ministral3                     # the table, with memory estimates
     python -m recipes.plan --commands cascade=ministral3          # what slurm/cascade.sbatch runs, one per line
+    python -m recipes.plan --container-flags cascade=ministral3   # the pyxis flags of every step of the job
 
-Rendezvous values come from the environment the sbatch script sets (MASTER_ADDR, SLURM_JOB_ID).
+Rendezvous values come from the environment the sbatch script sets (MASTER_ADDR, SLURM_JOB_ID); container paths,
+mounts and the storage overrides from `nemo_plugins.cascade.launch`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from nemo_plugins.cascade.launch import (
+    STORAGE_KEYS,
+    ClusterConfig,
+    ContainerStorage,
+    StageLaunch,
+    check_allocation,
+    check_image,
+    container_flags,
+    container_storage,
+    stage_launch,
+)
 from nemo_plugins.cascade.memory import estimate_memory
 from nemo_plugins.convert.sources import ModelSource, declared_architecture, source_config
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, typed
 from nemo_plugins.model.config import MistralConfig
 from recipes._entry import CONF_DIR, project_errors
 from recipes.cascade import build_plan
@@ -34,68 +45,83 @@ def parent_config(cfg: DictConfig) -> MistralConfig:
     return source_config(ModelSource.parse(cfg.model.source))
 
 
-def stage_nodes(cfg: DictConfig, stage: str) -> int:
+def stage_nodes(cluster: ClusterConfig, stage: str) -> int:
     """Pruning gathers full weights and runs calibration forwards: one node; distillation uses them all."""
-    return 1 if stage == "prune" else int(cfg.cluster.get("nodes", 1))
+    return 1 if stage == "prune" else cluster.nodes
 
 
-def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, str, str]]:
-    """(stage id, plan text, command) for every stage in order; the last command has no `until` so that it also
-    runs the ablations and writes the report."""
+def cluster_storage(cfg: DictConfig, overrides: list[str]) -> tuple[ClusterConfig, ContainerStorage | None]:
+    """The typed cluster config and, on Slurm, where the job's outputs and caches go (None: this machine)."""
+    cluster = typed(ClusterConfig, cfg.cluster, "cluster")
+    check_allocation(cluster)
+    if cluster.kind == "local":
+        return cluster, None
+    check_image(cluster)
+    overridden = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    values = {key: str(OmegaConf.select(cfg, key)) for key in STORAGE_KEYS}
+    return cluster, container_storage(cluster, values, overridden & set(STORAGE_KEYS))
+
+
+def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, StageLaunch]]:
+    """(plan text, launch) for every stage in order; the last command has no `until` so that it also runs the
+    ablations and writes the report."""
     plan = build_plan(cfg)
     parent = parent_config(cfg)
     children = plan.child_configs(parent)
-    cluster = cfg.cluster
-    gpus = int(cluster.get("gpus_per_node", 1))
-    master = os.environ.get("MASTER_ADDR", "localhost")
-    job = os.environ.get("SLURM_JOB_ID", "dry-run")
-    allocated = os.environ.get("SLURM_JOB_NUM_NODES")
-    if allocated is not None and int(allocated) != int(cluster.get("nodes", 1)):
-        raise ConfigError(f"the job has {allocated} nodes but cluster.nodes={cluster.get('nodes')}: make them agree "
-                          "(sbatch --nodes=N ... cluster.nodes=N)")
+    cluster, storage = cluster_storage(cfg, overrides)
     lines = []
     order = plan.order()
     for index, (child, stage) in enumerate(order):
         layout = plan.layout(stage)
-        nodes = stage_nodes(cfg, stage)
-        world = nodes * gpus
+        nodes = stage_nodes(cluster, stage)
+        world = nodes * cluster.gpus_per_node
         data_parallel = layout.data_parallel_size(world)
-        student = children[child]
-        text = f"{child}/{stage}: {nodes} node(s) x {gpus} GPUs, tp={layout.tp} pp={layout.pp} cp={layout.cp} dp={data_parallel}"
+        text = (f"{child}/{stage}: {nodes} node(s) x {cluster.gpus_per_node} GPUs, tp={layout.tp} pp={layout.pp} "
+                f"cp={layout.cp} dp={data_parallel}")
         if stage != "prune":
             spec = plan.training_stage(stage)  # the memory model takes the parent as the teacher of every stage
             microbatches = spec.train.microbatches(data_parallel)
-            memory = estimate_memory(student, parent, layout, data_parallel, spec.train.seq_len,
+            memory = estimate_memory(children[child], parent, layout, data_parallel, spec.train.seq_len,
                                      spec.train.micro_batch_size, microbatches)
             text += f", seq {spec.train.seq_len:,}, {spec.train.steps:,} steps; memory {memory.describe()}"
-            if memory.total > float(cluster.get("gpu_memory_gib", 80)):
+            if memory.total > cluster.gpu_memory_gib:
                 text += "  <-- EXCEEDS the GPU: change cascade.stage_parallel"
         until = [] if index == len(order) - 1 else [f"until={child}/{stage}"]
-        srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus}"]
-        if cluster.get("container_image"):
-            srun += [f"--container-image={cluster.container_image}", f"--container-mounts={','.join(cluster.mounts)}",
-                     f"--container-workdir={cluster.workdir}", "--no-container-mount-home"]
-        torchrun = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={gpus}", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint={master}:{cluster.get('rdzv_port', 29500)}", f"--rdzv-id={job}-{index}"]
-        command = srun + torchrun + ["-m", "recipes.cascade", *overrides, *until]
-        lines.append((f"{child}/{stage}", text, shlex.join(command)))
+        lines.append((text, stage_launch(cluster, storage, f"{child}/{stage}", nodes, index, overrides, until)))
     return lines
+
+
+def compose_cascade(overrides: list[str]) -> DictConfig:
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return compose("cascade", overrides=overrides)
+    except ConfigCompositionException as err:
+        raise ConfigError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--commands", action="store_true", help="print '<stage>\\t<command>' lines only")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--commands", action="store_true",
+                      help="'# <plan>' lines, then '<stage>\\t<host requeue file>\\t<command>' per stage")
+    mode.add_argument("--container-flags", action="store_true", help="the pyxis flags of the job's steps, one per line")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for recipes.cascade")
     args = parser.parse_args(argv)
     with project_errors():
-        try:
-            with initialize_config_dir(CONF_DIR, version_base="1.3"):
-                cfg = compose("cascade", overrides=args.overrides)
-        except ConfigCompositionException as err:
-            raise ConfigError(str(err)) from err
-        lines = launch_lines(cfg, args.overrides)
-    for stage, text, command in lines:
-        print(f"{stage}\t{command}" if args.commands else f"{text}\n    {command}")
+        cfg = compose_cascade(args.overrides)
+        if args.container_flags:
+            cluster, storage = cluster_storage(cfg, args.overrides)
+            if storage is None:
+                raise ConfigError(f"cluster.kind={cluster.kind}: the Slurm job needs a slurm cluster config "
+                                  "(cluster=slurm_h100, or a preset that selects one)")
+            output = container_flags(cluster, storage)
+        else:
+            lines = launch_lines(cfg, args.overrides)
+            if args.commands:
+                output = [f"# {text}" for text, _ in lines] + [launch.line() for _, launch in lines]
+            else:
+                output = [f"{text}\n    {launch.command}" for text, launch in lines]
+    print("\n".join(output))
 
 
 if __name__ == "__main__":

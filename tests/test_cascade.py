@@ -2,7 +2,6 @@
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -159,31 +158,3 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
     _, stderr = _cascade(tiny_parent, reference, env, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL,
                          extra=["stage.distill_short.optimizer.lr=1e-3"]).communicate()
     assert "finished with a different stage config" in stderr
-
-
-def _dry_run(*overrides):
-    return subprocess.run(["bash", "slurm/cascade.sbatch", "--dry-run", *overrides], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable})
-
-
-def test_sbatch_dry_run_prints_one_valid_srun_torchrun_command_per_stage():
-    done = _dry_run("cascade=ministral3")
-    assert done.returncode == 0, done.stderr
-    commands = [line for line in done.stdout.splitlines() if line.startswith("srun ")]
-    assert len(commands) == 12
-    stages = [f"{c}/{s}" for c in ("ministral3_14b", "ministral3_8b", "ministral3_3b")
-              for s in ("prune", "distill_short", "distill_long", "sft_kd")]
-    for command, stage in zip(commands, stages):
-        argv = shlex.split(command)
-        assert argv[argv.index("srun") + 1].startswith("--nodes=") and "torchrun" in argv
-        assert "--rdzv-backend=c10d" in argv and any(a.startswith("--rdzv-endpoint=") for a in argv)
-        overrides = argv[argv.index("recipes.cascade") + 1:]
-        assert overrides[:1] == ["cascade=ministral3"]
-        assert (f"until={stage}" in overrides) == (stage != stages[-1])
-        build_plan(_compose(*overrides))  # every command composes and validates
-    assert "GiB/GPU" in done.stdout and "EXCEEDS" not in done.stdout
-
-
-def test_sbatch_dry_run_rejects_a_misspelt_key_by_name():
-    done = _dry_run("cascade=ministral3", "stage.distill_long.train.seq_length=8")
-    assert done.returncode != 0 and "seq_length" in done.stderr and "srun" not in done.stdout

@@ -207,30 +207,58 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def build_token_file(tokenizer, paths: list[str], cache_dir: str | Path, name: str, workers: int = 1,
-                     parts: int | None = None, shard: tuple[int, int] | None = None) -> Path:
-    """Build the token file of ``paths`` (if missing) with ``workers`` processes over ``parts`` parts (default
-    ``workers``); with ``shard=(i, n)`` only the parts ``p % n == i`` are tokenised and nothing is merged (one
-    task of many: a later call without ``shard`` finds every part done and merges). Returns the prefix."""
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
+@dataclass(frozen=True)
+class BuildOptions:
+    """How an offline build divides the work: ``parts`` (default: ``workers``) decides the part files, ``workers``
+    how many processes tokenise them here, ``shard="i/n"`` that this process tokenises only the parts with
+    ``part % n == i`` and merges nothing (one task of a Slurm array). None of it changes the merged bytes."""
+
+    workers: int = 1
+    parts: int | None = None
+    shard: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers}: give at least 1 tokenising process")
+        if self.parts is not None and self.parts < 1:
+            raise ConfigError(f"parts={self.parts}: give at least 1 part (or null: one per worker)")
+        if self.shard is not None:
+            index, _, count = self.shard.partition("/")
+            if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+                raise ConfigError(f"shard={self.shard!r} must be 'i/n' with 0 <= i < n (e.g. a Slurm array task: "
+                                  "shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+
+    def part_count(self) -> int:
+        return self.parts or self.workers
+
+    def mine(self, part: int) -> bool:
+        """Whether this process tokenises ``part``."""
+        if self.shard is None:
+            return True
+        index, count = (int(v) for v in self.shard.split("/"))
+        return part % count == index
+
+
+def build_token_file(tokenizer, paths: list[str], cache_dir: str | Path, name: str,
+                     options: BuildOptions = BuildOptions()) -> Path:
+    """Build the token file of ``paths`` under ``cache_dir`` if missing: the parts ``options`` gives this process
+    (skipping parts already written: a rerun continues), then, unless it is one shard of many, the merge.
+    Returns the prefix."""
     prefix, key = store_prefix(tokenizer, paths, cache_dir, name)
     if is_built(prefix):
         return prefix
-    parts = parts or workers
+    parts = options.part_count()
     pieces = split_pieces(list(paths), parts)
-    todo = [i for i in range(parts) if (shard is None or i % shard[1] == shard[0])
-            and not is_built(part_prefix(prefix, i, parts))]
     jobs = [(tokenizer, pieces[i], part_prefix(prefix, i, parts), {"paths": list(paths), "key": key, "part": [i, parts]})
-            for i in todo]
-    logger.info("tokenising %s: %d of %d parts with %d worker(s) into %s", name, len(todo), parts, workers, prefix)
-    if workers == 1 or len(jobs) <= 1:
+            for i in range(parts) if options.mine(i) and not is_built(part_prefix(prefix, i, parts))]
+    logger.info("tokenising %s: %d of %d parts with %d worker(s) into %s", name, len(jobs), parts, options.workers, prefix)
+    if options.workers == 1 or len(jobs) <= 1:
         for job in jobs:
             tokenize_part(*job)
     else:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(options.workers, len(jobs)), mp_context=get_context("spawn")) as pool:
             list(pool.map(tokenize_part, *zip(*jobs)))
-    if shard is None:
+    if options.shard is None:
         merge_parts(prefix, parts, {"paths": list(paths), "key": key})
     return prefix
 
@@ -250,8 +278,8 @@ def built_once(locate: Callable[[], tuple[Path, Callable[[], object]]], what: st
             prefix, build = locate()
             if not is_built(prefix):
                 if prebuilt_by:
-                    raise DataError(f"no prebuilt {what} at {prefix}.*: this configuration requires it built "
-                                    f"before the job (data.require_prebuilt); run: {prebuilt_by}")
+                    raise DataError(f"no prebuilt {what} at {prefix}.*: the data config requires it built "
+                                    f"before the job (require_prebuilt: true); run: {prebuilt_by}")
                 build()
             outcome[0] = str(prefix)
         except Exception as err:

@@ -1,0 +1,59 @@
+"""Offline tokenisation throughput: tokens/s per worker process and the speed-up of N workers over one, on real
+text (this Python's standard library, the demo corpus) with SmolLM2's real tokenizer, in one run.
+
+Each worker count builds the same store from scratch in its own temporary cache (spawned processes: their
+start-up, ~1-5 s of imports each, is part of the wall time, as it is for a real build); the stores must be the
+same bytes, which is checked. Per-worker tokens/s = total tokens / wall seconds / workers; speed-up = wall time
+of one worker / wall time of N. On a shared machine the figures depend on what else runs: say so with them.
+
+    python bench/tokenize.py [--workers 1 2] [--paths stdlib:email stdlib:asyncio ...] [--parts-per-worker 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.text_files import path_files
+from nemo_plugins.data.token_store import SUFFIXES, BuildOptions, TokenFile, build_token_file
+from nemo_plugins.data.tokenizer import load_tokenizer
+
+DEMO_PATHS = ["stdlib:email", "stdlib:http", "stdlib:urllib", "stdlib:xml", "stdlib:html", "stdlib:json",
+              "stdlib:logging", "stdlib:asyncio", "stdlib:concurrent", "stdlib:importlib", "stdlib:multiprocessing",
+              "stdlib:unittest", "stdlib:collections", "stdlib:pydoc_data"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--paths", nargs="+", default=DEMO_PATHS)
+    parser.add_argument("--parts-per-worker", type=int, default=2, help="part files per worker (load balance)")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(tokenizer_dir(ModelSource.parse("embedded:smollm2")))
+    corpus_bytes = sum(f.stat().st_size for raw in args.paths for f in path_files(raw))
+    print(f"corpus: {corpus_bytes / 2**20:.1f} MiB of text ({len(args.paths)} stdlib paths); tokenizer SmolLM2 "
+          f"(vocabulary {len(tokenizer):,}); machine: {os.cpu_count()} CPU cores")
+    results, reference = {}, None
+    for workers in args.workers:
+        with tempfile.TemporaryDirectory() as cache:
+            options = BuildOptions(workers=workers, parts=workers * args.parts_per_worker)
+            start = time.perf_counter()
+            prefix = build_token_file(tokenizer, args.paths, cache, "bench", options)
+            seconds = time.perf_counter() - start
+            tokens = len(TokenFile(prefix))
+            stored = {s: Path(f"{prefix}{s}").read_bytes() for s in SUFFIXES}
+        if reference is not None and stored != reference:
+            raise SystemExit(f"{workers} workers wrote other bytes than {args.workers[0]}: the build is not deterministic")
+        reference = stored
+        results[workers] = seconds
+        print(f"workers {workers:>2}: {tokens:,} tokens in {seconds:6.2f} s = {tokens / seconds:>9,.0f} tokens/s, "
+              f"{tokens / seconds / workers:>9,.0f} tokens/s per worker, speed-up {results[args.workers[0]] / seconds:.2f}x")
+    print(f"stores byte-identical across {args.workers} workers: yes")
+
+
+if __name__ == "__main__":
+    main()

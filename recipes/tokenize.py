@@ -1,0 +1,88 @@
+"""Tokenise a run's corpus before the run: the token files ``data`` (and ``chat_data``) name, built with N processes.
+
+    python -m recipes.tokenize cascade=ministral3 model.source=hf:/data/models/Mistral-Small-3.1-24B-Base-2503 workers=32
+    python -m recipes.tokenize data=user_corpus model.source=hf:/data/models/... workers=16 parts=64
+    python -m recipes.tokenize ... parts=64 shard=3/16     # one Slurm array task: parts 3, 19, 35, 51; no merge
+    python -m recipes.tokenize ... parts=64                # after the array: finds the parts done, merges
+
+The same overrides as the run it prepares (it composes the cascade's config), so it writes exactly the files the
+run opens: same tokenizer (model.source), same sources, same cache directory, same key. Each source is cut into
+``parts`` pieces of about equal bytes, tokenised by ``workers`` spawned processes into part files, and merged in
+document order: the store is the same bytes for any number of parts, workers or array tasks. Conversations
+(``chat``) are rendered by this process alone. A run whose data config says ``require_prebuilt: true`` refuses to
+start without these files and prints this command with its own overrides (``prebuilt_by``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from nemo_plugins.convert.sources import ModelSource, source_config, tokenizer_dir
+from nemo_plugins.data.chat import load_chat_format
+from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.mix import source_specs
+from nemo_plugins.data.token_store import BuildOptions, TokenFile, build_token_file
+from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
+from nemo_plugins.errors import ConfigError, checked
+from recipes._entry import hydra_entry
+
+logger = logging.getLogger(__name__)
+
+# the override keys that decide which token files a run opens (the rest: layouts, stages, outputs, do not)
+DATA_KEYS = ("cascade", "model", "data", "chat_data", "posttrain")
+
+
+def prebuilt_by(cfg: DictConfig, group: str = "data") -> str | None:
+    """The command that builds ``cfg.<group>``'s token files before the run, with this run's data overrides, when
+    that data config says ``require_prebuilt: true``; None when the run may build them on first use."""
+    if not checked(cfg[group].require_prebuilt, bool, f"{group}.require_prebuilt"):
+        return None
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    kept = [o for o in overrides if o.lstrip("+~").replace("@", ".").replace("=", ".").split(".")[0] in DATA_KEYS]
+    if group == "chat_data" or "posttrain" not in cfg:  # a cascade renders its chat data as posttrain says
+        kept.append(f"chat={str(group == 'chat_data').lower()}")
+    command = shlex.join(["python", "-m", "recipes.tokenize", *kept])
+    return f"`{command} workers=<cpus>` (on Slurm: `sbatch slurm/tokenize.sbatch {shlex.join(kept)}`)"
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.model.source:
+        raise ConfigError("model.source is null: token files are keyed on the tokenizer of the model that reads "
+                          "them; give the run's model.source")
+    options = BuildOptions(workers=checked(cfg.workers, int, "workers"), parts=checked(cfg.parts, int | None, "parts"),
+                           shard=checked(cfg.shard, str | None, "shard"))
+    source = ModelSource.parse(cfg.model.source)
+    tok_dir = tokenizer_dir(source)
+    tokenizer = load_tokenizer(tok_dir)
+    check_vocab(tokenizer, source_config(source))
+    built = {}
+    for spec in source_specs(cfg.data.sources):
+        started = time.perf_counter()
+        prefix = build_token_file(tokenizer, list(spec.paths), cfg.data.cache_dir, spec.name, options)
+        seconds = time.perf_counter() - started
+        if options.shard is None:
+            tokens = len(TokenFile(prefix))
+            built[spec.name] = {"prefix": str(prefix), "tokens": tokens, "seconds": round(seconds, 2)}
+            print(f"{spec.name}: {tokens:,} tokens in {seconds:.1f} s at {prefix}")
+        else:
+            print(f"{spec.name}: parts of shard {options.shard} written in {seconds:.1f} s next to {prefix}")
+    if checked(cfg.chat, bool, "chat") and options.shard is None:
+        chat_format = load_chat_format(cfg.chat_data.format, tok_dir)
+        chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir,
+                              cfg.chat_data.heldout_fraction)
+        for s in chat.sources:
+            built[f"chat:{s.name}"] = {"prefix": str(s.data.file.prefix), "tokens": len(s.data.file)}
+            print(f"chat {s.name}: {len(s.data):,} conversations, {len(s.data.file):,} tokens at {s.data.file.prefix}")
+    return built
+
+
+main = hydra_entry("tokenize", run)
+
+
+if __name__ == "__main__":
+    main()

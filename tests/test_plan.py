@@ -1,0 +1,146 @@
+"""The launch plan: the commands slurm/cascade.sbatch runs (container flags, storage on the mounts, torchrun flags
+this torch accepts) and the checks that refuse a job whose outputs would vanish with its containers."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nemo_plugins.cascade.launch import (
+    REQUEUE_FILE_ENV,
+    TORCHRUN_SIGNALS,
+    ClusterConfig,
+    check_allocation,
+    check_image,
+    container_storage,
+    torchrun_command,
+)
+from nemo_plugins.errors import ConfigError
+from recipes._entry import CONF_DIR
+from recipes.cascade import build_plan
+
+IMAGE = "nvcr.io#org/cascade:test"
+SLURM = dict(kind="slurm", nodes=2, gpus_per_node=8, runs_dir="/workspace/runs", cache_dir="/workspace/cache",
+             host_runs_dir="/lustre/runs", host_cache_dir="/lustre/cache", container_image=IMAGE,
+             mounts=["/lustre/data:/data:ro"])
+VALUES = {"output_dir": "/workspace/runs/ministral3", "data.cache_dir": "/somewhere/else",
+          "chat_data.cache_dir": "relative/chat"}
+
+
+def _compose(*overrides):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("cascade", overrides=list(overrides))
+
+
+def _dry_run(*overrides, image=IMAGE):
+    env = {**os.environ, "PYTHON": sys.executable, "CASCADE_IMAGE": image}
+    env.pop("SLURM_JOB_ID", None)
+    return subprocess.run(["bash", "slurm/cascade.sbatch", "--dry-run", *overrides], capture_output=True, text=True,
+                          env=env)
+
+
+def test_sbatch_dry_run_prints_one_container_step_per_stage_writing_only_on_the_mounts():
+    done = _dry_run("cascade=ministral3")
+    assert done.returncode == 0, done.stderr
+    commands = [line for line in done.stdout.splitlines() if line.startswith("srun ")]
+    stages = [f"{c}/{s}" for c in ("ministral3_14b", "ministral3_8b", "ministral3_3b")
+              for s in ("prune", "distill_short", "distill_long", "sft_kd")]
+    assert len(commands) == len(stages)
+    for command, stage in zip(commands, stages):
+        argv = shlex.split(command)
+        srun, torchrun = argv[:argv.index("torchrun")], argv[argv.index("torchrun"):argv.index("-m")]
+        assert srun[1] == ("--nodes=1" if stage.endswith("prune") else "--nodes=8")
+        flags = dict(a.split("=", 1) for a in srun if "=" in a)
+        assert flags["--container-image"] == IMAGE and "--no-container-mount-home" in srun
+        assert flags["--container-workdir"] == "/workspace/cascade"
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in flags["--container-mounts"].split(",")}
+        assert mounts["/workspace/runs"] == "/lustre/runs" and mounts["/workspace/cache"] == "/lustre/cache"
+        exports = dict(e.split("=", 1) for e in flags["--export"].split(",")[1:])
+        assert exports["CASCADE_CACHE_DIR"] == "/workspace/cache"
+        assert exports[REQUEUE_FILE_ENV] == "/workspace/runs/ministral3/requeue"
+        assert "--rdzv-backend=c10d" in torchrun and "--signals-to-handle=" + TORCHRUN_SIGNALS in torchrun
+        overrides = argv[argv.index("recipes.cascade") + 1:]
+        assert overrides[:1] == ["cascade=ministral3"]
+        assert (f"until={stage}" in overrides) == (stage != stages[-1])
+        cfg = _compose(*overrides)
+        build_plan(cfg)  # every command composes and validates
+        for key in ("output_dir", "data.cache_dir", "chat_data.cache_dir"):  # what the stage writes, on a mount
+            path = str(OmegaConf.select(cfg, key))
+            assert any(path.startswith(inside + "/") for inside in ("/workspace/runs", "/workspace/cache")), (key, path)
+    assert "GiB/GPU" in done.stdout and "EXCEEDS" not in done.stdout
+
+
+def test_sbatch_dry_run_rejects_a_misspelt_key_or_a_missing_image_in_one_line():
+    done = _dry_run("cascade=ministral3", "stage.distill_long.train.seq_length=8")
+    assert done.returncode != 0 and "seq_length" in done.stderr and "srun" not in done.stdout
+    done = _dry_run("cascade=ministral3", image="")
+    assert done.returncode == 2 and "export CASCADE_IMAGE" in done.stderr and "srun" not in done.stdout
+
+
+def test_storage_derives_container_paths_and_keeps_only_overrides_on_a_writable_mount():
+    cluster = ClusterConfig(**SLURM)
+    storage = container_storage(cluster, VALUES, overridden={"output_dir"})
+    assert storage.overrides == ("output_dir=/workspace/runs/ministral3", "data.cache_dir=/workspace/cache/tokens",
+                                 "chat_data.cache_dir=/workspace/cache/chat")
+    assert storage.env == {"CASCADE_CACHE_DIR": "/workspace/cache",
+                           REQUEUE_FILE_ENV: "/workspace/runs/ministral3/requeue"}
+    assert storage.mount_flag() == "/lustre/runs:/workspace/runs,/lustre/cache:/workspace/cache,/lustre/data:/data:ro"
+    assert storage.host_path("/workspace/runs/ministral3/requeue") == "/lustre/runs/ministral3/requeue"
+    assert storage.host_path("/workspace/runs") == "/lustre/runs"
+    assert storage.host_path("/workspace/runsx/a") is None and storage.host_path("/workspace/cascade/runs") is None
+    for key in ("data.cache_dir", "chat_data.cache_dir"):
+        with pytest.raises(ConfigError, match=f"{key}=.* throw-away container"):
+            container_storage(cluster, VALUES, overridden={key})
+    with pytest.raises(ConfigError, match="output_dir=runs/x is not under cluster.runs_dir"):
+        container_storage(cluster, {**VALUES, "output_dir": "runs/x"}, overridden={"output_dir"})
+    with pytest.raises(ConfigError, match="output_dir=/data/x"):  # a mount, but the read-only inputs'
+        container_storage(cluster, {**VALUES, "output_dir": "/data/x"}, overridden={"output_dir"})
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"runs_dir": "runs"}, "cluster.runs_dir='runs' must be an absolute path"),
+    ({"host_cache_dir": None}, "cluster.host_cache_dir=None must be an absolute path"),
+    ({"container_image": None}, "export CASCADE_IMAGE="),
+    ({"mounts": ["/lustre/data"]}, "cluster.mounts entry '/lustre/data'"),
+    ({"nodes": 0}, "cluster.nodes=0 must be >= 1"),
+    ({"kind": "local", "nodes": 2}, "cluster.nodes=2 with cluster.kind=local"),
+])
+def test_cluster_config_names_the_key_to_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig(**{**SLURM, **changes})
+
+
+def test_the_job_and_the_config_must_agree(monkeypatch):
+    cluster = ClusterConfig(**SLURM)
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "8")
+    with pytest.raises(ConfigError, match="the job has 8 nodes but cluster.nodes=2"):
+        check_allocation(cluster)
+    monkeypatch.setenv("CASCADE_IMAGE", "other:tag")
+    with pytest.raises(ConfigError, match="planned in CASCADE_IMAGE=other:tag"):
+        check_image(cluster)
+
+
+def test_this_torchrun_accepts_the_launch_flags():
+    """A flag torchrun does not know fails the job at its first stage; --signals-to-handle is torch >= 2.9."""
+    from torch.distributed.run import get_args_parser
+
+    for cluster in (ClusterConfig(**SLURM), ClusterConfig()):
+        args = get_args_parser().parse_args([*torchrun_command(cluster, 2, "7-1", "node0")[1:], "-m", "recipes.cascade"])
+        assert args.nproc_per_node == str(cluster.gpus_per_node) and args.module
+    slurm = get_args_parser().parse_args([*torchrun_command(ClusterConfig(**SLURM), 2, "7-1", "node0")[1:], "x.py"])
+    assert "SIGUSR1" in slurm.signals_to_handle.split(",") and slurm.rdzv_endpoint == "node0:29500"
+    assert slurm.nnodes == "2" and slurm.shutdown_timeout == 240
+
+
+def test_local_plan_is_torchrun_standalone_and_the_job_refuses_it():
+    out = subprocess.run([sys.executable, "-m", "recipes.plan", "--commands"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    commands = [line.split("\t") for line in out.stdout.splitlines() if not line.startswith("#")]
+    assert commands and all(c[2].startswith("torchrun --standalone --nproc-per-node=1 -m recipes.cascade")
+                            and c[1] == "-" for c in commands)
+    out = subprocess.run([sys.executable, "-m", "recipes.plan", "--container-flags"], capture_output=True, text=True)
+    assert out.returncode == 2 and "needs a slurm cluster config" in out.stderr
