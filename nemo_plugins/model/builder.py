@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -120,6 +121,30 @@ def layer_spec(config: MistralTransformerConfig, use_te: bool) -> ModuleSpec:
     return spec
 
 
+# Linear layers carry an ``_extra_state`` under both specs (TE's FP8 scaling state; megatron's local linears
+# save None in its place), so theirs is checkpointed and FP8 state survives a TE resume.
+SHARED_EXTRA_STATE = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def spec_neutral(sharded: dict) -> dict:
+    """A sharded state dict whose checkpoint keys do not depend on the layer spec, so a checkpoint written with the
+    local spec (CPU) loads with Transformer Engine (GPU) and the reverse.
+
+    Parameters already agree: megatron's local spec maps its norms to TE's fused names in the sharded state dict
+    (``input_layernorm.weight`` -> ``self_attention.linear_qkv.layer_norm_weight``, ``pre_mlp_layernorm.weight``
+    -> ``mlp.linear_fc1.layer_norm_weight``, via ``sharded_state_dict_keys_map``). What is left is the
+    ``_extra_state`` only TE modules have (its attention, its norms): it stays with the process
+    (``LocalNonpersistentObject``) instead of becoming a checkpoint item the other spec lacks.
+    """
+    neutral = {}
+    for name, item in sharded.items():
+        module = name.rsplit(".", 2)[-2] if name.endswith("._extra_state") else None
+        if module is not None and module not in SHARED_EXTRA_STATE and isinstance(item, ShardedObject):
+            item = LocalNonpersistentObject(item.data)
+        neutral[name] = item
+    return neutral
+
+
 class MistralGPTModel(GPTModel):
     """GPTModel whose forward takes per-document ``position_ids`` and derives masks and temperature from them.
 
@@ -181,6 +206,10 @@ class MistralGPTModel(GPTModel):
         if self._return_hidden and self.post_process:
             return hidden_states
         return super()._postprocess(hidden_states, *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """The checkpoint's items, the same under the local and the Transformer Engine spec (``spec_neutral``)."""
+        return spec_neutral(super().sharded_state_dict(prefix, sharded_offsets, metadata))
 
     def output_weight(self) -> torch.Tensor:
         """The output layer's weight on the last pipeline stage ([vocab shard, hidden]), tied or not."""
