@@ -6,7 +6,10 @@ start-up, ~1-5 s of imports each, is part of the wall time, as it is for a real 
 same bytes, which is checked. Per-worker tokens/s = total tokens / wall seconds / workers; speed-up = wall time
 of one worker / wall time of N. On a shared machine the figures depend on what else runs: say so with them.
 
-    python bench/tokenize.py [--workers 1 2] [--paths stdlib:email stdlib:asyncio ...] [--parts-per-worker 2]
+    python bench/tokenize_workers.py [--workers 1 2] [--paths stdlib:email stdlib:asyncio ...] [--parts-per-worker 2]
+
+(Not bench/tokenize.py: a script of that name shadows the standard library's ``tokenize`` module, which
+``linecache`` imports, so it could not even start.)
 """
 
 from __future__ import annotations
