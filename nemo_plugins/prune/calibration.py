@@ -12,10 +12,14 @@ dtype), so memory does not grow with the number of calibration tokens:
 Masked tokens (padding) do not count. Under TP each rank sees replicated hidden states (or its sequence
 shard with sequence parallelism, then summed) and its own FFN channels (then gathered); under PP each stage
 fills its own layers; data-parallel ranks are summed.
+The moments (``MOMENTS``: [L, 2, h, h] fp64, 16.8 GB for a 24B parent) are needed by the one rank that computes
+the PCA: they are accumulated only where they differ (TP rank 0, or every TP rank with sequence parallelism) and
+reduced to global rank 0; the other ranks' statistics carry None there. The small ones reach every rank.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -34,6 +38,7 @@ from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.forward import forward_only
 
 STATISTICS = ("layers", "hidden", "ffn")
+MOMENTS = ("norm_moments", "norm_sums", "final_moment")
 
 
 @dataclass
@@ -82,13 +87,18 @@ class _Accumulator:
         c, f64, dev = self.config, torch.float64, device()
         if "layers" in self.want:
             self.stats["layer_ratio_sum"] = torch.zeros(c.num_layers, dtype=f64, device=dev)
-        if "hidden" in self.want:
+        if "hidden" in self.want and self.holds_moments:
             self.stats["norm_moments"] = torch.zeros(c.num_layers, 2, c.hidden_size, c.hidden_size, dtype=f64, device=dev)
             self.stats["norm_sums"] = torch.zeros(c.num_layers, 2, c.hidden_size, dtype=f64, device=dev)
             self.stats["final_moment"] = torch.zeros(c.hidden_size, c.hidden_size, dtype=f64, device=dev)
         if "ffn" in self.want:
             tp = parallel_state.get_tensor_model_parallel_world_size()
             self.stats["ffn_sums"] = torch.zeros(c.num_layers, c.ffn_hidden_size // tp, dtype=f64, device=dev)
+
+    @property
+    def holds_moments(self) -> bool:
+        """Without sequence parallelism every TP rank sees the same hidden states: one of them counts."""
+        return self.sequence_parallel or parallel_state.get_tensor_model_parallel_rank() == 0
 
     def _residual_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """The [s_local, b] mask matching a residual-stream tensor (a sequence shard under SP)."""
@@ -131,7 +141,7 @@ def _register_hooks(model: torch.nn.Module, acc: _Accumulator) -> list:
                 lambda m, args, kwargs, g=layer: acc.layer_input(g, kwargs.get("hidden_states", args[0] if args else None)),
                 with_kwargs=True))
             handles.append(local.register_forward_hook(lambda m, args, out, g=layer: acc.layer_output(g, out[0])))
-        if "hidden" in acc.want:
+        if "norm_moments" in acc.stats:
             attention_norm = local.input_layernorm
             if isinstance(attention_norm, IdentityOp):  # Transformer Engine fuses the norm into linear_qkv
                 attention_norm = local.self_attention.linear_qkv
@@ -142,7 +152,7 @@ def _register_hooks(model: torch.nn.Module, acc: _Accumulator) -> list:
             handles.append(ffn_norm.register_forward_pre_hook(lambda m, args, g=layer: acc.norm_input("norm", (g, 1), args[0])))
         if "ffn" in acc.want:
             handles.append(local.mlp.linear_fc1.register_forward_hook(lambda m, args, out, g=layer: acc.ffn_activation(g, out[0])))
-    if "hidden" in acc.want and model.post_process:
+    if "norm_moments" in acc.stats and model.post_process:
         handles.append(model.decoder.final_layernorm.register_forward_pre_hook(lambda m, args: acc.norm_input("final", (), args[0])))
     return handles
 
@@ -150,16 +160,25 @@ def _register_hooks(model: torch.nn.Module, acc: _Accumulator) -> list:
 def _reduce(acc: _Accumulator, tokens: int) -> CalibrationStats:
     stats = acc.stats
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    for name in ("layer_ratio_sum", "norm_moments", "norm_sums", "final_moment"):
-        if name in stats and acc.sequence_parallel:
-            dist.all_reduce(stats[name], group=tp_group)
+    if "layer_ratio_sum" in stats and acc.sequence_parallel:
+        dist.all_reduce(stats["layer_ratio_sum"], group=tp_group)
     if "ffn_sums" in stats and parallel_state.get_tensor_model_parallel_world_size() > 1:
         shards = [torch.zeros_like(stats["ffn_sums"]) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
         dist.all_gather(shards, stats["ffn_sums"], group=tp_group)
         stats["ffn_sums"] = torch.cat(shards, dim=1)
-    for name in stats:  # layers live on one stage each; the final norm on the last
-        dist.all_reduce(stats[name], group=parallel_state.get_pipeline_model_parallel_group())
-        dist.all_reduce(stats[name], group=parallel_state.get_data_parallel_group())
+    pp_group, dp_group = parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group()
+    for name in [n for n in stats if n not in MOMENTS]:  # layers live on one stage each; the final norm on the last
+        dist.all_reduce(stats[name], group=pp_group)
+        dist.all_reduce(stats[name], group=dp_group)
+    if "norm_moments" in stats:
+        groups = [tp_group] if acc.sequence_parallel else []
+        if parallel_state.get_tensor_model_parallel_rank() == 0:
+            groups += [pp_group, dp_group]
+        for name, group in itertools.product(MOMENTS, groups):
+            dist.reduce(stats[name], dst=dist.get_process_group_ranks(group)[0], group=group)
+        if dist.get_rank() != 0:
+            for name in MOMENTS:
+                del stats[name]
     count = torch.tensor([float(tokens)], dtype=torch.float64, device=device())
     dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
     return CalibrationStats(tokens=int(count.item()), **{name: value.cpu() for name, value in stats.items()})

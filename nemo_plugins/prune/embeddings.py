@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.prune.shards import sum_over_slices
 from nemo_plugins.prune.state import ModelState
 
 TieMethod = Literal["output", "embedding_fit", "embedding", "mean"]
@@ -28,11 +29,12 @@ def set_tied(state: ModelState, tied: bool, method: TieMethod = "output") -> Mod
     t = dict(state.tensors)
     if not tied:
         t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
-        return ModelState(state.config.replace(tie_embeddings=False), t)
+        return state.derive(state.config.replace(tie_embeddings=False), t)
     embedding, output = t["model.embed_tokens.weight"], t.pop("lm_head.weight")
     if method == "embedding_fit":
         e, w = embedding.double(), output.double()
-        scale = (e * w).sum(0) / (e * e).sum(0).clamp_min(1e-30)
+        # sums over the vocabulary: a TP slice holds some of its rows
+        scale = sum_over_slices((e * w).sum(0), state.slice) / sum_over_slices((e * e).sum(0), state.slice).clamp_min(1e-30)
         t["model.norm.weight"] = (t["model.norm.weight"].double() * scale).to(t["model.norm.weight"].dtype)
         shared = embedding
     elif method == "embedding":
@@ -44,4 +46,4 @@ def set_tied(state: ModelState, tied: bool, method: TieMethod = "output") -> Mod
     else:
         raise ConfigError(f"prune.options.tie_method={method!r} is not one of output, embedding_fit, embedding, mean")
     t["model.embed_tokens.weight"] = shared.contiguous()
-    return ModelState(state.config.replace(tie_embeddings=True), t)
+    return state.derive(state.config.replace(tie_embeddings=True), t)

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.prune.shards import part, whole
 from nemo_plugins.prune.state import ModelState, layer_key
 
 FfnMethod = Literal["activation", "random"]
@@ -28,12 +29,17 @@ def select_channels(scores: torch.Tensor, keep: int, method: FfnMethod = "activa
 
 
 def keep_channels(state: ModelState, kept: torch.Tensor) -> ModelState:
-    """Rows of W1 (gate) and W3 (up), and the matching columns of W2 (down), for each layer's kept channels."""
+    """Rows of W1 (gate) and W3 (up), and the matching columns of W2 (down), for each layer's kept channels.
+
+    ``kept`` holds global channel indices: a TP-sliced state gathers one layer's tensors at a time, keeps the
+    channels and takes its slice of the child's (the kept channels of a slice come from every slice).
+    """
     tensors = dict(state.tensors)
     for layer in range(state.config.num_layers):
         rows = kept[layer]
-        for name in ("mlp.gate_proj", "mlp.up_proj"):
-            tensors[layer_key(layer, name)] = state.tensors[layer_key(layer, name)][rows].contiguous()
-        down = layer_key(layer, "mlp.down_proj")
-        tensors[down] = state.tensors[down][:, rows].contiguous()
-    return ModelState(state.config.replace(ffn_hidden_size=int(kept.shape[1])), tensors)
+        for name, dim in (("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1)):
+            key = layer_key(layer, name)
+            full = whole(state.tensors[key], dim, state.slice)
+            chosen = full[rows] if dim == 0 else full[:, rows]
+            tensors[key] = part(chosen, dim, state.slice).contiguous()
+    return state.derive(state.config.replace(ffn_hidden_size=int(kept.shape[1])), tensors)

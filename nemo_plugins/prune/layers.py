@@ -41,4 +41,4 @@ def keep_layers(state: ModelState, kept: list[int]) -> ModelState:
         for name, tensor in state.tensors.items():
             if name.startswith(prefix):
                 tensors[f"model.layers.{new}.{name[len(prefix):]}"] = tensor
-    return ModelState(state.config.replace(num_layers=len(kept)), tensors)
+    return state.derive(state.config.replace(num_layers=len(kept)), tensors)

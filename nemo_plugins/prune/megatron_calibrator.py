@@ -9,12 +9,16 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.prune.calibration import CalibrationStats, calibrate
 from nemo_plugins.prune.pipeline import Calibrator
+from nemo_plugins.prune.shards import load_slice
 from nemo_plugins.prune.state import ModelState
 
 
 def model_from_state(state: ModelState, parallel: ParallelConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     model = build_model(state.config, parallel, dtype)
-    load_hf_state(model, state.tensors, state.config)
+    if state.slice.whole:
+        load_hf_state(model, state.tensors, state.config)
+    else:
+        load_slice(model, state)
     return model.eval()
 
 

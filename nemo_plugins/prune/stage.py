@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint
-from nemo_plugins.convert.sources import ModelSource, check_declared, read_model_state, tokenizer_dir
+from nemo_plugins.convert.model_io import gather_hf_state
+from nemo_plugins.convert.sources import ModelSource, check_declared, tokenizer_dir
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer, tokenizer_files
@@ -24,7 +25,7 @@ from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.megatron_calibrator import megatron_calibrator, model_from_state
 from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune
 from nemo_plugins.prune.report import write_report
-from nemo_plugins.prune.state import ModelState
+from nemo_plugins.prune.shards import read_slice
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,13 @@ def prune_stage_config(target: PruneTarget, options: PruneOptions, calibration: 
 def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOptions, calibration: CalibrationData,
                     evaluation: PruneEval, out_dir: Path, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
                     declared: MistralConfig | None = None, manifest_extra: dict | None = None) -> dict:
-    """Prune ``parent`` to ``target``; writes ``out_dir/{megatron,hf}``, the report and ``manifest.json``."""
+    """Prune ``parent`` to ``target``; writes ``out_dir/{megatron,hf}``, the report and ``manifest.json``.
+
+    Every rank holds its TP slice of the parent and child (``prune/shards.py``), never the whole model.
+    """
     started = time.monotonic()
-    config, tensors = read_model_state(parent, parallel)
+    parent_state = read_slice(parent, parallel)
+    config = parent_state.config
     check_declared(declared, config, str(parent))
     target.check_against(config, parallel.tp)
     tok_dir = tokenizer_dir(parent)
@@ -70,7 +75,6 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
                                               max(1, calibration.tokens // calibration.seq_len))
     windows = token_windows(tokenizer, iter_documents(list(evaluation.paths)), evaluation.seq_len, evaluation.max_windows)
 
-    parent_state = ModelState(config, tensors)
     before = evaluate_perplexity(model_from_state(parent_state, parallel, dtype), windows)
     calibrator = megatron_calibrator(parallel, calib_tokens, calib_positions, calibration.micro_batch_size, dtype)
     child, report = prune(parent_state, target, options, calibrator)
@@ -86,8 +90,9 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
                 "parameters": {"parent": config.num_parameters(), "child": child.config.num_parameters()},
                 "perplexity": report["perplexity"], "checkpoint": str(out_dir / MEGATRON_DIR),
                 "wall_seconds": time.monotonic() - started}
+    hf_state = gather_hf_state(child_model, child.config)
     if dist.get_rank() == 0:
-        hf_io.write_model_dir(child.tensors, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir),
+        hf_io.write_model_dir(hf_state, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir),
                               overwrite=True)
         write_report(report, out_dir)
         write_manifest(out_dir, manifest)
