@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_plugins.convert import hf_io, megatron_checkpoint
-from nemo_plugins.convert.model_io import gather_hf_state
+from nemo_plugins.convert import megatron_checkpoint
+from nemo_plugins.convert.model_io import export_hf
 from nemo_plugins.convert.sources import ModelSource, check_declared, tokenizer_dir
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.text_files import iter_documents
@@ -90,10 +90,8 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
                 "parameters": {"parent": config.num_parameters(), "child": child.config.num_parameters()},
                 "perplexity": report["perplexity"], "checkpoint": str(out_dir / MEGATRON_DIR),
                 "wall_seconds": time.monotonic() - started}
-    hf_state = gather_hf_state(child_model, child.config)
+    export_hf(child_model, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir), overwrite=True)
     if dist.get_rank() == 0:
-        hf_io.write_model_dir(hf_state, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir),
-                              overwrite=True)
         write_report(report, out_dir)
         write_manifest(out_dir, manifest)
         logger.info("child %s: %d -> %d parameters, held-out perplexity %.2f -> %.2f; wrote %s",
