@@ -15,7 +15,7 @@ import torch
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distill.kl_loss import KLOptions, naive_kl_loss
-from nemo_plugins.distill.step import DistillationStep
+from nemo_plugins.distill.step import DistillationStep, use_per_token_loss
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
@@ -32,25 +32,26 @@ STEPS = 6
 
 
 def test_the_distillation_step_with_a_target_mask_is_the_kl_of_the_masked_tokens_only():
-    """Against a naive reference on full logits: per micro-batch mean KL over the masked targets, averaged."""
+    """Against a naive reference on full logits: the mean KL over the masked targets of the whole batch (two
+    micro-batches with unequal target counts weigh every target alike)."""
     torch.manual_seed(0)
     teacher_model, student = build_model(tiny_config(), ParallelConfig()), build_model(tiny_config(hidden_size=32), ParallelConfig())
     train = TrainSettings(seq_len=16, micro_batch_size=2, global_batch_size=4, train_tokens=64)
     tokens = torch.randint(0, 128, (4, 16))
     positions = torch.arange(16).expand(4, -1).contiguous()
     target_mask = (torch.rand(4, 16) < 0.4).float()
+    use_per_token_loss(student)
     ddp, _ = wrap_for_training(student)
     loss = DistillationStep(Teacher(teacher_model), KLOptions(chunk_tokens=8), train)(ddp, (tokens, positions, target_mask))
 
     with torch.no_grad():
         mask = target_mask.clone()
         mask[:, -1] = 0  # the last position has no next token
-        expected = []
-        for rows in (slice(0, 2), slice(2, 4)):
-            t = teacher_model(tokens[rows], positions[rows]).float()
-            s = student(tokens[rows], positions[rows]).float()
-            expected.append(float(naive_kl_loss(s.reshape(-1, 128), t.reshape(-1, 128), mask[rows].reshape(-1))))
-    assert loss == pytest.approx(sum(expected) / 2, rel=1e-5)
+        assert mask[:2].sum() != mask[2:].sum(), "the micro-batches must differ in target count"
+        t = teacher_model(tokens, positions).float()
+        s = student(tokens, positions).float()
+        expected = float(naive_kl_loss(s.reshape(-1, 128), t.reshape(-1, 128), mask.reshape(-1)))
+    assert loss == pytest.approx(expected, rel=1e-5)
     unmasked = DistillationStep(Teacher(teacher_model), KLOptions(chunk_tokens=8), train)(ddp, (tokens, positions))
     assert unmasked != pytest.approx(loss, rel=1e-3), "the mask must change which tokens count"
 
