@@ -108,6 +108,7 @@ class SaveTriggers:
         self.clock = clock
         self.timeout = timeout
         self.last_save = clock()
+        self.stopping = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "SaveTriggers":
@@ -116,8 +117,11 @@ class SaveTriggers:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Handlers back as they were, except after a stop: the checkpoint is written and the process is on its
+        way out; the first rank to exit makes torchrun SIGTERM the others, which must still exit with the
+        requeue code, not die of the signal."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.stopping else handler)
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
@@ -135,7 +139,8 @@ class SaveTriggers:
             dist.all_reduce(flags)
         else:
             self._agree(flags)
-        return bool(flags[0].item()), bool(flags[1].item())
+        self.stopping = bool(flags[0].item())
+        return self.stopping, bool(flags[1].item())
 
     def _agree(self, flags: torch.Tensor) -> None:
         """The all-reduce of a signalled rank, bounded by ``timeout``."""
