@@ -147,3 +147,27 @@ def test_evaluate_on_a_mistral3_source_matches_transformers_perplexity(tmp_path)
     expected = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
     assert report["tokens"] == windows[:, 1:].numel()
     assert abs(report["mean_nll"] - expected) <= 1e-4
+
+
+# Mistral-Small-3.1-24B-Base-2503's config.json (text part as released; vision_config abridged), as quoted by the
+# vLLM and transformers test fixtures of that checkpoint.
+MISTRAL_SMALL_3_1 = {
+    "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
+    "multimodal_projector_bias": False, "projector_hidden_act": "gelu", "spatial_merge_size": 2,
+    "text_config": {"attention_dropout": 0.0, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+                    "initializer_range": 0.02, "intermediate_size": 32768, "max_position_embeddings": 131072,
+                    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 40,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000000.0,
+                    "sliding_window": None, "use_cache": True, "vocab_size": 131072},
+    "torch_dtype": "bfloat16", "vision_config": {"model_type": "pixtral", "hidden_size": 1024},
+    "vision_feature_layer": -1,
+}
+
+
+def test_the_parent_preset_is_the_released_24b_text_model():
+    from omegaconf import OmegaConf
+
+    from nemo_plugins.convert.sources import declared_architecture
+
+    preset = OmegaConf.load(f"{CONF_DIR}/model/mistral_small_3_1_24b.yaml")
+    assert declared_architecture(preset.architecture) == MistralConfig.from_hf(MISTRAL_SMALL_3_1)

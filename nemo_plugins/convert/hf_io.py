@@ -106,7 +106,6 @@ class HFReader:
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
         raw = _config_json(self.model_dir)
-        self.config = MistralConfig.from_hf(raw)
         self._handles = {file: _open(file) for file in shard_files(self.model_dir)}
         self._where: dict[str, tuple[Path, str]] = {}
         multimodal: dict[str, Path] = {}
