@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.attention_temperature import query_scale, with_query_scale
 from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.model.fast_path import Available, SpeedOptions, fast_path, yarn_concentration
 from nemo_plugins.model.masks import is_single_document, packed_causal_mask
 from nemo_plugins.model.packed_sequences import cu_seqlens_from_positions, thd_params
 
@@ -53,12 +55,14 @@ def transformer_engine_usable() -> bool:
 
 
 def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
-                       fp8: str | None = None) -> MistralTransformerConfig:
-    """``fp8`` ("hybrid" or "e4m3") turns on Transformer Engine's FP8 GEMMs (megatron's delayed-scaling recipe)."""
+                       fast: dict | None = None, use_te: bool = False) -> MistralTransformerConfig:
+    """``fast``: fused kernels, recompute and FP8 fields (``fast_path``) over the plain defaults set here."""
     model.check_parallel(parallel.tp, parallel.pp)
     yarn = model.rope_scaling
+    plain = dict(bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+                 apply_rope_fusion=False, gradient_accumulation_fusion=False)
     return MistralTransformerConfig(
-        fp8=fp8,
+        **{**plain, **(fast or {})},
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -75,16 +79,13 @@ def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: to
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
-        bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp,
         sequence_parallel=parallel.sequence_parallel,
+        # THD batches (TE, packed documents) run as [t, 1, h] of varying t: pipeline stages exchange shapes
+        variable_seq_lengths=parallel.pp > 1 and use_te,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -160,6 +161,7 @@ class MistralGPTModel(GPTModel):
     """
 
     uses_transformer_engine: bool = False
+    parameter_sync: Callable[[], None] | None = None  # set by train.optimizer under overlap_param_gather
     _return_hidden: bool = False
 
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, return_hidden: bool = False, **kwargs):  # type: ignore[override]
@@ -208,7 +210,10 @@ class MistralGPTModel(GPTModel):
         return super()._postprocess(hidden_states, *args, **kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
-        """The checkpoint's items, the same under the local and the Transformer Engine spec (``spec_neutral``)."""
+        """The checkpoint's items, the same under the local and the Transformer Engine spec (``spec_neutral``),
+        after any in-flight parameter all-gather of the distributed optimizer has landed."""
+        if self.parameter_sync is not None:
+            self.parameter_sync()
         return spec_neutral(super().sharded_state_dict(prefix, sharded_offsets, metadata))
 
     def output_weight(self) -> torch.Tensor:
@@ -224,15 +229,23 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
     fp8: str | None = None,
+    speed: SpeedOptions | None = None,
 ) -> MistralGPTModel:
-    """The model chunk of this pipeline rank; megatron's parallel state must be initialised."""
-    config = transformer_config(model, parallel, dtype, fp8)
+    """The model chunk of this pipeline rank; megatron's parallel state must be initialised.
+
+    ``speed`` (recompute, FP8 recipe) is what the run asks for; ``fp8`` alone is short for
+    ``SpeedOptions(fp8=fp8)``. The fused kernels follow from the machine (``fast_path``) and are logged."""
+    if speed is not None and fp8 is not None and fp8 != speed.fp8:
+        raise ConfigError(f"build_model got fp8={fp8!r} and speed.fp8={speed.fp8!r}: give one")
     use_te = transformer_engine_usable() if use_te is None else use_te
     if parallel.cp > 1 and not use_te:
         raise ConfigError(f"parallel.cp={parallel.cp} needs Transformer Engine attention on GPUs (megatron's local "
                           "attention has no context parallelism): set parallel.cp=1 or install TE")
-    if fp8 and not use_te:
-        raise ConfigError(f"train.fp8={fp8!r} needs Transformer Engine on a GPU (none usable here): set train.fp8=null")
+    yarn = model.rope_scaling
+    fast = fast_path(Available.probe(), use_te, speed or SpeedOptions(fp8=fp8),
+                     yarn_concentration(yarn.factor, yarn.mscale, yarn.mscale_all_dim) if yarn else 1.0)
+    fast.log()
+    config = transformer_config(model, parallel, dtype, fast.config, use_te)
     gpt = MistralGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.fast_path import SpeedOptions
 
 DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 PRECISIONS = ("float32", "bfloat16")
@@ -57,6 +58,10 @@ class TrainSettings:
     max_nonfinite_steps: int = 3
     seed: int = 1234
     frozen_parameters: tuple[str, ...] = ()  # globs over parameter names (e.g. "vision.*"): no gradient, no optimizer state
+    recompute: str = "none"  # activation recompute: none | selective | full
+    fp8_recipe: str = "delayed"  # with train.fp8 on TE: delayed | tensorwise | blockwise | mxfp8
+    fp8_amax_history_len: int = 1024  # delayed scaling: amax history length
+    fp8_bf16_first_last: bool = False  # first and last layers in bf16 (current-scaling recipes only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.frozen_parameters, (list, tuple)) or not all(isinstance(p, str) for p in self.frozen_parameters):
@@ -77,9 +82,16 @@ class TrainSettings:
             raise ConfigError(f"train.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.fp8 not in FP8_FORMATS:
             raise ConfigError(f"train.fp8={self.fp8!r}; allowed: null, hybrid, e4m3")
+        self.speed  # building it checks recompute and the FP8 options
         if self.train_tokens < self.tokens_per_step:
             raise ConfigError(f"train.train_tokens={self.train_tokens} is less than one step "
                               f"(global_batch_size x seq_len = {self.tokens_per_step})")
+
+    @property
+    def speed(self) -> SpeedOptions:
+        """What this run asks of the GPU fast path (``model.fast_path``)."""
+        return SpeedOptions(self.recompute, self.fp8, self.fp8_recipe, self.fp8_amax_history_len,
+                            self.fp8_bf16_first_last)
 
     @property
     def tokens_per_step(self) -> int:

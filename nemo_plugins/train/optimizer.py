@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -12,18 +14,36 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from nemo_plugins.cpu_compat import resolve_distributed_optimizer
 from nemo_plugins.train.config import OptimizerSettings
 
+logger = logging.getLogger(__name__)
+
+
+def communication_overlap(on_gpu: bool, distributed_optimizer: bool) -> dict[str, bool]:
+    """DDP settings that hide gradient and parameter communication behind compute, on GPUs (NCCL streams).
+
+    ``overlap_grad_reduce``: each gradient bucket's reduce(-scatter) starts as soon as the last micro-batch's
+    backward fills it. ``overlap_param_gather`` (distributed optimizer only): the all-gather of updated parameters
+    runs during the next forward; on the CPU both stay off (gloo, and the numerics pinned by the loop reference).
+    """
+    return {"overlap_grad_reduce": on_gpu, "overlap_param_gather": on_gpu and distributed_optimizer}
+
 
 def wrap_for_training(model: torch.nn.Module, use_distributed_optimizer: bool = True) -> tuple[DistributedDataParallel, bool]:
     """megatron DDP (contiguous fp32 grad buffers, reduced in ``finalize_model_grads``)."""
     distributed = resolve_distributed_optimizer(use_distributed_optimizer)
+    overlap = communication_overlap(torch.cuda.is_available(), distributed)
     ddp = DistributedDataParallel(
         model.config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                      use_distributed_optimizer=distributed),
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed, **overlap),
         model,
     )
     # the schedules call these after the last micro-batch: DP all-reduce, tied-embedding and SP-norm grads
     model.config.finalize_model_grads_func = finalize_model_grads
+    # grads are reduced once per step, after the last micro-batch (with overlap, its backward starts it)
+    model.config.no_sync_func = ddp.no_sync
+    if overlap["overlap_param_gather"]:
+        # a checkpoint reads parameters without a forward: it must wait for the in-flight all-gather first
+        model.parameter_sync = functools.partial(ddp.start_param_sync, force_sync=True)
+    logger.info("DDP: %s", ", ".join(f"{name}={value}" for name, value in overlap.items()))
     return ddp, distributed
 
 
