@@ -79,7 +79,7 @@ def _first_rank() -> bool:
 
 def _from_first_rank(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Global rank 0's tensors on every rank (the others pass placeholders of the same shapes), via the device."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized():
         return tensors
     out = []
     for tensor in tensors:
