@@ -26,8 +26,14 @@ from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError, typed
-from nemo_plugins.eval.long_context import passkey_accuracy, perplexity_by_position, plot_long_context
-from nemo_plugins.eval.perplexity import token_windows
+from nemo_plugins.eval.long_context import (
+    heldout_windows,
+    model_multiple,
+    passkey_accuracy,
+    perplexity_by_position,
+    plot_long_context,
+    sequence_multiple,
+)
 from nemo_plugins.manifest import write_manifest
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
@@ -38,7 +44,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LongContextEval:
-    """Perplexity by position on ``paths`` (windows of the stage's seq_len) and passkey retrieval at ``lengths``."""
+    """Perplexity by position on ``windows`` windows of the stage's seq_len from the text of ``paths``, and passkey
+    retrieval at the ``passkey_lengths`` up to seq_len.
+
+    The windows are bounded by the text: held-out text shorter than ``windows`` x (seq_len + 1) tokens gives the
+    longest window it holds (rounded down to what the stage's layout can take), as many as fit, with a warning;
+    the results record it under ``windows`` (``window_tokens``, ``windows``, what was asked, ``text_tokens``).
+    The paper's 262,144-token stage on ~60k tokens of held-out text thus measures perplexity by position up to
+    ~60k. Text shorter than one such length is a DataError, raised before any model is loaded.
+    """
 
     paths: list[str] = field(default_factory=lambda: ["stdlib:json", "stdlib:logging"])
     windows: int = 2
@@ -79,11 +93,21 @@ def check_teacher_student(teacher: MistralConfig, student: MistralConfig) -> Non
                           "logit distillation needs the same tokenizer")
 
 
-def long_context_eval(model, tokenizer, stage: DistillStage) -> dict:
-    """Perplexity by position and passkey accuracy at the stage's context (``stage.long_eval`` settings)."""
+def long_context_windows(tokenizer, stage: DistillStage, multiple: int) -> tuple[torch.Tensor, dict]:
+    """The held-out windows of the stage's long-context evaluation, their lengths a multiple of ``multiple`` (the
+    layout's, ``sequence_multiple``) when the text bounds them (see LongContextEval)."""
     spec = stage.long_eval
-    windows = token_windows(tokenizer, iter_documents(spec.paths), stage.train.seq_len, spec.windows)
-    return {"position_perplexity": perplexity_by_position(model, windows, spec.buckets),
+    return heldout_windows(tokenizer, iter_documents(spec.paths), stage.train.seq_len, spec.windows, multiple,
+                           f"the long_eval.paths of stage {stage.name}")
+
+
+def long_context_eval(model, tokenizer, stage: DistillStage,
+                      windows: tuple[torch.Tensor, dict] | None = None) -> dict:
+    """Perplexity by position and passkey accuracy at the stage's context (``stage.long_eval`` settings), on
+    ``windows`` from ``long_context_windows`` (made here for the model's layout if not given)."""
+    spec = stage.long_eval
+    rows, record = windows or long_context_windows(tokenizer, stage, model_multiple(model))
+    return {"windows": record, "position_perplexity": perplexity_by_position(model, rows, spec.buckets),
             "passkey": passkey_accuracy(model, tokenizer, [n for n in spec.passkey_lengths if n <= stage.train.seq_len],
                                         spec.passkey_samples)}
 
@@ -128,16 +152,20 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
                                 mix, cursor, out_dir, resume_with_changes, before_work)
     if done is not None:
         return done
+    windows = None
+    if stage.long_eval is not None:  # a DataError before anything is loaded
+        windows = long_context_windows(tokenizer, stage, sequence_multiple(parallel.tp, parallel.cp,
+                                                                           parallel.sequence_parallel))
     _, teacher_model = load_model(teacher_source, parallel, dtype)
     _, student = load_model(student_source, parallel, dtype, config=s_config, fp8=stage.train.fp8)
     teacher = Teacher(teacher_model)
     long_context = {}
-    if stage.long_eval is not None:
-        long_context["before"] = long_context_eval(student, tokenizer, stage)
+    if windows is not None:
+        long_context["before"] = long_context_eval(student, tokenizer, stage, windows)
     result = train_with_distillation(student, s_config, teacher, mix, stage.train, stage.optimizer, stage.kl, out_dir,
                                      cursor, tokenizer_dir, stage.name, facts)
-    if stage.long_eval is not None:
-        long_context["after"] = long_context_eval(student, tokenizer, stage)
+    if windows is not None:
+        long_context["after"] = long_context_eval(student, tokenizer, stage, windows)
     if dist.get_rank() == 0 and long_context:
         plot_long_context({f"{stage.name} {k}": v for k, v in long_context.items()}, Path(out_dir) / "long_context.png")
     return finish_training_stage(stage, teacher_source, student_source, s_config, t_config, result, started, out_dir,

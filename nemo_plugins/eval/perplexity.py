@@ -18,17 +18,22 @@ from nemo_plugins.errors import DataError, NonFiniteError
 from nemo_plugins.model.forward import forward_only
 
 
-def token_windows(tokenizer, documents: Iterable[tuple[str, str]], seq_len: int, max_windows: int) -> torch.Tensor:
-    """Non-overlapping ``[n, seq_len + 1]`` windows of the EOS-joined token stream (inputs + shifted labels)."""
+def token_stream(tokenizer, documents: Iterable[tuple[str, str]], limit: int) -> list[int]:
+    """The EOS-joined token stream of ``documents``, read until it holds ``limit`` tokens (or the text ends)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    need = max_windows * (seq_len + 1)
     for _, text in documents:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
-        if len(stream) >= need:
+        if len(stream) >= limit:
             break
+    return stream
+
+
+def token_windows(tokenizer, documents: Iterable[tuple[str, str]], seq_len: int, max_windows: int) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len + 1]`` windows of the EOS-joined token stream (inputs + shifted labels)."""
+    stream = token_stream(tokenizer, documents, max_windows * (seq_len + 1))
     n = min(max_windows, len(stream) // (seq_len + 1))
     if n == 0:
         raise DataError(f"only {len(stream)} tokens of text: fewer than one window of {seq_len + 1}")
