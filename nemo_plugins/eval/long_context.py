@@ -54,6 +54,7 @@ def sequence_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
 
 
 def model_multiple(model: torch.nn.Module) -> int:
+    """``sequence_multiple`` of the layout ``model`` was built in."""
     config = model.config
     return sequence_multiple(config.tensor_model_parallel_size, config.context_parallel_size, config.sequence_parallel)
 
