@@ -63,14 +63,17 @@ def run(cfg: DictConfig) -> dict:
     built = {}
     for spec in source_specs(cfg.data.sources):
         started = time.perf_counter()
-        prefix = build_token_file(tokenizer, list(spec.paths), cfg.data.cache_dir, spec.name, options)
+        result = build_token_file(tokenizer, list(spec.paths), cfg.data.cache_dir, spec.name, options)
         seconds = time.perf_counter() - started
+        rate = f"{result.tokens_built / result.worker_seconds:,.0f}" if result.worker_seconds else "-"
+        work = (f"{result.parts_built} part(s), {result.tokens_built:,} tokens tokenised in {seconds:.1f} s "
+                f"({rate} tokens/s per worker)")
         if options.shard is None:
-            tokens = len(TokenFile(prefix))
-            built[spec.name] = {"prefix": str(prefix), "tokens": tokens, "seconds": round(seconds, 2)}
-            print(f"{spec.name}: {tokens:,} tokens in {seconds:.1f} s at {prefix}")
+            built[spec.name] = {"prefix": str(result.prefix), "tokens": len(TokenFile(result.prefix)),
+                                "parts_built": result.parts_built, "seconds": round(seconds, 2)}
+            print(f"{spec.name}: {built[spec.name]['tokens']:,} tokens at {result.prefix}; this run: {work}")
         else:
-            print(f"{spec.name}: parts of shard {options.shard} written in {seconds:.1f} s next to {prefix}")
+            print(f"{spec.name}: shard {options.shard} of the parts of {result.prefix}: {work}")
     if checked(cfg.chat, bool, "chat") and options.shard is None:
         chat_format = load_chat_format(cfg.chat_data.format, tok_dir)
         chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir,

@@ -102,14 +102,17 @@ def test_parts_and_shards_merge_to_the_bytes_of_one_build(tmp_path, tokenizer):
     reference = write_token_file((tokenizer(t, add_special_tokens=False)["input_ids"] for t in naive_documents(Path(corpus))),
                                  tmp_path / "ref" / "c", len(tokenizer), tokenizer.eos_token_id,
                                  {"paths": [corpus], "key": store_prefix(tokenizer, [corpus], tmp_path, "c")[1]})
-    one = build_token_file(tokenizer, [corpus], tmp_path / "one", "c")
+    one = build_token_file(tokenizer, [corpus], tmp_path / "one", "c").prefix
     assert store_bytes(one) == store_bytes(reference.prefix)
     # two array tasks over 5 parts, then the merge step: the same bytes
     cache = tmp_path / "array"
-    prefix = build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5, shard="0/2"))
+    first = build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5, shard="0/2"))
+    prefix = first.prefix
+    assert first.parts_built == 3 and 0 < first.tokens_built < TokenFile(reference.prefix).metadata["tokens"]
     assert sorted(p.name for p in cache.glob("*.json")) == [f"{prefix.name}.part-0000{i}-of-00005.json" for i in (0, 2, 4)]
     build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5, shard="1/2"))
-    assert build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5)) == prefix
+    merged = build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5))
+    assert merged.prefix == prefix and merged.parts_built == 0  # every part was done: only the merge
     assert store_bytes(prefix) == store_bytes(reference.prefix)
     assert sorted(p.name for p in cache.iterdir()) == sorted(prefix.name + s for s in SUFFIXES)  # parts removed
 
@@ -125,8 +128,8 @@ def test_build_options_are_checked():
 @pytest.mark.slow
 def test_one_and_two_worker_processes_give_the_same_bytes(tmp_path, tokenizer):
     paths = [str(make_corpus(tmp_path / "corpus")), "stdlib:json"]
-    one = build_token_file(tokenizer, paths, tmp_path / "w1", "c", BuildOptions(workers=1))
-    two = build_token_file(tokenizer, paths, tmp_path / "w2", "c", BuildOptions(workers=2, parts=3))
+    one = build_token_file(tokenizer, paths, tmp_path / "w1", "c", BuildOptions(workers=1)).prefix
+    two = build_token_file(tokenizer, paths, tmp_path / "w2", "c", BuildOptions(workers=2, parts=3)).prefix
     assert one.name == two.name
     assert store_bytes(one) == store_bytes(two)
     assert TokenFile(two).metadata["documents"] == len(naive_documents(tmp_path / "corpus")) + \
@@ -139,7 +142,7 @@ def test_a_missing_prebuilt_store_names_the_command(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"no prebuilt token file of source 'c' .* run: python -m recipes.tokenize x=1"):
         tokenize_to_file(tokenizer, [corpus], tmp_path / "cache", "c", prebuilt_by="python -m recipes.tokenize x=1")
     assert not (tmp_path / "cache").exists()
-    built = build_token_file(tokenizer, [corpus], tmp_path / "cache", "c")
+    built = build_token_file(tokenizer, [corpus], tmp_path / "cache", "c").prefix
     assert tokenize_to_file(tokenizer, [corpus], tmp_path / "cache", "c", prebuilt_by="unused").prefix == built
 
 

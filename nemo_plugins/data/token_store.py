@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -160,12 +161,14 @@ def part_prefix(prefix: Path, part: int, parts: int) -> Path:
     return prefix.with_name(f"{prefix.name}.part-{part:05d}-of-{parts:05d}")
 
 
-def tokenize_part(tokenizer, pieces: list[Piece], prefix: Path, metadata: dict) -> Path:
-    """Tokenise the documents of ``pieces`` into the part file ``prefix`` (run in a worker process)."""
+def tokenize_part(tokenizer, pieces: list[Piece], prefix: Path, metadata: dict) -> tuple[int, float]:
+    """Tokenise the documents of ``pieces`` into the part file ``prefix`` (run in a worker process); returns its
+    tokens and the seconds it took (reading + tokenising + writing)."""
+    start = time.perf_counter()
     documents = (tokenizer(text, add_special_tokens=False)["input_ids"] for piece in pieces
                  for _, text in piece_documents(piece))
     _write(documents, prefix, len(tokenizer), tokenizer.eos_token_id, metadata, allow_empty=True)
-    return prefix
+    return int(read_json(sibling(prefix, ".json"))["tokens"]), time.perf_counter() - start
 
 
 def merge_parts(prefix: Path, parts: int, metadata: dict) -> "TokenFile":
@@ -239,28 +242,37 @@ class BuildOptions:
         return part % count == index
 
 
+@dataclass(frozen=True)
+class BuildResult:
+    """What one ``build_token_file`` call did: the store's prefix, and the parts it tokenised itself (none when
+    the store or the parts were there already) with their tokens and the seconds its workers spent on them."""
+
+    prefix: Path
+    parts_built: int = 0
+    tokens_built: int = 0
+    worker_seconds: float = 0.0
+
+
 def build_token_file(tokenizer, paths: list[str], cache_dir: str | Path, name: str,
-                     options: BuildOptions = BuildOptions()) -> Path:
+                     options: BuildOptions = BuildOptions()) -> BuildResult:
     """Build the token file of ``paths`` under ``cache_dir`` if missing: the parts ``options`` gives this process
-    (skipping parts already written: a rerun continues), then, unless it is one shard of many, the merge.
-    Returns the prefix."""
+    (skipping parts already written: a rerun continues), then, unless it is one shard of many, the merge."""
     prefix, key = store_prefix(tokenizer, paths, cache_dir, name)
     if is_built(prefix):
-        return prefix
+        return BuildResult(prefix)
     parts = options.part_count()
     pieces = split_pieces(list(paths), parts)
     jobs = [(tokenizer, pieces[i], part_prefix(prefix, i, parts), {"paths": list(paths), "key": key, "part": [i, parts]})
             for i in range(parts) if options.mine(i) and not is_built(part_prefix(prefix, i, parts))]
     logger.info("tokenising %s: %d of %d parts with %d worker(s) into %s", name, len(jobs), parts, options.workers, prefix)
     if options.workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            tokenize_part(*job)
+        done = [tokenize_part(*job) for job in jobs]
     else:
         with ProcessPoolExecutor(min(options.workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-            list(pool.map(tokenize_part, *zip(*jobs)))
+            done = list(pool.map(tokenize_part, *zip(*jobs)))
     if options.shard is None:
         merge_parts(prefix, parts, {"paths": list(paths), "key": key})
-    return prefix
+    return BuildResult(prefix, len(done), sum(t for t, _ in done), sum(s for _, s in done))
 
 
 def built_once(locate: Callable[[], tuple[Path, Callable[[], object]]], what: str, prebuilt_by: str | None = None) -> Path:
