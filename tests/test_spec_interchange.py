@@ -142,3 +142,23 @@ def test_a_fresh_te_model_differs():
     other = build_model(CONFIG, ParallelConfig()).eval()
     with torch.no_grad():
         assert (local(tokens, positions) - other(tokens, positions)).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not builder.transformer_engine_usable(), reason="the GPU half: needs Transformer Engine on a GPU")
+def test_gpu_local_checkpoint_loads_into_transformer_engine_and_back(tmp_path):
+    """The real TE spec (fused-norm linears, TE attention, THD on packed rows) in bf16 against the local spec."""
+    dtype = torch.bfloat16
+    local = build_model(CONFIG, ParallelConfig(), dtype, use_te=False).eval()
+    megatron_checkpoint.save_model(local, CONFIG, tmp_path / "local")
+    torch.manual_seed(1)
+    te = build_model(CONFIG, ParallelConfig(), dtype, use_te=True).eval()
+    megatron_checkpoint.load_weights(te, tmp_path / "local")
+    tokens, positions = (t.cuda() for t in rows())
+    with torch.no_grad():
+        expected = local(tokens, positions).float()
+        torch.testing.assert_close(te(tokens, positions).float(), expected, atol=3e-2, rtol=3e-2)
+    megatron_checkpoint.save_model(te, CONFIG, tmp_path / "te")
+    back = build_model(CONFIG, ParallelConfig(), dtype, use_te=False).eval()
+    megatron_checkpoint.load_weights(back, tmp_path / "te")
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens, positions).float(), expected, atol=0, rtol=0)
