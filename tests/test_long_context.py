@@ -71,16 +71,3 @@ def test_query_scale_formula():
     scale = query_scale(positions, beta=0.1, period=16)[:, 0, 0, 0]
     floors = torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 1.0])
     torch.testing.assert_close(scale, 1 + 0.1 * torch.log(1 + floors))
-
-
-def test_packed_documents_refused_where_the_kernel_would_ignore_the_mask():
-    import pytest
-
-    from nemo_plugins.errors import ConfigError
-
-    config = long_config()
-    model = megatron_from_hf(config, hf_model(config))
-    model.uses_transformer_engine = True  # TE's causal kernel ignores explicit masks
-    positions = torch.cat([torch.arange(5), torch.arange(5)])[None]
-    with pytest.raises(ConfigError, match="packed documents"):
-        model(torch.zeros(1, 10, dtype=torch.long), positions)
