@@ -106,8 +106,24 @@ def test_planted_pickle_is_refused_before_it_runs(tmp_path):
 
 def test_a_model_the_checkpoint_does_not_hold_is_named():
     config = nemo2.read_config(FIXTURE).replace(num_layers=3)
-    with pytest.raises(CheckpointError, match="weights"):
+    with pytest.raises(CheckpointError, match=r"stored with shape \(2, 32\), the model expects \(3, 32\)"):
         nemo2.load_weights(build_model(config, ParallelConfig()), FIXTURE)
+
+
+def test_keys_without_prefix_and_bf16_weights_load_into_fp32(tmp_path):
+    """Megatron-Bridge writes the model's keys unprefixed (as our own writer does) and users' weights are bf16."""
+    from nemo_plugins.convert import megatron_checkpoint
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    saved = build_model(config, ParallelConfig(), torch.bfloat16)
+    megatron_checkpoint.save_model(saved, config, tmp_path / "ckpt")
+    loaded = build_model(config, ParallelConfig(), torch.float32)
+    nemo2.load_sharded(loaded, tmp_path / "ckpt" / megatron_checkpoint.WEIGHTS_DIR)
+    state = loaded.state_dict()
+    for name, tensor in saved.state_dict().items():
+        if not name.endswith("_extra_state"):
+            assert state[name].dtype == torch.float32 and torch.equal(state[name], tensor.float()), name
 
 
 def test_not_a_nemo_checkpoint_is_named(tmp_path):

@@ -193,6 +193,20 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     load_sharded(model, Path(ckpt_dir) / WEIGHTS_DIR)
 
 
+def _check_shapes(sharded: dict, metadata: Metadata, weights: Path) -> None:
+    """Every tensor the model asks for is stored, at the same global shape (else torch's reader says only
+    'CheckpointException ranks:...')."""
+    requested = {v.key: tuple(v.global_shape) for v in nested_values(sharded) if isinstance(v, ShardedTensor)}
+    missing = sorted(set(requested) - set(metadata.state_dict_metadata))
+    if missing:
+        raise CheckpointError(f"{weights}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
+                              f"e.g. {missing[:3]}; was it written for another architecture?")
+    for key, shape in sorted(requested.items()):
+        stored = _tensor_shape(metadata, key, str(weights))
+        if stored != shape:
+            raise CheckpointError(f"{weights}: tensor {key!r} is stored with shape {stored}, the model expects {shape}")
+
+
 def load_sharded(model: torch.nn.Module, weights: Path) -> None:
     """Load a megatron-core torch_dist directory whose keys are the model's own under any prefix."""
     if not (weights / "metadata.json").is_file():
@@ -201,11 +215,7 @@ def load_sharded(model: torch.nn.Module, weights: Path) -> None:
     metadata = checkpoint_pickles.read_metadata(weights)
     sharded = model.sharded_state_dict()
     replace_prefix_for_sharding(sharded, "", key_prefix(metadata, str(weights)))
-    requested = {v.key for v in nested_values(sharded) if isinstance(v, ShardedTensor)}
-    missing = sorted(requested - set(metadata.state_dict_metadata))
-    if missing:
-        raise CheckpointError(f"{weights}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
-                              f"e.g. {missing[:3]}; was it written for another architecture?")
+    _check_shapes(sharded, metadata, weights)
     try:
         state = dist_checkpointing.load(sharded, str(weights))
     except (Exception, CheckpointException) as err:  # several types (CheckpointException is a BaseException)
