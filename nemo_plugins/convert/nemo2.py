@@ -11,8 +11,9 @@ A NeMo 2 checkpoint directory (what ``nemo.lightning`` writes, e.g. after ``llm.
   local spec maps its own norms onto those same names, so only the prefix differs from our own checkpoints.
   The prefix is taken from the checkpoint's metadata (the key ending in ``decoder.final_layernorm.weight``), so a
   Megatron-Bridge ``iter_N`` directory, whose keys have no prefix, loads through the same function.
-Weights load with megatron-core's dist_checkpointing into a model of any TP/PP (the sharded keys renamed by
-``replace_prefix_for_sharding``); the pickled files are read as data first (``checkpoint_pickles``).
+Weights load with megatron-core's dist_checkpointing into a model of any TP/PP and dtype (the sharded keys renamed
+by ``replace_prefix_for_sharding``; TP=2 and bf16 -> fp32 tested); the pickled files are read as data first
+(``checkpoint_pickles``).
 The vocabulary size comes from the embedding's shape in the checkpoint metadata: NeMo's Mistral importer leaves
 ``vocab_size`` null and pads the tokenizer's size, so the weights are the only reliable record of it.
 """
@@ -93,7 +94,7 @@ def architecture(nemo_config: Mapping[str, Any], where: str) -> str:
                           f"supported: configs from {sorted(ARCHITECTURES)}")
     if "scale_factor" in nemo_config or "low_freq_factor" in nemo_config:
         raise ConfigError(f"{where}: {name} uses Llama 3.1 rope scaling (scale_factor), which is not supported here "
-                          "(rope: default or yarn)")
+                          "(plain RoPE only)")
     activation = nemo_config.get("activation_func")
     activation = activation.get("_target_") if isinstance(activation, Mapping) else activation
     if activation != SILU:
@@ -123,7 +124,8 @@ def to_mistral_config(nemo_config: Mapping[str, Any], vocab_size: int, bos_token
             rms_norm_eps=float(nemo_config.get("layernorm_epsilon", 1e-5)),
             rope_theta=float(nemo_config.get("rotary_base", 10000.0)),
             tie_embeddings=bool(nemo_config.get("share_embeddings_and_output_weights", False)),
-            max_position_embeddings=int(nemo_config.get("seq_length") or 4096),
+            # NeMo's Mistral importer stores HF's sliding_window there: null for full-attention models
+            max_position_embeddings=int(nemo_config.get("seq_length") or MistralConfig.max_position_embeddings),
             architecture=arch,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
