@@ -63,14 +63,16 @@ def cluster_storage(cfg: DictConfig, overrides: list[str]) -> tuple[ClusterConfi
 
 
 def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, StageLaunch]]:
-    """(plan text, launch) for every stage in order; the last command has no `until` so that it also runs the
-    ablations and writes the report."""
+    """(plan text, launch) for every stage in order, up to ``until`` if set; without it the last command has no
+    `until`, so that it also runs the ablations and writes the report."""
     plan = build_plan(cfg)
     parent = parent_config(cfg)
     children = plan.child_configs(parent)
     cluster, storage = cluster_storage(cfg, overrides)
     lines = []
     order = plan.order()
+    if plan.until is not None:
+        order = order[:order.index(plan.until) + 1]
     for index, (child, stage) in enumerate(order):
         layout = plan.layout(stage)
         nodes = stage_nodes(cluster, stage)
@@ -86,7 +88,7 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, Stage
             text += f", seq {spec.train.seq_len:,}, {spec.train.steps:,} steps; memory {memory.describe()}"
             if memory.total > cluster.gpu_memory_gib:
                 text += "  <-- EXCEEDS the GPU: change cascade.stage_parallel"
-        until = [] if index == len(order) - 1 else [f"until={child}/{stage}"]
+        until = [] if index == len(order) - 1 and plan.until is None else [f"until={child}/{stage}"]
         lines.append((text, stage_launch(cluster, storage, f"{child}/{stage}", nodes, index, overrides, until)))
     return lines
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--commands", action="store_true",
-                      help="'# <plan>' lines, then '<stage>\\t<host requeue file>\\t<command>' per stage")
+                      help="'# <plan>' lines, then '<stage>\\t<host output dir>\\t<command>' per stage")
     mode.add_argument("--container-flags", action="store_true", help="the pyxis flags of the job's steps, one per line")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for recipes.cascade")
     args = parser.parse_args(argv)

@@ -11,7 +11,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nemo_plugins.cascade.launch import (
-    REQUEUE_FILE_ENV,
     TORCHRUN_SIGNALS,
     ClusterConfig,
     check_allocation,
@@ -20,8 +19,10 @@ from nemo_plugins.cascade.launch import (
     torchrun_command,
 )
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.train.loop import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from recipes._entry import CONF_DIR
 from recipes.cascade import build_plan
+from recipes.plan import main as plan_main
 
 IMAGE = "nvcr.io#org/cascade:test"
 SLURM = dict(kind="slurm", nodes=2, gpus_per_node=8, runs_dir="/workspace/runs", cache_dir="/workspace/cache",
@@ -59,9 +60,7 @@ def test_sbatch_dry_run_prints_one_container_step_per_stage_writing_only_on_the_
         assert flags["--container-workdir"] == "/workspace/cascade"
         mounts = {m.split(":")[1]: m.split(":")[0] for m in flags["--container-mounts"].split(",")}
         assert mounts["/workspace/runs"] == "/lustre/runs" and mounts["/workspace/cache"] == "/lustre/cache"
-        exports = dict(e.split("=", 1) for e in flags["--export"].split(",")[1:])
-        assert exports["CASCADE_CACHE_DIR"] == "/workspace/cache"
-        assert exports[REQUEUE_FILE_ENV] == "/workspace/runs/ministral3/requeue"
+        assert flags["--export"] == "ALL,CASCADE_CACHE_DIR=/workspace/cache"
         assert "--rdzv-backend=c10d" in torchrun and "--signals-to-handle=" + TORCHRUN_SIGNALS in torchrun
         overrides = argv[argv.index("recipes.cascade") + 1:]
         assert overrides[:1] == ["cascade=ministral3"]
@@ -74,11 +73,38 @@ def test_sbatch_dry_run_prints_one_container_step_per_stage_writing_only_on_the_
     assert "GiB/GPU" in done.stdout and "EXCEEDS" not in done.stdout
 
 
-def test_sbatch_dry_run_rejects_a_misspelt_key_or_a_missing_image_in_one_line():
+def test_the_job_script_reads_the_trainers_requeue_signs():
+    """The script's copies of the loop's exit code and marker name (it runs on the host, with no python)."""
+    script = open("slurm/cascade.sbatch").read()
+    assert f"\nREQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}\n" in script and f"\nREQUEUE_MARKER={REQUEUE_MARKER}\n" in script
+
+
+def test_sbatch_dry_run_rejects_a_misspelt_key_in_one_line():
     done = _dry_run("cascade=ministral3", "stage.distill_long.train.seq_length=8")
-    assert done.returncode != 0 and "seq_length" in done.stderr and "srun" not in done.stdout
-    done = _dry_run("cascade=ministral3", image="")
-    assert done.returncode == 2 and "export CASCADE_IMAGE" in done.stderr and "srun" not in done.stdout
+    assert done.returncode == 2 and "seq_length" in done.stderr and "srun" not in done.stdout
+
+
+@pytest.fixture
+def planner(monkeypatch, capsys):
+    """``recipes.plan`` in this process, keeping the session's process group (the entry point tears it down)."""
+    monkeypatch.setattr("recipes._entry.shutdown", lambda: None)
+    return lambda *argv: _plan(capsys, *argv)
+
+
+def _plan(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        plan_main(list(argv))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_slurm_plan_without_an_image_names_the_variable(monkeypatch, planner):
+    monkeypatch.delenv("CASCADE_IMAGE", raising=False)
+    code, out, err = planner("--commands", "cascade=ministral3")
+    assert code == 2 and "export CASCADE_IMAGE=" in err and "srun" not in out
 
 
 def test_storage_derives_container_paths_and_keeps_only_overrides_on_a_writable_mount():
@@ -86,10 +112,9 @@ def test_storage_derives_container_paths_and_keeps_only_overrides_on_a_writable_
     storage = container_storage(cluster, VALUES, overridden={"output_dir"})
     assert storage.overrides == ("output_dir=/workspace/runs/ministral3", "data.cache_dir=/workspace/cache/tokens",
                                  "chat_data.cache_dir=/workspace/cache/chat")
-    assert storage.env == {"CASCADE_CACHE_DIR": "/workspace/cache",
-                           REQUEUE_FILE_ENV: "/workspace/runs/ministral3/requeue"}
+    assert storage.env == {"CASCADE_CACHE_DIR": "/workspace/cache"}
     assert storage.mount_flag() == "/lustre/runs:/workspace/runs,/lustre/cache:/workspace/cache,/lustre/data:/data:ro"
-    assert storage.host_path("/workspace/runs/ministral3/requeue") == "/lustre/runs/ministral3/requeue"
+    assert storage.host_path(storage.output_dir) == "/lustre/runs/ministral3"
     assert storage.host_path("/workspace/runs") == "/lustre/runs"
     assert storage.host_path("/workspace/runsx/a") is None and storage.host_path("/workspace/cascade/runs") is None
     for key in ("data.cache_dir", "chat_data.cache_dir"):
@@ -136,11 +161,12 @@ def test_this_torchrun_accepts_the_launch_flags():
     assert slurm.nnodes == "2" and slurm.shutdown_timeout == 240
 
 
-def test_local_plan_is_torchrun_standalone_and_the_job_refuses_it():
-    out = subprocess.run([sys.executable, "-m", "recipes.plan", "--commands"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    commands = [line.split("\t") for line in out.stdout.splitlines() if not line.startswith("#")]
+def test_local_plan_is_torchrun_standalone_and_the_job_refuses_it(planner):
+    code, out, err = planner("--commands")
+    assert code == 0, err
+    commands = [line.split("\t") for line in out.splitlines() if not line.startswith("#")]
     assert commands and all(c[2].startswith("torchrun --standalone --nproc-per-node=1 -m recipes.cascade")
                             and c[1] == "-" for c in commands)
-    out = subprocess.run([sys.executable, "-m", "recipes.plan", "--container-flags"], capture_output=True, text=True)
-    assert out.returncode == 2 and "needs a slurm cluster config" in out.stderr
+    code, out, err = planner("--container-flags")
+    assert code == 2 and "needs a slurm cluster config" in err
+

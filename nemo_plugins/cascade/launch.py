@@ -14,8 +14,9 @@ Preemption: the batch shell forwards SIGUSR1 / SIGTERM to the running `srun`, wh
 torchrun dies of SIGUSR1 unless told to handle it, so it gets ``--signals-to-handle`` with SIGUSR1 (it then sends
 the signal to its workers and waits ``--shutdown-timeout`` seconds for them to finish the step and save). Every
 worker then exits with REQUEUE_EXIT_CODE, but torchrun reports any worker failure as its own exit code 1, so the
-trainer also writes the file named by ``CASCADE_REQUEUE_FILE`` (on the runs mount): the batch shell requeues the
-job when the step exits with 75 or left that file.
+trainer also writes ``<stage folder>/requeue`` (``nemo_plugins.train.loop.REQUEUE_MARKER``) under the output
+directory: the batch shell, given that directory's host path, requeues the job when the step exits with 75 or
+left that file.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from typing import Literal
 
 from nemo_plugins.errors import ConfigError
 
-# The file a preempted stage leaves for the batch shell (torchrun turns the workers' exit code 75 into 1).
-REQUEUE_FILE_ENV = "CASCADE_REQUEUE_FILE"
 # The image the job's first (planning) step ran in: it must be the image every stage runs in.
 IMAGE_ENV = "CASCADE_IMAGE"
 # torchrun's defaults plus SIGUSR1 (Slurm's `--signal=USR1@<s>` warning): forwarded to the workers, not fatal.
@@ -87,6 +86,7 @@ class ContainerStorage:
     mounts: tuple[tuple[str, str, str], ...]  # (host, container, flags)
     overrides: tuple[str, ...]
     env: dict[str, str]
+    output_dir: str  # in the container
 
     def host_path(self, path: str) -> str | None:
         """The host path of a container ``path`` (None: not on a mount, so it would vanish with the container)."""
@@ -116,8 +116,8 @@ def container_storage(cluster: ClusterConfig, values: dict[str, str], overridden
             raise ConfigError(f"{key}={paths[key]} is not under cluster.runs_dir={cluster.runs_dir} or cluster.cache_dir="
                               f"{cluster.cache_dir} (the shared host directories mounted into the container): it "
                               "would be written inside a throw-away container; drop the override or put it there")
-    env = {"CASCADE_CACHE_DIR": cluster.cache_dir, REQUEUE_FILE_ENV: f"{paths['output_dir']}/requeue"}
-    return ContainerStorage(writable + extra, tuple(f"{k}={v}" for k, v in paths.items()), env)
+    return ContainerStorage(writable + extra, tuple(f"{k}={v}" for k, v in paths.items()),
+                            {"CASCADE_CACHE_DIR": cluster.cache_dir}, paths["output_dir"])
 
 
 def check_image(cluster: ClusterConfig) -> None:
@@ -149,15 +149,16 @@ def torchrun_command(cluster: ClusterConfig, nodes: int, rdzv_id: str, master: s
 
 @dataclass(frozen=True)
 class StageLaunch:
-    """One stage's step: what the batch shell runs, and where (on the host) a preempted run leaves its file."""
+    """One stage's step: what the batch shell runs, and the run's output directory on the host (where a
+    preempted stage leaves its requeue file)."""
 
     stage: str
     command: str
-    requeue_file: str | None
+    host_output_dir: str | None
 
     def line(self) -> str:
-        """The `--commands` line the batch script reads: ``stage<TAB>host requeue file<TAB>command``."""
-        return f"{self.stage}\t{self.requeue_file or '-'}\t{self.command}"
+        """The `--commands` line the batch script reads: ``stage<TAB>host output dir<TAB>command``."""
+        return f"{self.stage}\t{self.host_output_dir or '-'}\t{self.command}"
 
 
 def stage_launch(cluster: ClusterConfig, storage: ContainerStorage | None, stage: str, nodes: int, index: int,
@@ -170,8 +171,8 @@ def stage_launch(cluster: ClusterConfig, storage: ContainerStorage | None, stage
         return StageLaunch(stage, shlex.join(torchrun + recipe + until), None)
     srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={cluster.gpus_per_node}",
             *container_flags(cluster, storage)]
-    requeue = storage.host_path(storage.env[REQUEUE_FILE_ENV])
-    return StageLaunch(stage, shlex.join(srun + torchrun + recipe + list(storage.overrides) + until), requeue)
+    return StageLaunch(stage, shlex.join(srun + torchrun + recipe + list(storage.overrides) + until),
+                       storage.host_path(storage.output_dir))
 
 
 def check_allocation(cluster: ClusterConfig) -> None:
