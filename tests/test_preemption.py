@@ -88,7 +88,7 @@ def agreement_worker(out_dir: str) -> None:
         clock = iter([0.0, 120.0]).__next__ if rank == due_on else (lambda: 0.0)
         with SaveTriggers(1.0, clock=clock) as triggers:
             decided[f"rank{due_on}_clock_due"] = triggers.decide()
-    with SaveTriggers(0.0, timeout=timedelta(seconds=2)) as triggers:
+    with SaveTriggers(0.0, timeout=timedelta(seconds=1)) as triggers:
         if rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
             try:

@@ -147,7 +147,7 @@ class SaveTriggers:
         work = dist.all_reduce(flags, async_op=True)
         try:
             work.wait(timeout=self.timeout)
-        except RuntimeError as err:  # gloo: peer closed / timed out; NCCL: DistBackendError (a RuntimeError)
+        except RuntimeError as err:  # gloo and NCCL alike: with a timeout, wait() blocks the CPU and raises on expiry
             raise GroupLost(f"signal {self.received} arrived but the other ranks did not answer within "
                             f"{self.timeout.total_seconds():.0f} s ({' '.join(str(err).split())[:200]}): "
                             "leaving without a checkpoint", self.received) from err
