@@ -168,13 +168,13 @@ class MistralGPTModel(GPTModel):
         """Logits (or per-token loss with ``labels``); with ``return_hidden`` the final-norm hidden states
         ``[s, b, h]`` instead (sequence-sharded under sequence parallelism), for losses fused with the output
         layer that must never see full logits."""
-        rows = input_ids.shape
+        rows = position_ids.shape
         if attention_mask is None and self.uses_transformer_engine:
             packed = self._thd_params(position_ids)
             if packed is not None:
                 kwargs["packed_seq_params"] = packed
-                input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
-                labels = None if labels is None else labels.reshape(1, -1)
+                input_ids, position_ids, labels = (None if t is None else t.reshape(1, -1)
+                                                   for t in (input_ids, position_ids, labels))
         elif attention_mask is None and not is_single_document(position_ids):
             attention_mask = packed_causal_mask(position_ids)
         period = self.config.attention_temperature_period
