@@ -16,9 +16,9 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-from nemo_plugins.convert import megatron_checkpoint, output_dir
+from nemo_plugins.convert import checkpoint_pickles, megatron_checkpoint, output_dir
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distill.step import train_with_distillation
@@ -86,6 +86,43 @@ def test_a_pickle_planted_in_common_pt_is_refused_before_it_runs(saved, tmp_path
     _refused(lambda: megatron_checkpoint.load_weights(model, ckpt), marker, r"common\.pt holds pickled builtins\.exec")
     torch.load(common, weights_only=False)  # control
     assert marker.exists()
+
+
+class EnumByGetattr:
+    """Pickles as early Python 3.11 pickles an enum member: ``builtins.getattr(EnumClass, name)``."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_metadata_written_by_early_python_3_11_loads_and_its_getattr_reaches_only_enum_members(saved, tmp_path):
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    model, ckpt = saved
+    metadata_file = ckpt / megatron_checkpoint.WEIGHTS_DIR / ".metadata"
+    original = metadata_file.read_bytes()
+    metadata = pickle.loads(original)
+    member = next(iter(_MEM_FORMAT_ENCODING))
+    metadata.storage_meta.modules = [EnumByGetattr(_MEM_FORMAT_ENCODING, member.name)]
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    assert checkpoint_pickles.read_metadata(metadata_file.parent).storage_meta.modules == [member]
+    megatron_checkpoint.load_weights(model, ckpt)
+    for owner, name in ((Metadata, "__init__"), (torch.Size, "__class__"), (_MEM_FORMAT_ENCODING, "__class__")):
+        metadata.storage_meta.modules = [EnumByGetattr(owner, name)]
+        metadata_file.write_bytes(pickle.dumps(metadata))
+        with pytest.raises(CheckpointError, match=f"attribute '{name}'"):
+            megatron_checkpoint.load_weights(model, ckpt)
+    metadata_file.write_bytes(original)
+
+
+def test_a_raw_pickle_as_common_pt_is_one_line_before_it_runs(saved, tmp_path):
+    model, ckpt = saved
+    marker = tmp_path / "ran"
+    (ckpt / megatron_checkpoint.WEIGHTS_DIR / "common.pt").write_bytes(pickle.dumps({"extra": Payload(marker)}))
+    _refused(lambda: megatron_checkpoint.load_weights(model, ckpt), marker, r"common\.pt")
 
 
 def test_a_pickle_planted_in_an_rng_shard_is_refused_before_it_runs(tmp_path):

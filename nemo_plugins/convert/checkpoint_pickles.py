@@ -12,6 +12,7 @@ else is a CheckpointError naming the file, and nothing in it has run.
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 from pathlib import Path
@@ -39,8 +40,19 @@ _METADATA_CLASSES = {
 }
 
 
+def _enum_member(cls: type, name: str) -> enum.Enum:
+    """``getattr`` as early Python 3.11 pickles enum members (``builtins.getattr(EnumClass, 'NAME')``, e.g. Debian's
+    3.11.2 writing ``_MEM_FORMAT_ENCODING``); only a member of an Enum class the metadata allows resolves."""
+    allowed = isinstance(cls, type) and issubclass(cls, enum.Enum) and cls.__name__ in _METADATA_CLASSES.get(cls.__module__, ())
+    if not allowed or name not in cls.__members__:
+        raise pickle.UnpicklingError(f"asks for attribute {name!r} of {cls!r}, which checkpoint metadata never holds")
+    return cls.__members__[name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if name in _METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
         value = getattr(torch, name, None) if module == "torch" else None
@@ -72,7 +84,10 @@ def _load_plain(source: Path | io.BytesIO, name: str) -> None:
     except pickle.UnpicklingError:
         if isinstance(source, io.BytesIO):
             source.seek(0)
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+        except (ValueError, RuntimeError):  # a raw pickle, not a torch.save archive: its globals go unnamed
+            unsafe = []
         raise CheckpointError(f"{name} holds pickled {', '.join(unsafe) or 'objects'} where data belongs: refusing to "
                               "load it (a planted pickle would run)") from None
     except Exception as err:  # torch reports a damaged file with several types
