@@ -3,6 +3,7 @@
     python -m recipes.convert --src embedded:smollm2 --to-megatron runs/parent/megatron
     python -m recipes.convert --src hf:/data/Mistral-Small-3.1-24B --to-megatron ckpt --tp 8   # under torchrun
     python -m recipes.convert --src megatron:runs/parent/megatron --to-hf runs/parent/hf
+    python -m recipes.convert --src nemo2:/checkpoints/my-nemo2-model --to-hf hf_out   # a NeMo 2 checkpoint, no NeMo
 
 Megatron checkpoints are megatron-core dist_checkpointing directories, loadable at any TP/PP. The output path must
 be new, an empty directory, or (with --overwrite) an earlier output of the same kind written by this project;
@@ -37,7 +38,7 @@ logger = logging.getLogger("recipes.convert")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", required=True, help="embedded:NAME | gguf:FILE | hf:DIR | megatron:DIR")
+    parser.add_argument("--src", required=True, help="embedded:NAME | gguf:FILE | hf:DIR | megatron:DIR | nemo2:DIR")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--to-megatron", metavar="DIR", help="write a megatron dist checkpoint")
     target.add_argument("--to-hf", metavar="DIR", help="write a Hugging Face directory (safetensors)")

