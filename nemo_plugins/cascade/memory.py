@@ -58,7 +58,7 @@ def estimate_memory(student: MistralConfig, teacher: MistralConfig | None, paral
 # function). Host RAM counts the process runtime (python, torch, megatron; a CUDA context on GPU nodes) plus what
 # the step keeps in host memory; on a CPU run the model's parameters and activations are host memory too.
 # Checked against measured peak RSS at TP=2 on CPU by bench/memory.py.
-HOST_RUNTIME_GIB = {"cpu": 0.9, "gpu": 4.0}
+HOST_RUNTIME_GIB = {"cpu": 0.3, "gpu": 4.0}  # cpu: RssAnon of an initialised rank (bench/memory.py); gpu: + CUDA context, assumed
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
