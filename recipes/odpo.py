@@ -1,0 +1,56 @@
+"""Online DPO of one SFT model on the chat mix's prompts, judged by a pairwise judge; resumable, single-pass data.
+
+    python -m recipes.odpo policy=megatron:runs/sft/sft_kd/checkpoints/step_00000008 \
+        judge._target_=<module>.<callable> chat_cursor=runs/sft/sft_kd/manifest.json
+    torchrun --nproc-per-node 2 -m recipes.odpo parallel.tp=2 policy=... judge=...
+
+The reference is ``reference``, else the policy's starting model. Running the same command again after a kill
+resumes from the newest checkpoint under output_dir and samples what the uninterrupted run sampled; with other
+settings it is refused, naming them, unless resume_with_changes=true. A finished stage is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.chat import load_chat_format
+from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.mix import cursor_from_manifest, source_specs
+from nemo_plugins.distributed import ParallelConfig, initialize
+from nemo_plugins.errors import ConfigError, checked, typed
+from nemo_plugins.output_lock import output_lock
+from nemo_plugins.rl.odpo import ODPOStage, run_odpo_stage
+from recipes._entry import hydra_entry
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.policy:
+        raise ConfigError("policy is null: say which SFT model to train, e.g. policy=megatron:runs/sft/sft_kd/checkpoints/...")
+    if not cfg.judge or "_target_" not in cfg.judge:
+        raise ConfigError("judge is not set: give judge._target_=<module>.<callable> returning an object with "
+                          "prob_first_wins(conversations, responses_a, responses_b) (the calibrated PWRM)")
+    stage = ODPOStage.from_config(cfg.stage.odpo, "stage.odpo")
+    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    policy = ModelSource.parse(cfg.policy)
+    reference = ModelSource.parse(cfg.reference) if cfg.reference else policy
+    initialize(parallel, stage.train.seed)
+    policy_tokenizer = tokenizer_dir(policy)
+    chat_format = load_chat_format(cfg.chat_data.format, policy_tokenizer)
+    chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir, cfg.chat_data.heldout_fraction)
+    cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
+    with output_lock(cfg.output_dir):
+        return run_odpo_stage(stage, policy, reference, OmegaConf.to_container(cfg.judge, resolve=True),
+                              lambda: instantiate(cfg.judge), chat, chat_format, policy_tokenizer,
+                              tokenizer_dir(reference), cursor, Path(cfg.output_dir), parallel,
+                              resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
+
+
+main = hydra_entry("odpo", run)
+
+
+if __name__ == "__main__":
+    main()
