@@ -188,3 +188,20 @@ def test_parallel_load_reads_slices_and_streamed_export_is_bit_identical(tmp_pat
         assert got["bytes"] == sum(t.numel() * t.element_size() for t in expected.values()), f"rank {rank} read more"
     assert len(hf_io.shard_files(out)) > 2
     assert _files(out) == _files(reference), "the streamed export writes the old writer's bytes"
+
+
+def test_a_bf16_model_exports_in_one_dtype_with_its_fp32_norms_cast(tmp_path):
+    """megatron's local spec keeps RMSNorm weights in fp32 inside a bf16 model; the export is all bf16."""
+    from nemo_plugins.convert.model_io import export_hf, load_hf_state
+    from nemo_plugins.distributed import ParallelConfig
+    from nemo_plugins.model.builder import build_model
+
+    config = tiny_config()
+    src, state = hf_dir(tmp_path, config)
+    model = build_model(config, ParallelConfig(), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}, "the planted mix of dtypes"
+    load_hf_state(model, hf_io.HFReader(src), config)
+    exported = hf_io.read_state(export_hf(model, config, tmp_path / "out"))
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    for name, tensor in state.items():
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name

@@ -100,7 +100,9 @@ def _source_rank(table: torch.Tensor, stage: int) -> int:
 
 
 def export_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(iter(_weights(model).values())).dtype
+    """One dtype for the whole export, the model's parameter dtype (HF directories declare one ``torch_dtype``):
+    megatron's local spec keeps RMSNorm weights in fp32 inside a bf16 model, and those are cast to it."""
+    return model.config.params_dtype
 
 
 def iter_hf_tensors(model: torch.nn.Module, config: MistralConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -133,7 +135,7 @@ def iter_hf_tensors(model: torch.nn.Module, config: MistralConfig) -> Iterator[t
                 elif shards is not None:
                     shards = [local]
                 if rank == source:
-                    row = megatron_to_hf_tensors(mapping, layer, shards, config)
+                    row = {n: t.to(dtype) for n, t in megatron_to_hf_tensors(mapping, layer, shards, config).items()}
                     if rank == 0:
                         pending.update({n: t.to("cpu", copy=True) for n, t in row.items()})
                     else:
