@@ -61,7 +61,8 @@ def test_sbatch_dry_run_prints_one_container_step_per_stage_writing_only_on_the_
         mounts = {m.split(":")[1]: m.split(":")[0] for m in flags["--container-mounts"].split(",")}
         assert mounts["/workspace/runs"] == "/lustre/runs" and mounts["/workspace/cache"] == "/lustre/cache"
         assert flags["--export"] == "ALL,CASCADE_CACHE_DIR=/workspace/cache"
-        assert "--rdzv-backend=c10d" in torchrun and "--signals-to-handle=" + TORCHRUN_SIGNALS in torchrun
+        assert ("--standalone" if stage.endswith("prune") else "--rdzv-backend=c10d") in torchrun
+        assert "--signals-to-handle=" + TORCHRUN_SIGNALS in torchrun
         overrides = argv[argv.index("recipes.cascade") + 1:]
         assert overrides[:1] == ["cascade=ministral3"]
         assert (f"until={stage}" in overrides) == (stage != stages[-1])
@@ -153,20 +154,21 @@ def test_this_torchrun_accepts_the_launch_flags():
     """A flag torchrun does not know fails the job at its first stage; --signals-to-handle is torch >= 2.9."""
     from torch.distributed.run import get_args_parser
 
-    for cluster in (ClusterConfig(**SLURM), ClusterConfig()):
-        args = get_args_parser().parse_args([*torchrun_command(cluster, 2, "7-1", "node0")[1:], "-m", "recipes.cascade"])
-        assert args.nproc_per_node == str(cluster.gpus_per_node) and args.module
+    for cluster, nodes in ((ClusterConfig(**SLURM), 2), (ClusterConfig(**SLURM), 1), (ClusterConfig(), 1)):
+        command = torchrun_command(cluster, nodes, "7-1", "node0")
+        args = get_args_parser().parse_args([*command[1:], "-m", "recipes.cascade"])
+        assert args.nproc_per_node == str(cluster.gpus_per_node) and args.module and args.standalone == (nodes == 1)
+        assert "SIGUSR1" in args.signals_to_handle.split(",")
     slurm = get_args_parser().parse_args([*torchrun_command(ClusterConfig(**SLURM), 2, "7-1", "node0")[1:], "x.py"])
-    assert "SIGUSR1" in slurm.signals_to_handle.split(",") and slurm.rdzv_endpoint == "node0:29500"
-    assert slurm.nnodes == "2" and slurm.shutdown_timeout == 240
+    assert slurm.rdzv_endpoint == "node0:29500" and slurm.nnodes == "2" and slurm.shutdown_timeout == 240
 
 
 def test_local_plan_is_torchrun_standalone_and_the_job_refuses_it(planner):
     code, out, err = planner("--commands")
     assert code == 0, err
     commands = [line.split("\t") for line in out.splitlines() if not line.startswith("#")]
-    assert commands and all(c[2].startswith("torchrun --standalone --nproc-per-node=1 -m recipes.cascade")
-                            and c[1] == "-" for c in commands)
+    assert commands and all(c[2].startswith("torchrun --standalone --nproc-per-node=1 ") and c[1] == "-"
+                            and " -m recipes.cascade" in c[2] for c in commands)
     code, out, err = planner("--container-flags")
     assert code == 2 and "needs a slurm cluster config" in err
 

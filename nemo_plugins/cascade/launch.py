@@ -90,14 +90,18 @@ class ContainerStorage:
 
     def host_path(self, path: str) -> str | None:
         """The host path of a container ``path`` (None: not on a mount, so it would vanish with the container)."""
-        target = PurePosixPath(path)
         for host, inside, _ in self.mounts:
-            if target == PurePosixPath(inside) or PurePosixPath(inside) in target.parents:
-                return str(PurePosixPath(host) / target.relative_to(inside))
+            if _under(path, inside):
+                return str(PurePosixPath(host) / PurePosixPath(path).relative_to(inside))
         return None
 
     def mount_flag(self) -> str:
         return ",".join(":".join(p for p in mount if p) for mount in self.mounts)
+
+
+def _under(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it (both absolute: a relative path is below nothing)."""
+    return PurePosixPath(path) == PurePosixPath(root) or PurePosixPath(root) in PurePosixPath(path).parents
 
 
 def container_storage(cluster: ClusterConfig, values: dict[str, str], overridden: set[str]) -> ContainerStorage:
@@ -111,8 +115,7 @@ def container_storage(cluster: ClusterConfig, values: dict[str, str], overridden
     paths = {}
     for key in STORAGE_KEYS:
         paths[key] = values[key] if key in overridden else defaults[key]
-        inside = PurePosixPath(paths[key])
-        if not any(inside == PurePosixPath(root) or PurePosixPath(root) in inside.parents for _, root, _ in writable):
+        if not any(_under(paths[key], root) for _, root, _ in writable):
             raise ConfigError(f"{key}={paths[key]} is not under cluster.runs_dir={cluster.runs_dir} or cluster.cache_dir="
                               f"{cluster.cache_dir} (the shared host directories mounted into the container): it "
                               "would be written inside a throw-away container; drop the override or put it there")
@@ -139,12 +142,14 @@ def container_flags(cluster: ClusterConfig, storage: ContainerStorage) -> list[s
 
 def torchrun_command(cluster: ClusterConfig, nodes: int, rdzv_id: str, master: str) -> list[str]:
     """torchrun per node. Several nodes: c10d rendezvous at the first node (the one whose address matches the
-    endpoint hosts the store); one machine: standalone."""
-    if cluster.kind == "local":
-        return ["torchrun", "--standalone", f"--nproc-per-node={cluster.gpus_per_node}"]
-    return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={cluster.gpus_per_node}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={master}:{cluster.rdzv_port}", f"--rdzv-id={rdzv_id}",
-            f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={cluster.shutdown_timeout_s}"]
+    endpoint hosts the store); one node (pruning, or this machine): standalone, whichever node srun picked.
+    SIGUSR1 is forwarded to the workers, who then get ``shutdown_timeout_s`` to finish their step and save."""
+    if nodes == 1:
+        command = ["torchrun", "--standalone", f"--nproc-per-node={cluster.gpus_per_node}"]
+    else:
+        command = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={cluster.gpus_per_node}", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint={master}:{cluster.rdzv_port}", f"--rdzv-id={rdzv_id}"]
+    return command + [f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={cluster.shutdown_timeout_s}"]
 
 
 @dataclass(frozen=True)
