@@ -67,6 +67,7 @@ class Pair:
     origin: dict[str, str]
     target: float = 1.0
     split: str = "train"
+    meta: dict = field(default_factory=dict)  # what re-checking the reason needs (the answer, the code's cases, ...)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target <= 1.0:
@@ -170,7 +171,8 @@ def _arithmetic_pairs(tasks: list[Task], samples: list[list[Sample]], rng: rando
             rejected, shown = _wrong_solution(task, rng)
             origin, shown = "perturbed", f"final answer {shown}"
         reason = f"exact answer {task.check['answer']} (= {task.check['expression']}): chosen has it, rejected has {shown}"
-        pairs.append(Pair("arithmetic", task.messages, chosen, rejected, reason, {"chosen": chosen_origin, "rejected": origin}))
+        pairs.append(Pair("arithmetic", task.messages, chosen, rejected, reason, {"chosen": chosen_origin, "rejected": origin},
+                          meta=dict(task.check)))
     return pairs
 
 
@@ -411,7 +413,8 @@ def _code_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Rand
         chosen, chosen_origin = (passing[0], "sampled") if passing else (task.reference, "reference")
         reason = (f"sandboxed cases against the real {task.check['module']}.{task.check['name']}: chosen passes "
                   f"{total}/{total}, rejected ({what}) {verdict['passed']}/{total}: {verdict['failure']}")
-        pairs.append(Pair("code", task.messages, chosen, rejected, reason, {"chosen": chosen_origin, "rejected": origin}))
+        pairs.append(Pair("code", task.messages, chosen, rejected, reason, {"chosen": chosen_origin, "rejected": origin},
+                          meta={k: task.check[k] for k in ("module", "name", "cases")}))
     return pairs
 
 
@@ -521,7 +524,8 @@ def _format_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Ra
         if not constraint.follows(chosen) or constraint.follows(rejected):
             raise DataError(f"format constraint {constraint.name}: its compliant answer fails its own check")
         reason = f"constraint '{constraint.instruction}': chosen follows it, rejected does not"
-        pairs.append(Pair("format", task.messages, chosen, rejected, reason, {"chosen": "reference", "rejected": origin}))
+        pairs.append(Pair("format", task.messages, chosen, rejected, reason, {"chosen": "reference", "rejected": origin},
+                          meta=dict(task.check)))
     return pairs
 
 
