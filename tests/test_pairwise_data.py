@@ -14,6 +14,7 @@ from nemo_plugins.data.pairwise import (
     FORMAT_CONSTRAINTS,
     EngineSampler,
     Pair,
+    PairSampling,
     PairwiseSettings,
     Sample,
     build_or_load_pairs,
@@ -156,7 +157,7 @@ def test_the_engine_sampler_draws_reproducible_answers_from_a_model():
     chat_format = load_chat_format("hf_template", tokenizer_dir(ModelSource.parse("embedded:smollm2")))
     torch.manual_seed(0)
     model = build_model(tiny_config(vocab_size=49152), ParallelConfig())
-    sampler = EngineSampler(model, chat_format, samples=2, temperature=1.0, max_new_tokens=6, seed=11)
+    sampler = EngineSampler(model, chat_format, PairSampling(samples=2, temperature=1.0, max_new_tokens=6), seed=11)
     conversations = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Count to three."}]]
     first, second = sampler.sample(conversations), sampler.sample(conversations)
     assert first == second and [len(s) for s in first] == [2, 2]

@@ -602,33 +602,46 @@ def pair_stats(pairs: Sequence[Pair]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ model samples
+@dataclass(frozen=True)
+class PairSampling:
+    """How the sampling model answers each prompt: ``samples`` answers at ``temperature``, ``max_new_tokens`` each."""
+
+    samples: int = 2
+    temperature: float = 0.7
+    max_new_tokens: int = 128
+    max_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.max_batch_size < 1:
+            raise ConfigError(f"pairs.sampling.samples and max_batch_size must be >= 1, got {self.samples}, "
+                              f"{self.max_batch_size}")
+        if not self.temperature > 0:
+            raise ConfigError(f"pairs.sampling.temperature must be > 0 (greedy samples repeat), got {self.temperature}")
+
+
 class EngineSampler:
     """Answers sampled from a megatron model by the generation engine (the policy's own distribution): request
     ``i``'s ``j``-th sample has seed ``seed + samples * i + j``; the engine's loop verdict travels with it."""
 
-    def __init__(self, model, chat_format, samples: int = 2, temperature: float = 0.7, max_new_tokens: int = 128,
-                 seed: int = 0, max_batch_size: int = 16) -> None:
+    def __init__(self, model, chat_format, sampling: PairSampling = PairSampling(), seed: int = 0) -> None:
         from nemo_plugins.generation.engine import SamplingParams
 
-        if samples < 1:
-            raise ConfigError(f"pairs.sampling.samples must be >= 1, got {samples}")
-        self.model, self.chat_format, self.samples, self.seed = model, chat_format, samples, seed
-        self.max_batch_size = max_batch_size
-        self.params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+        self.model, self.chat_format, self.sampling, self.seed = model, chat_format, sampling, seed
+        self.params = SamplingParams(temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
                                      stop_token_ids=(chat_format.end_of_turn_id,))
 
     def sample(self, conversations: list[list[dict]]) -> list[list[Sample]]:
         from nemo_plugins.generation.engine import Request
         from nemo_plugins.generation.torch_engine import TorchEngine
 
-        requests = [Request(self.chat_format.prompt_ids(messages),
-                            dataclasses.replace(self.params, seed=self.seed + self.samples * i + j))
-                    for i, messages in enumerate(conversations) for j in range(self.samples)]
-        responses = TorchEngine(self.model, self.max_batch_size, self.chat_format.pad_id).generate(requests)
+        n = self.sampling.samples
+        requests = [Request(self.chat_format.prompt_ids(messages), dataclasses.replace(self.params, seed=self.seed + n * i + j))
+                    for i, messages in enumerate(conversations) for j in range(n)]
+        responses = TorchEngine(self.model, self.sampling.max_batch_size, self.chat_format.pad_id).generate(requests)
         out = []
         for i in range(len(conversations)):
             drawn = []
-            for response in responses[self.samples * i : self.samples * (i + 1)]:
+            for response in responses[n * i : n * (i + 1)]:
                 ids = response.token_ids
                 ids = ids[:-1] if ids and ids[-1] == self.chat_format.end_of_turn_id else ids
                 drawn.append(Sample(self.chat_format.decode(ids), response.loop.reason if response.loop else None))
@@ -636,15 +649,18 @@ class EngineSampler:
         return out
 
 
-def build_or_load_pairs(settings: PairwiseSettings, cache_dir: str | Path, sampler: Sampler | None = None,
+def build_or_load_pairs(settings: PairwiseSettings, cache_dir: str | Path,
+                        make_sampler: Callable[[], Sampler] | None = None,
                         sampler_identity: str | None = None) -> tuple[list[Pair], Path]:
-    """The pairs of ``settings`` from their cache file, built on first use: every rank samples (the engine is a
-    collective over tensor parallelism), rank 0 alone checks (sandbox) and writes, the others wait and read."""
+    """The pairs of ``settings`` from their cache file, built on first use: every rank samples (``make_sampler()``,
+    called only then: the engine is a collective over tensor parallelism), rank 0 alone checks (sandbox) and
+    writes, the others wait and read."""
     import torch.distributed as dist
 
     path = Path(cache_dir).expanduser() / cache_name(settings, sampler_identity)
     if not path.is_file():
         tasks = make_tasks(settings)
+        sampler = make_sampler() if make_sampler is not None else None
         samples = {kind: sampler.sample([t.messages for t in kind_tasks]) for kind, kind_tasks in tasks.items()} if sampler else None
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_pairs(verified_pairs(tasks, samples, settings), path)
