@@ -2,6 +2,7 @@
 whose judge prefers a checkable property moving the policy towards it, and a bit-identical SIGKILL resume."""
 
 import json
+import math
 import random
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from nemo_plugins.convert import megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
@@ -36,18 +38,19 @@ from nemo_plugins.train.metrics import MetricsLog
 from tests.conftest import save_tiny_teacher_and_student
 from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
 
-LETTER = "k"  # ~4% of SmolLM2's tokens contain it: a 12-token random response has one about 40% of the time
 
-
-class LetterJudge:
-    """The checkable-property judge: the response with more k's wins; equal counts are a tie."""
+class StopJudge:
+    """The checkable-property judge: a response that ends its turn beats one that runs to its length limit; two
+    alike are a tie."""
 
     def prob_first_wins(self, conversations, responses_a, responses_b):
         assert len(conversations) == len(responses_a) == len(responses_b)
         assert all(conversation and conversation[-1]["role"] == "user" for conversation in conversations)
-        a = [r.count(LETTER) for r in responses_a]
-        b = [r.count(LETTER) for r in responses_b]
-        return torch.tensor([1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b)])
+        a, b = ([END_OF_TURN in r for r in responses] for responses in (responses_a, responses_b))
+        return torch.tensor([1.0 if x and not y else 0.0 if y and not x else 0.5 for x, y in zip(a, b)])
+
+
+END_OF_TURN = "<|im_end|>"
 
 
 def test_a_looping_response_loses_and_two_looping_ones_are_dropped():
@@ -83,8 +86,18 @@ def test_stage_settings_are_checked():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
+    """The tiny student, and ``policy``: the same model with its end-of-turn output row planted along the mean
+    final hidden state, so that about a quarter of its 12-token responses end their turn (a random model's never do)."""
     root = tmp_path_factory.mktemp("odpo")
     save_tiny_teacher_and_student(root)
+    source = ModelSource.parse(f"megatron:{root / 'student'}")
+    config, model = load_model(source, ParallelConfig())
+    end_of_turn = load_chat_format("hf_template", tokenizer_dir(source)).end_of_turn_id
+    ids = torch.randint(100, 40_000, (8, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mean = model(ids, torch.arange(40).expand(8, -1), return_hidden=True).reshape(-1, config.hidden_size).mean(0)
+        model.output_weight()[end_of_turn] = mean / (mean @ mean) * 0.2 * math.log(0.06 * config.vocab_size / 0.94)
+    megatron_checkpoint.save_model(model, config, root / "policy", tokenizer_dir=tokenizer_dir(source))
     return root
 
 
@@ -141,36 +154,38 @@ def _stage(steps: int, **changes) -> ODPOStage:
     values = {"name": "odpo",
               "train": {"seq_len": 92, "micro_batch_size": 2, "global_batch_size": 4, "train_tokens": 92 * 4 * steps,
                         "save_interval": 0, "seed": 3},
-              "optimizer": {"lr": 0.1, "min_lr": 0.1, "weight_decay": 0.0, "warmup_fraction": 0.0},
+              "optimizer": {"lr": 0.01, "min_lr": 0.01, "weight_decay": 0.0, "warmup_fraction": 0.0},
               "dpo": {"beta": 0.1},
               "sampling": {"max_new_tokens": 12, "tools": False, "truncation_is_loop": False,
                            "loop": {"ngram": 2, "repeats": 3}},
-              "eval_prompts": 16, **changes}
+              "eval_prompts": 24, **changes}
     return typed(ODPOStage, values, "stage.odpo")
 
 
 @pytest.mark.slow
 def test_a_judge_preferring_a_property_moves_the_policy_towards_it(root, chat, tmp_path):
-    """At step 0 policy and reference sample the same responses (a 0.5 win rate exactly); after 8 steps the
-    policy's held-out responses carry the judged property more often than the reference's; no more loops."""
+    """The judge prefers responses that end their turn. At step 0 policy and reference sample the same responses
+    (a win rate of 0.5 exactly); for this judge win rate = 0.5 + (policy's stop rate - reference's) / 2, so a
+    win rate of 0.65 or more after 4 steps is a stop rate risen by 0.3 or more on held-out prompts."""
     chat_format, mix = chat
-    source = ModelSource.parse(f"megatron:{root / 'student'}")
+    source = ModelSource.parse(f"megatron:{root / 'policy'}")
     tok = tokenizer_dir(source)
-    manifest = run_odpo_stage(_stage(8), source, source, {"judge": "letter"}, LetterJudge, mix, chat_format, tok, tok,
+    manifest = run_odpo_stage(_stage(4), source, source, {"judge": "stop"}, StopJudge, mix, chat_format, tok, tok,
                               Cursor(), tmp_path / "odpo", ParallelConfig())
     start, end = manifest["eval_start"], manifest["eval"]
-    assert start["win_rate"] == 0.5
+    assert start["win_rate"] == 0.5 and start["response_tokens"] < 12, "the policy must stop sometimes at the start"
     assert end["win_rate"] >= 0.65, (start, end)
-    assert end["loop_rate"] <= start["loop_rate"] + 1 / 16
+    assert end["response_tokens"] < start["response_tokens"]
+    assert end["loop_rate"] <= start["loop_rate"]
     steps = StepMetrics.read(tmp_path / "odpo" / STEP_METRICS)
-    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert sum(r["skipped_prompts"] for r in steps) > 0, "prompts longer than seq_len - max_new_tokens are skipped"
-    assert all(r["pairs"] == 4 - r["skipped_prompts"] - r["drop_rate"] * (4 - r["skipped_prompts"]) for r in steps)
+    assert all(r["pairs"] == 4 - r["skipped_prompts"] for r in steps), "no pair loops here: every sampled one counts"
 
 
 def _command(root, out_dir, steps):
     return [sys.executable, "-m", "recipes.odpo", "model=tiny", f"policy=megatron:{root / 'student'}",
-            "judge={_target_: tests.test_odpo.LetterJudge}", f"chat_data.cache_dir={root / 'chat'}",
+            "judge={_target_: tests.test_odpo.StopJudge}", f"chat_data.cache_dir={root / 'chat'}",
             "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=100'], weight: 1.0}]",
             "chat_data.heldout_fraction=0.2", "stage.odpo.train.seq_len=92", "stage.odpo.train.micro_batch_size=1",
             "stage.odpo.train.global_batch_size=2", f"stage.odpo.train.train_tokens={92 * 2 * steps}",
