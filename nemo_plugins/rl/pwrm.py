@@ -52,6 +52,7 @@ from nemo_plugins.parallel_ops import full_sequence, sum_from_last_stage, tp_gro
 from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabilities, reliability_plot
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
+from nemo_plugins.train.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +146,15 @@ def first_wins_logits(model: torch.nn.Module, rows: Sequence[Sequence[int]], lab
     if not rows:
         return torch.zeros(0)
     multiple = parallel_state.get_tensor_model_parallel_world_size()  # sequence parallelism splits s over TP
-    length = -(-max(len(r) for r in rows) // multiple) * multiple
-    batches = [{k: v.to(device()) for k, v in pad_rows(rows[i : i + micro_batch_size], length, pad_id).items()}
-               for i in range(0, len(rows), micro_batch_size)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a micro-batch: less padding
+    groups = [[rows[i] for i in order[k : k + micro_batch_size]] for k in range(0, len(rows), micro_batch_size)]
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    if pipelined:  # and of one row count: the last micro-batch is filled with copies of its last row
+        groups[-1] += [groups[-1][-1]] * (micro_batch_size - len(groups[-1]))
+    longest = max(len(r) for r in rows)
+    # stages exchange activations of one shape: under PP every micro-batch is padded to the longest row
+    lengths = [-(-(longest if pipelined else max(len(r) for r in group)) // multiple) * multiple for group in groups]
+    batches = [{k: v.to(device()) for k, v in pad_rows(group, length, pad_id).items()} for group, length in zip(groups, lengths)]
     sequence_parallel = model.config.sequence_parallel
     was_training = model.training
     model.eval()
@@ -165,14 +172,14 @@ def first_wins_logits(model: torch.nn.Module, rows: Sequence[Sequence[int]], lab
     try:
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-            seq_length=length, micro_batch_size=micro_batch_size, forward_only=True)
+            seq_length=max(lengths), micro_batch_size=micro_batch_size, forward_only=True)
     finally:
         model.train(was_training)
+    z = torch.zeros(len(rows), device=device())
     if parallel_state.is_pipeline_last_stage():
-        z = torch.cat([out["z"] for out in outputs]).to(device(), torch.float32)
-    else:
-        z = torch.zeros(len(rows), device=device())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        scored = torch.cat([out["z"] for out in outputs])[: len(rows)]
+        z[torch.tensor(order, device=device())] = scored.to(device(), torch.float32)
+    if pipelined:
         dist.all_reduce(z, group=parallel_state.get_pipeline_model_parallel_group())
     return z.cpu()
 
@@ -370,18 +377,33 @@ class PWRMStage:
         return typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
 
 
-def heldout_report(model: torch.nn.Module, template: PairTemplate, pairs: Sequence[Pair], micro_batch_size: int,
-                   tau: float = 1.0) -> dict:
-    """Held-out accuracy (both orders averaged), NLL of the chosen answer, position bias, per kind too."""
-    scores = score_both_orders(model, template, [(p.messages, p.chosen, p.rejected) for p in pairs], micro_batch_size)
+def heldout_report(scores: BothOrders, pairs: Sequence[Pair], tau: float = 1.0) -> dict:
+    """Held-out accuracy (both orders averaged), NLL of the preferred answer, position bias, accuracy per kind."""
     p_chosen = scores.prob_a(tau).double()
     targets = torch.tensor([p.target for p in pairs], dtype=torch.float64)
     correct = ((p_chosen >= 0.5) == (targets >= 0.5)).double()
-    kinds = sorted({p.kind for p in pairs})
-    return {"pairs": len(pairs), "accuracy": float(correct.mean()),
-            "nll": float(-(targets * p_chosen.clamp_min(1e-12).log() + (1 - targets) * (1 - p_chosen).clamp_min(1e-12).log()).mean()),
+    nll = -(targets * p_chosen.clamp_min(1e-12).log() + (1 - targets) * (1 - p_chosen).clamp_min(1e-12).log())
+    return {"pairs": len(pairs), "accuracy": float(correct.mean()), "nll": float(nll.mean()),
             "position_bias": scores.position_bias(),
-            "accuracy_by_kind": {k: float(correct[[i for i, p in enumerate(pairs) if p.kind == k]].mean()) for k in kinds}}
+            "accuracy_by_kind": {k: float(correct[[i for i, p in enumerate(pairs) if p.kind == k]].mean())
+                                 for k in sorted({p.kind for p in pairs})}}
+
+
+class HeldoutEvaluation:
+    """The loop's ``evaluate``: scores the held-out pairs in both orders and keeps the latest scores, which the
+    calibration then reuses (the end-of-training evaluation is the trained model's)."""
+
+    def __init__(self, model: torch.nn.Module, template: PairTemplate, pairs: Sequence[Pair], micro_batch_size: int) -> None:
+        self.model, self.template, self.pairs, self.micro_batch_size = model, template, pairs, micro_batch_size
+        self.latest: BothOrders | None = None
+
+    def score(self) -> BothOrders:
+        self.latest = score_both_orders(self.model, self.template, [(p.messages, p.chosen, p.rejected) for p in self.pairs],
+                                        self.micro_batch_size)
+        return self.latest
+
+    def __call__(self) -> dict:
+        return {k: v for k, v in heldout_report(self.score(), self.pairs).items() if isinstance(v, float)}
 
 
 def calibration_sets(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
@@ -414,32 +436,29 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
     if done is not None:
         return done
     _, model = load_model(source, parallel, dtype, fp8=stage.train.fp8)
-    before = heldout_report(model, template, heldout, stage.score_micro_batch_size)
-
-    def evaluate() -> dict:
-        report = heldout_report(model, template, heldout, stage.score_micro_batch_size)
-        return {k: v for k, v in report.items() if isinstance(v, float)}
-
+    evaluate = HeldoutEvaluation(model, template, fit_set + test_set, stage.score_micro_batch_size)
     use_per_token_loss(model)
     run = TrainingRun(model, config, stage.train, stage.optimizer, Path(out_dir), tokenizer_path, stage.name, run_facts)
     result = run.run(PWRMStep(stage.train, template.label_ids), stream, evaluate, Cursor())
-    fit = score_both_orders(model, template, [(p.messages, p.chosen, p.rejected) for p in fit_set], stage.score_micro_batch_size)
-    test = score_both_orders(model, template, [(p.messages, p.chosen, p.rejected) for p in test_set], stage.score_micro_batch_size)
+    scores = evaluate.latest if evaluate.latest is not None else evaluate.score()  # None: resumed at the last step
+    fit = BothOrders(scores.z_ab[: len(fit_set)], scores.z_ba[: len(fit_set)])
+    test = BothOrders(scores.z_ab[len(fit_set) :], scores.z_ba[len(fit_set) :])
     outcomes = torch.tensor([float(p.target >= 0.5) for p in test_set], dtype=torch.float64)
     report = calibrate(fit.ab_logits, torch.tensor([p.target for p in fit_set], dtype=torch.float64), test.ab_logits,
                        outcomes, stage.calibration)
+    first = next((r for r in MetricsLog.read(Path(out_dir) / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == 0), {})
     manifest = {**(manifest_extra or {}), "stage": stage.name, "config": dataclasses.asdict(stage), "source": str(source),
                 "chat_format": chat_format_spec, "label_ids": list(template.label_ids), **result,
                 "pairs": pair_stats(pairs), "pairs_dropped_too_long": stream.dropped,
-                "heldout": {"before": before, "after": heldout_report(model, template, heldout, stage.score_micro_batch_size,
-                                                                        report.tau)},
+                "heldout": {"before": {k: first.get(k) for k in ("accuracy", "nll", "position_bias")},
+                            "after": heldout_report(scores, fit_set + test_set, report.tau)},
                 "calibration": report.to_dict(), "wall_seconds": time.monotonic() - started}
     if dist.get_rank() == 0:
         reliability_plot({"tau = 1": (test.prob_a(), outcomes), f"tau = {report.tau:.3g}": (test.prob_a(report.tau), outcomes)},
                          Path(out_dir) / "reliability.png", stage.calibration.bins)
         write_manifest(out_dir, manifest)
-        logger.info("%s done: held-out accuracy %.3f (before %.3f), position bias %.3f, tau %.3g, ECE %.3f -> %.3f, "
-                    "%.0f s", stage.name, manifest["heldout"]["after"]["accuracy"], before["accuracy"],
+        logger.info("%s done: held-out accuracy %.3f (before %s), position bias %.3f, tau %.3g, ECE %.3f -> %.3f, "
+                    "%.0f s", stage.name, manifest["heldout"]["after"]["accuracy"], manifest["heldout"]["before"]["accuracy"],
                     manifest["heldout"]["after"]["position_bias"], report.tau, report.ece_before, report.ece_after,
                     manifest["wall_seconds"])
     dist.barrier()
