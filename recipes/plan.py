@@ -28,10 +28,11 @@ from nemo_plugins.cascade.launch import (
     container_storage,
     stage_launch,
 )
-from nemo_plugins.cascade.memory import estimate_memory
+from nemo_plugins.cascade.memory import estimate_memory, stage_memory
 from nemo_plugins.convert.sources import ModelSource, declared_architecture, source_config
 from nemo_plugins.errors import ConfigError, typed
 from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.prune.stage import CalibrationData
 from recipes._entry import CONF_DIR, project_errors
 from recipes.cascade import build_plan
 
@@ -46,7 +47,7 @@ def parent_config(cfg: DictConfig) -> MistralConfig:
 
 
 def stage_nodes(cluster: ClusterConfig, stage: str) -> int:
-    """Pruning gathers full weights and runs calibration forwards: one node; distillation uses them all."""
+    """Pruning runs at TP only (one node: its layout has no data parallelism to spread); distillation uses them all."""
     return 1 if stage == "prune" else cluster.nodes
 
 
@@ -68,6 +69,7 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, Stage
     plan = build_plan(cfg)
     parent = parent_config(cfg)
     children = plan.child_configs(parent)
+    previous = dict(zip(children, [parent, *children.values()]))  # what each child is pruned from
     cluster, storage = cluster_storage(cfg, overrides)
     lines = []
     order = plan.order()
@@ -80,7 +82,11 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, Stage
         data_parallel = layout.data_parallel_size(world)
         text = (f"{child}/{stage}: {nodes} node(s) x {cluster.gpus_per_node} GPUs, tp={layout.tp} pp={layout.pp} "
                 f"cp={layout.cp} dp={data_parallel}")
-        if stage != "prune":
+        if stage == "prune":
+            calibration = typed(CalibrationData, cfg.stage.prune.calibration, "stage.prune.calibration")
+            steps = stage_memory(stage, previous[child], children[child], layout, seq_len=calibration.seq_len,
+                                 micro_batch_size=calibration.micro_batch_size)
+        else:
             spec = plan.training_stage(stage)  # the memory model takes the parent as the teacher of every stage
             microbatches = spec.train.microbatches(data_parallel)
             memory = estimate_memory(children[child], parent, layout, data_parallel, spec.train.seq_len,
@@ -88,6 +94,9 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, Stage
             text += f", seq {spec.train.seq_len:,}, {spec.train.steps:,} steps; memory {memory.describe()}"
             if memory.total > cluster.gpu_memory_gib:
                 text += "  <-- EXCEEDS the GPU: change cascade.stage_parallel"
+            steps = stage_memory(stage, parent, children[child], layout, data_parallel, spec.train.seq_len,
+                                 spec.train.micro_batch_size, microbatches)
+        text += "".join(f"\n      {step.describe()}" for step in steps)
         until = [] if index == len(order) - 1 and plan.until is None else [f"until={child}/{stage}"]
         lines.append((text, stage_launch(cluster, storage, f"{child}/{stage}", nodes, index, overrides, until)))
     return lines
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             lines = launch_lines(cfg, args.overrides)
             if args.commands:
-                output = [f"# {text}" for text, _ in lines] + [launch.line() for _, launch in lines]
+                output = [f"# {row}" for text, _ in lines for row in text.splitlines()] + [launch.line() for _, launch in lines]
             else:
                 output = [f"{text}\n    {launch.command}" for text, launch in lines]
     print("\n".join(output))

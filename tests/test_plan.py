@@ -2,6 +2,7 @@
 this torch accepts) and the checks that refuse a job whose outputs would vanish with its containers."""
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from nemo_plugins.cascade.launch import (
     torchrun_command,
 )
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.loop import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from recipes._entry import CONF_DIR
 from recipes.cascade import build_plan
@@ -172,3 +174,20 @@ def test_local_plan_is_torchrun_standalone_and_the_job_refuses_it(planner):
     code, out, err = planner("--container-flags")
     assert code == 2 and "needs a slurm cluster config" in err
 
+
+
+def test_the_ministral3_plan_prints_host_ram_and_gpu_memory_of_every_step_inside_the_24b_targets(monkeypatch, planner):
+    """Per rank of an 8-GPU node: loading and export <= 1.5 x (parent bytes / TP) + 8 GB, pruning <= 64 GB."""
+    monkeypatch.setenv("CASCADE_IMAGE", "nvcr.io/example/cascade:1")
+    code, out, err = planner("cascade=ministral3", "model.source=null", "posttrain=false")
+    assert code == 0, err
+    gb = 1e9 / 2**30
+    parent = OmegaConf.load(os.path.join(CONF_DIR, "model", "mistral_small_3_1_24b.yaml")).architecture
+    parent_bytes = 2 * MistralConfig.from_dict(OmegaConf.to_container(parent)).num_parameters()
+    limits = {"load": 1.5 * parent_bytes / 8 / 2**30 + 8 * gb, "export": 1.5 * parent_bytes / 8 / 2**30 + 8 * gb,
+              "prune": 64 * gb, "distill": 1.5 * parent_bytes / 8 / 2**30 + 8 * gb}
+    steps = re.findall(r"^\s+(\w+): host RAM ([\d.]+) GiB/rank, GPU ([\d.]+) GiB/GPU$", out, re.MULTILINE)
+    assert [s for s, _, _ in steps] == ["load", "prune", "export", "distill", "export", "distill", "export"] * 3
+    for step, host, gpu in steps:
+        assert 0 < float(host) <= limits[step], (step, host)
+        assert 0 < float(gpu) <= 80, (step, gpu)
