@@ -255,3 +255,29 @@ def test_tensor_parallel_2_scores_and_trains_as_1(tmp_path):
     assert torch.allclose(result["z"], z, atol=1e-5)
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert grads and all(torch.allclose(result["grads"][name], grad, atol=1e-6) for name, grad in grads.items())
+
+
+# ----------------------------------------------------------------------------------------------- the recipe
+@pytest.mark.slow
+def test_the_recipe_trains_calibrates_reports_and_skips_a_finished_stage(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import save_tiny_teacher_and_student
+    from tests.recipe_runs import recipe_env
+
+    save_tiny_teacher_and_student(tmp_path)
+    out = tmp_path / "pwrm"
+    command = [sys.executable, "-m", "recipes.pwrm", "model=tiny", f"source=megatron:{tmp_path / 'teacher'}",
+               f"pairs.cache_dir={tmp_path / 'pairs'}", "pairs.counts={arithmetic: 8, code: 0, loops: 8, format: 8}",
+               f"pairs.sample_from=megatron:{tmp_path / 'student'}", "pairs.sampling.max_new_tokens=8",
+               "stage.pwrm.train.seq_len=256", "stage.pwrm.train.global_batch_size=8",
+               "stage.pwrm.train.micro_batch_size=4", "stage.pwrm.train.train_tokens=6144", f"output_dir={out}"]
+    subprocess.run(command, check=True, env=recipe_env(), capture_output=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"] == 3 and manifest["pair_data"]["sample_from"].startswith("megatron:")
+    assert sum(k["rejected_sampled"] for k in manifest["pairs"].values()) > 0, "the student's samples are used"
+    assert set(manifest["heldout"]["after"]["accuracy_by_kind"]) == {"arithmetic", "loops", "format"}
+    assert manifest["calibration"]["tau"] > 0 and (out / "reliability.png").is_file()
+    again = subprocess.run(command, check=True, env=recipe_env(), capture_output=True, text=True)
+    assert json.loads((out / "manifest.json").read_text())["wall_seconds"] == manifest["wall_seconds"], again.stderr[-500:]
