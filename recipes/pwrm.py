@@ -12,8 +12,8 @@ references and programmatic perturbations elsewhere (the manifest counts which).
 manifest (held-out accuracy before/after training, position bias, tau, NLL and ECE before/after calibration),
 ``reliability.png``. Online DPO reads it as its judge:
 
-    python -m recipes.odpo policy=... judge._target_=nemo_plugins.rl.pwrm.load_judge \
-        +judge.manifest=runs/pwrm/pwrm/manifest.json +judge.policy='${policy}'
+    python -m recipes.odpo policy=... \
+        'judge={_target_: nemo_plugins.rl.pwrm.load_judge, manifest: runs/pwrm/pwrm/manifest.json, policy: ${policy}}'
 
 Re-running after a kill resumes from the newest checkpoint; other settings are refused unless
 resume_with_changes=true; a finished stage is skipped.
