@@ -156,8 +156,8 @@ def test_ministral3_prunes_on_the_user_corpus_and_requires_prebuilt_stores():
 
     cfg = _cascade_config("cascade=ministral3")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    read_by_the_cascade = {k: resolved[k] for k in ("data", "chat_data")} | {"prune": resolved["stage"]["prune"]}
-    assert "stdlib:" not in json.dumps(read_by_the_cascade)
+    assert "stdlib:" not in json.dumps(resolved), "the preset reads only the user's data"
+    assert resolved["stage"]["distill_long"]["long_eval"]["paths"] == resolved["stage"]["prune"]["eval"]["paths"]
     calibration = set(resolved["stage"]["prune"]["calibration"]["paths"])
     held_out = set(resolved["stage"]["prune"]["eval"]["paths"])
     training = {p for s in resolved["data"]["sources"] for p in s["paths"]}

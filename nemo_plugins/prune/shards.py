@@ -80,6 +80,9 @@ def read_slice(source: ModelSource, parallel: ParallelConfig) -> ModelState:
     if parallel.pp != 1:
         raise ConfigError(f"parallel.pp={parallel.pp}: pruning holds every layer of its TP slice on each rank; run the "
                           "prune stage with parallel.pp=1 (cascade.stage_parallel.prune.pp=1)")
+    if parallel.cp != 1:
+        raise ConfigError(f"parallel.cp={parallel.cp}: pruning's calibration reads whole rows on every rank; run the "
+                          "prune stage with parallel.cp=1 (cascade.stage_parallel.prune.cp=1)")
     where = this_rank()
     if source.kind == "megatron":
         config, model = load_model(source, parallel)
