@@ -596,8 +596,8 @@ def pair_stats(pairs: Sequence[Pair]) -> dict:
     for p in pairs:
         row = stats.setdefault(p.kind, {"train": 0, "heldout": 0, "chosen_sampled": 0, "rejected_sampled": 0})
         row[p.split] += 1
-        row["chosen_sampled"] += p.origin["chosen"] == "sampled"
-        row["rejected_sampled"] += p.origin["rejected"] == "sampled"
+        row["chosen_sampled"] += p.origin.get("chosen") == "sampled"
+        row["rejected_sampled"] += p.origin.get("rejected") == "sampled"
     return stats
 
 
