@@ -24,6 +24,7 @@ from nemo_plugins.cascade.launch import (
     StageLaunch,
     check_allocation,
     check_image,
+    check_torchrun,
     container_flags,
     container_storage,
     stage_launch,
@@ -58,6 +59,7 @@ def cluster_storage(cfg: DictConfig, overrides: list[str]) -> tuple[ClusterConfi
     if cluster.kind == "local":
         return cluster, None
     check_image(cluster)
+    check_torchrun()
     overridden = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     values = {key: str(OmegaConf.select(cfg, key)) for key in STORAGE_KEYS}
     return cluster, container_storage(cluster, values, overridden & set(STORAGE_KEYS))

@@ -16,6 +16,7 @@ from nemo_plugins.cascade.launch import (
     ClusterConfig,
     check_allocation,
     check_image,
+    check_torchrun,
     container_storage,
     torchrun_command,
 )
@@ -191,3 +192,9 @@ def test_the_ministral3_plan_prints_host_ram_and_gpu_memory_of_every_step_inside
     for step, host, gpu in steps:
         assert 0 < float(host) <= limits[step], (step, host)
         assert 0 < float(gpu) <= 80, (step, gpu)
+
+
+def test_an_image_whose_torchrun_cannot_forward_the_time_limit_signal_is_refused_at_planning():
+    check_torchrun()  # this machine's torch
+    with pytest.raises(ConfigError, match=r"lacks --signals-to-handle \(torch >= 2.9\)"):
+        check_torchrun({"--standalone", "--shutdown-timeout"})

@@ -132,6 +132,22 @@ def check_image(cluster: ClusterConfig) -> None:
                           f"{planned}: set one of them only")
 
 
+def check_torchrun(options: set[str] | None = None) -> None:
+    """The stages' torchrun must forward SIGUSR1 (``--signals-to-handle``, torch >= 2.9) and wait for the save
+    (``--shutdown-timeout``); an older one would die on the time-limit warning without saving. The planning step
+    runs in the image, so this checks the image's torch before any GPU time is spent."""
+    if options is None:
+        from torch.distributed.run import get_args_parser
+
+        options = set(get_args_parser()._option_string_actions)
+    missing = [flag for flag in ("--signals-to-handle", "--shutdown-timeout") if flag not in options]
+    if missing:
+        import torch
+
+        raise ConfigError(f"torchrun of torch {torch.__version__} in this image lacks {', '.join(missing)} (torch >= 2.9): "
+                          "build the image from a newer NGC PyTorch base (Dockerfile FROM)")
+
+
 def container_flags(cluster: ClusterConfig, storage: ContainerStorage) -> list[str]:
     """pyxis flags of every step: the image, the mounts, the repository as working directory, no home directory
     (a home mount would shadow the image's and differs per user), and the storage environment."""
