@@ -1,7 +1,7 @@
 """Online DPO of one SFT model on the chat mix's prompts, judged by a pairwise judge; resumable, single-pass data.
 
     python -m recipes.odpo policy=megatron:runs/sft/sft_kd/checkpoints/step_00000008 \
-        judge._target_=<module>.<callable> chat_cursor=runs/sft/sft_kd/manifest.json
+        'judge={_target_: <module>.<callable>, <arg>: ...}' chat_cursor=runs/sft/sft_kd/manifest.json
     torchrun --nproc-per-node 2 -m recipes.odpo parallel.tp=2 policy=... judge=...
 
 The reference is ``reference``, else the policy's starting model. Running the same command again after a kill
@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.policy:
         raise ConfigError("policy is null: say which SFT model to train, e.g. policy=megatron:runs/sft/sft_kd/checkpoints/...")
     if not cfg.judge or "_target_" not in cfg.judge:
-        raise ConfigError("judge is not set: give judge._target_=<module>.<callable> returning an object with "
+        raise ConfigError("judge is not set: give 'judge={_target_: <module>.<callable>}' building an object with "
                           "prob_first_wins(conversations, responses_a, responses_b) (the calibrated PWRM)")
     stage = ODPOStage.from_config(cfg.stage.odpo, "stage.odpo")
     parallel = typed(ParallelConfig, cfg.parallel, "parallel")

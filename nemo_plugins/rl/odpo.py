@@ -53,6 +53,7 @@ from nemo_plugins.generation.tool_hook import make_tool_hook
 from nemo_plugins.generation.tools import default_tools
 from nemo_plugins.generation.torch_engine import TorchEngine
 from nemo_plugins.manifest import write_manifest
+from nemo_plugins.parallel_ops import sum_from_last_stage
 from nemo_plugins.rl.dpo_loss import DPOOptions, log_ratio_margin, soft_dpo_loss
 from nemo_plugins.rl.logprobs import frozen_sequence_logprobs, micro_batches, sample_rows, sequence_logprobs
 from nemo_plugins.sandbox import SandboxLimits
@@ -333,6 +334,7 @@ class ODPOStep:
         groups = list(zip(label.split(train.micro_batch_size), keep.split(train.micro_batch_size), reference))
         kept = torch.tensor([float(keep.sum())], device=device())
         dist.all_reduce(kept, group=parallel_state.get_data_parallel_group())
+        # no pair left anywhere (every prompt skipped or every pair looping): no backward, zero gradients
         totals = self._train(ddp, batches, groups) if kept.item() > 0 else torch.zeros(3, dtype=torch.float64)
         loss_sum, pairs_kept, margin_sum = totals.tolist()
         self._record(step, stats, pairs_kept, margin_sum, loss_sum)
@@ -385,10 +387,7 @@ class ODPOStep:
         for out in outputs:
             local += torch.stack([out["loss_sum"].double().cpu(), out["pairs"].double().cpu(),
                                   out["margin_sum"].double().cpu()])
-        counted = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        local = (local * float(counted)).to(device())
-        dist.all_reduce(local)
-        return local.cpu()
+        return sum_from_last_stage(local).cpu()
 
     def _record(self, step: int, stats: torch.Tensor, pairs_kept: float, margin_sum: float, loss_sum: float) -> None:
         totals = stats.to(device())
