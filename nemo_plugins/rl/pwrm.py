@@ -454,7 +454,8 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
                             "after": heldout_report(scores, fit_set + test_set, report.tau)},
                 "calibration": report.to_dict(), "wall_seconds": time.monotonic() - started}
     if dist.get_rank() == 0:
-        reliability_plot({"tau = 1": (test.prob_a(), outcomes), f"tau = {report.tau:.3g}": (test.prob_a(report.tau), outcomes)},
+        reliability_plot({"before (tau = 1)": (test.prob_a(), outcomes),
+                          f"after (tau = {report.tau:.3g})": (test.prob_a(report.tau), outcomes)},
                          Path(out_dir) / "reliability.png", stage.calibration.bins)
         write_manifest(out_dir, manifest)
         logger.info("%s done: held-out accuracy %.3f (before %s), position bias %.3f, tau %.3g, ECE %.3f -> %.3f, "
