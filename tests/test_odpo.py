@@ -15,13 +15,13 @@ from nemo_plugins.convert import megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.chat_prompts import ChatPrompts
 from nemo_plugins.data.mix import Cursor, SourceSpec
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError, typed
 from nemo_plugins.generation.engine import Response
 from nemo_plugins.rl.odpo import (
     STEP_METRICS,
-    ChatPrompts,
     ODPOSampling,
     ODPOStage,
     StepMetrics,

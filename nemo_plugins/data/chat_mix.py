@@ -196,7 +196,7 @@ class ChatMix:
         built = []
         for _ in range(rows):
             ready = [(s, k) for s in self.sources
-                     if (k := _next_fitting(s.data, self._index(s, cursor), self.train_end[s.name], seq_len)) is not None]
+                     if (k := _next_fitting(s.data, self.index(s, cursor), self.train_end[s.name], seq_len)) is not None]
             if not ready:
                 raise DataError(
                     f"the chat mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
@@ -220,7 +220,7 @@ class ChatMix:
         packs its own rows, and the round robin only skips sources with no conversation left that fits)."""
         left = 0
         for source in self.sources:
-            k, end = self._index(source, cursor), self.train_end[source.name]
+            k, end = self.index(source, cursor), self.train_end[source.name]
             while left < limit and (k := _next_fitting(source.data, k, end, seq_len)) is not None:
                 k = _pack(source.data.lengths, k, end, seq_len)[1]
                 left += 1
@@ -263,7 +263,7 @@ class ChatMix:
                     sum(dropped.values()), sum(st["conversations"] for st in stats.values()),
                     f": {dropped}" if dropped else "")
 
-    def _index(self, source: ChatSource, cursor: Cursor) -> int:
+    def index(self, source: ChatSource, cursor: Cursor) -> int:
         """The conversation at the cursor's offset for ``source``, which must be a conversation boundary."""
         offset = cursor.offsets.get(source.name, 0)
         k = int(np.searchsorted(source.data.starts, offset))
