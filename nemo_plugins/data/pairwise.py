@@ -521,8 +521,10 @@ def _format_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Ra
         chosen = constraint.comply(task.reference, task.check["answer"])
         violating = [s for s in drawn if not constraint.follows(s.text)]
         rejected, origin = (violating[0].text, "sampled") if violating else (task.reference, "perturbed")
-        if not constraint.follows(chosen) or constraint.follows(rejected):
+        if not constraint.follows(chosen):
             raise DataError(f"format constraint {constraint.name}: its compliant answer fails its own check")
+        if constraint.follows(rejected):  # the reference happens to follow it too: no verified loser
+            continue
         reason = f"constraint '{constraint.instruction}': chosen follows it, rejected does not"
         pairs.append(Pair("format", task.messages, chosen, rejected, reason, {"chosen": "reference", "rejected": origin},
                           meta=dict(task.check)))
