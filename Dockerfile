@@ -3,9 +3,12 @@
 #   docker build -t cascade:latest .
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
 #       -v /data:/data -v $PWD/runs:/workspace/cascade/runs -v $HOME/.cache/cascade:/workspace/cache \
-#       cascade:latest torchrun --nproc-per-node 8 -m recipes.cascade cascade=ministral3 cluster=local \
-#       cluster.nodes=1 model.source=hf:/data/models/Mistral-Small-3.1-24B-Base-2503
+#       cascade:latest bash -c "python -m recipes.tokenize cascade=ministral3 workers=32 \
+#         model.source=hf:/data/models/Mistral-Small-3.1-24B-Base-2503 && \
+#       torchrun --nproc-per-node 8 -m recipes.cascade cascade=ministral3 cluster=local \
+#         cluster.nodes=1 model.source=hf:/data/models/Mistral-Small-3.1-24B-Base-2503"
 #
+# (the user corpus is tokenised first: cluster presets refuse to tokenise inside a training job)
 # (one node: the paper's layouts need 8 nodes for the long stage; pick smaller cascade.stage_parallel.* for one)
 FROM nvcr.io/nvidia/pytorch:25.09-py3
 
