@@ -12,6 +12,7 @@ it the way the trainer does (marker + REQUEUE_EXIT_CODE).
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -249,6 +250,27 @@ def test_a_signal_during_a_step_that_then_finishes_lets_no_later_step_start_and_
     (j.stage_dir("two") / "release").touch()
     assert j.process.wait(timeout=WAIT_S) == 0, j.output_text()
     assert j.ran_steps() == ["one", "two"], "the signal came before stage three: it must not start"
+    assert j.requeues() == [f"requeue {JOB_ID}"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_signal_between_steps_starts_no_further_step_and_requeues(job, sig):
+    """The signal lands while the batch shell clears stage two's markers (its `find`, which sends it), after stage
+    one ended and before stage two starts: no step is there to forward it to, so stage two must not start (it would
+    run unwarned into the time limit)."""
+    j = job()
+    clearing = j.root / "signalling_find"
+    clearing.mkdir()
+    _executable(clearing / "find", f"""#!/bin/sh
+case " $* " in *" -delete "*)
+  echo cleared >> "{j.stand_in}/clearings"
+  [ "$(wc -l < "{j.stand_in}/clearings")" -eq 2 ] && kill -{sig.name[3:]} $PPID;;  # the batch shell
+esac
+exec {shutil.which("find")} "$@"
+""")
+    assert j.run(path_first=clearing) == 0, j.output_text()
+    assert f"SIG{sig.name[3:]} received" in j.output_text()
+    assert j.ran_steps() == ["one"], "a step started after the signal: nothing would ever warn it"
     assert j.requeues() == [f"requeue {JOB_ID}"]
 
 
