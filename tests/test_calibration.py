@@ -46,7 +46,7 @@ def _naive_ece(p: list[float], y: list[float], bins: int) -> float:
     members = [[] for _ in range(bins)]
     for prob, outcome in zip(p, y):
         confidence = max(prob, 1 - prob)
-        correct = 1.0 if (prob >= 0.5) == (outcome == 1) else 0.0
+        correct = 0.5 if prob == 0.5 else 1.0 if (prob > 0.5) == (outcome == 1) else 0.0
         b = 0
         while not (b / bins < confidence <= (b + 1) / bins) and b < bins - 1:
             b += 1

@@ -197,7 +197,7 @@ def test_a_tiny_pwrm_learns_a_planted_property_and_serves_as_the_calibrated_judg
     assert manifest["heldout"]["after"]["accuracy"] >= 0.75, manifest["heldout"]
     assert manifest["heldout"]["after"]["nll"] < manifest["heldout"]["before"]["nll"]
     calibration = manifest["calibration"]
-    assert calibration["pairs_fit"] == calibration["pairs_test"] == 12 and calibration["nll_after"] <= calibration["nll_before"]
+    assert calibration["fit_samples"] == 2 * calibration["test_pairs"] == 24 and calibration["nll_after"] <= calibration["nll_before"]
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
     judge = load_judge(str(out / "manifest.json"), policy=f"megatron:{tmp_path / 'init'}")

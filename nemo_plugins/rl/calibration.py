@@ -3,13 +3,15 @@ numbers that say whether it worked (NLL, expected calibration error, a reliabili
 
 A judge reads a pair in both orders: ``logits`` [n, k] are the k "first response wins" logits re-expressed as
 "A wins" logits (``z_AB`` and ``-z_BA``; k = 1 is plain temperature scaling), and the judge's probability is
-``p(A) = mean_j sigmoid(logits[:, j] / tau)`` (METHOD.md: both orders averaged). ``tau`` is fitted on exactly that
-probability, the one the online-DPO loss consumes. NLL is convex in ``1 / tau`` for k = 1 and smooth for any k,
-so a 1-D L-BFGS on ``log tau`` (positive by construction) finds it in a few iterations.
+``p(A) = mean_j sigmoid(logits[:, j] / tau)`` (METHOD.md: both orders averaged). The PWRM fits tau on each order
+as its own sample (k = 1, standard temperature scaling) and measures the averaged probability: fitted on the
+average itself, tau collapses towards 0 whenever the orders disagree (p -> 1/2 there, a bounded loss) while the
+pairs where they agree are right (measured on the demo PWRM: tau hit the lower bound). NLL is convex in
+``1 / tau`` for k = 1, so a 1-D L-BFGS on ``log tau`` (positive by construction) finds it in a few iterations.
 
 ECE (Guo et al. 2017, top-label): confidence = max(p, 1 - p), correct = the more probable response is the
 preferred one; equal-width confidence bins; ECE = sum over bins of (bin size / n) x |accuracy - mean confidence|.
-Outcomes must be hard (1 = A preferred, 0 = B); ties have no top label and are refused.
+Outcomes must be hard (1 = A preferred, 0 = B).
 """
 
 from __future__ import annotations
@@ -85,8 +87,10 @@ def expected_calibration_error(p: torch.Tensor, outcomes: torch.Tensor, bins: in
 
 
 def top_label(p: torch.Tensor, outcomes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence max(p, 1 - p) and whether the more probable response is the preferred one (p = 0.5 picks A)."""
-    return torch.maximum(p, 1 - p), ((p >= 0.5) == (outcomes > 0.5)).double()
+    """Confidence max(p, 1 - p) and whether the more probable response is the preferred one; an exact tie
+    (p = 1/2, e.g. saturated orders that disagree) is right half the time, as a coin flip would be."""
+    correct = ((p > 0.5) == (outcomes > 0.5)).double()
+    return torch.maximum(p, 1 - p), torch.where(p == 0.5, torch.full_like(correct, 0.5), correct)
 
 
 def bin_index(confidence: torch.Tensor, bins: int) -> torch.Tensor:
@@ -99,8 +103,8 @@ class CalibrationReport:
     """The fitted temperature and the held-out numbers before (tau = 1) and after it."""
 
     tau: float
-    pairs_fit: int
-    pairs_test: int
+    fit_samples: int  # what tau was fitted on (the PWRM: two orders per held-out pair)
+    test_pairs: int
     nll_before: float
     nll_after: float
     ece_before: float
@@ -118,7 +122,7 @@ def calibrate(fit_logits: torch.Tensor, fit_targets: torch.Tensor, test_logits: 
     tau = fit_temperature(fit_logits, fit_targets, settings)
     before, after = probabilities(test_logits).double(), probabilities(test_logits, tau).double()
     return CalibrationReport(
-        tau=tau, pairs_fit=int(fit_targets.numel()), pairs_test=int(test_outcomes.numel()),
+        tau=tau, fit_samples=int(fit_targets.numel()), test_pairs=int(test_outcomes.numel()),
         nll_before=float(binary_nll(test_logits, test_outcomes)), nll_after=float(binary_nll(test_logits, test_outcomes, tau)),
         ece_before=expected_calibration_error(before, test_outcomes, settings.bins),
         ece_after=expected_calibration_error(after, test_outcomes, settings.bins),

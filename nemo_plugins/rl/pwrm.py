@@ -15,7 +15,7 @@ chosen answer is better), BOTH orders of every pair (A first with target t, B fi
 batch when it is even), on the one training loop with megatron's per-token loss path counting rows (a row is one
 ordering). Scoring averages the two orders, p(A) = 1/2 [sigmoid(z_AB / tau) + 1 - sigmoid(z_BA / tau)]
 (METHOD.md), which cancels a position bias; the bias itself is reported (mean p(first) over both orders - 1/2).
-``tau`` is fitted on held-out pairs after training (``calibration``).
+``tau`` is fitted on held-out pairs after training, each order a sample (``calibration``).
 
 Layouts: TP, PP (the last stage's logits are shared over the pipeline group), sequence parallelism and DP; not
 context parallelism (the last position would live on one CP rank).
@@ -49,7 +49,7 @@ from nemo_plugins.distributed import ParallelConfig, device
 from nemo_plugins.errors import ConfigError, DataError, typed
 from nemo_plugins.manifest import read_json, write_manifest
 from nemo_plugins.parallel_ops import full_sequence, sum_from_last_stage, tp_group
-from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabilities, reliability_plot
+from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabilities, reliability_plot, top_label
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
 from nemo_plugins.train.metrics import MetricsLog
@@ -381,7 +381,7 @@ def heldout_report(scores: BothOrders, pairs: Sequence[Pair], tau: float = 1.0) 
     """Held-out accuracy (both orders averaged), NLL of the preferred answer, position bias, accuracy per kind."""
     p_chosen = scores.prob_a(tau).double()
     targets = torch.tensor([p.target for p in pairs], dtype=torch.float64)
-    correct = ((p_chosen >= 0.5) == (targets >= 0.5)).double()
+    _, correct = top_label(p_chosen, (targets >= 0.5).double())  # a tie (saturated orders that disagree) counts 1/2
     nll = -(targets * p_chosen.clamp_min(1e-12).log() + (1 - targets) * (1 - p_chosen).clamp_min(1e-12).log())
     return {"pairs": len(pairs), "accuracy": float(correct.mean()), "nll": float(nll.mean()),
             "position_bias": scores.position_bias(),
@@ -444,8 +444,10 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
     fit = BothOrders(scores.z_ab[: len(fit_set)], scores.z_ba[: len(fit_set)])
     test = BothOrders(scores.z_ab[len(fit_set) :], scores.z_ba[len(fit_set) :])
     outcomes = torch.tensor([float(p.target >= 0.5) for p in test_set], dtype=torch.float64)
-    report = calibrate(fit.ab_logits, torch.tensor([p.target for p in fit_set], dtype=torch.float64), test.ab_logits,
-                       outcomes, stage.calibration)
+    fit_targets = torch.tensor([p.target for p in fit_set], dtype=torch.float64)
+    # tau fitted on each order as a sample of its own (see calibration's docstring), measured on the average
+    report = calibrate(fit.ab_logits.reshape(-1), fit_targets.repeat_interleave(2), test.ab_logits, outcomes,
+                       stage.calibration)
     first = next((r for r in MetricsLog.read(Path(out_dir) / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == 0), {})
     manifest = {**(manifest_extra or {}), "stage": stage.name, "config": dataclasses.asdict(stage), "source": str(source),
                 "chat_format": chat_format_spec, "label_ids": list(template.label_ids), **result,
