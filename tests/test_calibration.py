@@ -85,3 +85,8 @@ def test_calibrate_lowers_nll_and_ece_on_pairs_it_was_not_fitted_on(tmp_path):
 def test_soft_outcomes_have_no_ece():
     with pytest.raises(DataError, match="hard outcomes"):
         expected_calibration_error(torch.tensor([0.7, 0.2]), torch.tensor([0.9, 0.0]))
+
+
+def test_nll_stays_finite_when_float32_probabilities_saturate():
+    logits = torch.tensor([[50.0, -50.0], [60.0, 55.0]])  # float32: sigmoid(5000) is exactly 1
+    assert torch.isfinite(binary_nll(logits, torch.tensor([1.0, 0.0]), 0.01))

@@ -47,7 +47,7 @@ def probabilities(logits: torch.Tensor, tau: float | torch.Tensor = 1.0) -> torc
 
 def binary_nll(logits: torch.Tensor, targets: torch.Tensor, tau: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Mean negative log-likelihood of (soft or hard) ``targets`` [n] under ``probabilities(logits, tau)``."""
-    p = probabilities(logits, tau).clamp(1e-12, 1 - 1e-12)
+    p = probabilities(logits.double(), tau).clamp(1e-12, 1 - 1e-12)  # float32 would round 1 - 1e-12 to 1
     targets = targets.to(p.dtype)
     return -(targets * p.log() + (1 - targets) * (-p).log1p()).mean()
 
