@@ -52,6 +52,7 @@ from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig, device, initialize
 from nemo_plugins.model.builder import build_model, transformer_engine_usable
 from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.model.fast_path import SpeedOptions
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.optimizer import build_optimizer, wrap_for_training
 
@@ -134,7 +135,7 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 def megatron_model(config: MistralConfig, state: dict | None, dtype: torch.dtype, use_te: bool,
                    fp8: str | None = None) -> torch.nn.Module:
-    model = build_model(config, ParallelConfig(), dtype, use_te=use_te, fp8=fp8)
+    model = build_model(config, ParallelConfig(), dtype, use_te=use_te, speed=SpeedOptions(fp8=fp8))
     if state is not None:
         load_hf_state(model, state, config)
     return model

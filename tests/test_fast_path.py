@@ -87,7 +87,7 @@ def test_fp8_needs_te_on_a_gpu():
     with pytest.raises(ConfigError, match="train.fp8='hybrid' needs Transformer Engine"):
         fast_path(CPU, False, SpeedOptions(fp8="hybrid"))
     with pytest.raises(ConfigError, match="train.fp8='hybrid' needs Transformer Engine"):
-        build_model(tiny_config(), ParallelConfig(), fp8="hybrid")
+        build_model(tiny_config(), ParallelConfig(), speed=SpeedOptions(fp8="hybrid"))
 
 
 def test_fp8_recipes():
@@ -129,3 +129,16 @@ def test_communication_overlap():
     assert communication_overlap(False, False) == {"overlap_grad_reduce": False, "overlap_param_gather": False}
     assert communication_overlap(True, False) == {"overlap_grad_reduce": True, "overlap_param_gather": False}
     assert communication_overlap(True, True) == {"overlap_grad_reduce": True, "overlap_param_gather": True}
+
+
+def test_a_stages_speed_settings_reach_the_model_it_loads(tmp_path):
+    from nemo_plugins.convert import megatron_checkpoint
+    from nemo_plugins.convert.sources import ModelSource, load_model
+
+    config = tiny_config()
+    megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, tmp_path / "ckpt")
+    train = TrainSettings(recompute="full")
+    _, model = load_model(ModelSource("megatron", str(tmp_path / "ckpt")), ParallelConfig(), speed=train.speed)
+    assert (model.config.recompute_granularity, model.config.recompute_method) == ("full", "uniform")
+    _, plain = load_model(ModelSource("megatron", str(tmp_path / "ckpt")), ParallelConfig())
+    assert plain.config.recompute_granularity is None

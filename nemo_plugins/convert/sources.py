@@ -34,6 +34,7 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.model.fast_path import SpeedOptions
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +180,15 @@ def multimodal_part(source: ModelSource) -> hf_io.Multimodal | None:
 
 
 def load_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
-               config: MistralConfig | None = None, fp8: str | None = None) -> tuple[MistralConfig, torch.nn.Module]:
+               config: MistralConfig | None = None,
+               speed: SpeedOptions | None = None) -> tuple[MistralConfig, torch.nn.Module]:
     """Build this rank's model chunk and fill it from the source (each rank reads only its own slices).
 
     ``config`` replaces the source's own when a stage changes what does not touch the weights' shapes
     (context extension: YaRN, attention temperature, maximum positions).
     """
     config = config or source_config(source)
-    model = build_model(config, parallel, dtype, fp8=fp8)
+    model = build_model(config, parallel, dtype, speed=speed)
     KINDS[source.kind].load_weights(model, source, config)
     return config, model
 

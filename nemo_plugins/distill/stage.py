@@ -157,7 +157,7 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
         windows = long_context_windows(tokenizer, stage, sequence_multiple(parallel.tp, parallel.cp,
                                                                            parallel.sequence_parallel))
     _, teacher_model = load_model(teacher_source, parallel, dtype)
-    _, student = load_model(student_source, parallel, dtype, config=s_config, fp8=stage.train.fp8)
+    _, student = load_model(student_source, parallel, dtype, config=s_config, speed=stage.train.speed)
     teacher = Teacher(teacher_model)
     long_context = {}
     if windows is not None:

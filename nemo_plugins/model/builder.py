@@ -228,21 +228,18 @@ def build_model(
     parallel: ParallelConfig,
     dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
-    fp8: str | None = None,
     speed: SpeedOptions | None = None,
 ) -> MistralGPTModel:
     """The model chunk of this pipeline rank; megatron's parallel state must be initialised.
 
-    ``speed`` (recompute, FP8 recipe) is what the run asks for; ``fp8`` alone is short for
-    ``SpeedOptions(fp8=fp8)``. The fused kernels follow from the machine (``fast_path``) and are logged."""
-    if speed is not None and fp8 is not None and fp8 != speed.fp8:
-        raise ConfigError(f"build_model got fp8={fp8!r} and speed.fp8={speed.fp8!r}: give one")
+    ``speed`` (recompute, FP8 and its recipe: ``TrainSettings.speed``) is what the run asks for; the fused kernels
+    follow from the machine (``fast_path``) and are logged."""
     use_te = transformer_engine_usable() if use_te is None else use_te
     if parallel.cp > 1 and not use_te:
         raise ConfigError(f"parallel.cp={parallel.cp} needs Transformer Engine attention on GPUs (megatron's local "
                           "attention has no context parallelism): set parallel.cp=1 or install TE")
     yarn = model.rope_scaling
-    fast = fast_path(Available.probe(), use_te, speed or SpeedOptions(fp8=fp8),
+    fast = fast_path(Available.probe(), use_te, speed or SpeedOptions(),
                      yarn_concentration(yarn.factor, yarn.mscale, yarn.mscale_all_dim) if yarn else 1.0)
     fast.log()
     config = transformer_config(model, parallel, dtype, fast.config, use_te)

@@ -415,7 +415,7 @@ def run_odpo_stage(stage: ODPOStage, policy_source: ModelSource, reference_sourc
     _, reference = load_model(reference_source, parallel, dtype)
     reference.eval()
     reference.requires_grad_(False)
-    _, policy = load_model(policy_source, parallel, dtype, fp8=stage.train.fp8)
+    _, policy = load_model(policy_source, parallel, dtype, speed=stage.train.speed)
     judge = make_judge()
     use_per_token_loss(policy)
     evaluate = WinRate(policy, reference, judge, chat_format, stage, prompts.heldout(stage.eval_prompts))

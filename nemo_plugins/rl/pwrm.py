@@ -435,7 +435,7 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
                                     resume_with_changes, before_work)
     if done is not None:
         return done
-    _, model = load_model(source, parallel, dtype, fp8=stage.train.fp8)
+    _, model = load_model(source, parallel, dtype, speed=stage.train.speed)
     evaluate = HeldoutEvaluation(model, template, fit_set + test_set, stage.score_micro_batch_size)
     use_per_token_loss(model)
     run = TrainingRun(model, config, stage.train, stage.optimizer, Path(out_dir), tokenizer_path, stage.name, run_facts)

@@ -120,7 +120,7 @@ def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: 
     samples = {"before": sample_model(student_source, parallel, dtype, chat_format, stage)}
     initialize(parallel, stage.train.seed)
     _, teacher_model = load_model(teacher_source, parallel, dtype)
-    _, student = load_model(student_source, parallel, dtype, fp8=stage.train.fp8)
+    _, student = load_model(student_source, parallel, dtype, speed=stage.train.speed)
     result = train_with_distillation(student, s_config, Teacher(teacher_model), chat, stage.train, stage.optimizer,
                                      stage.kl, out_dir, cursor, tokenizer_dir, stage.name, facts)
     del teacher_model, student
