@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_plugins.distributed import device
@@ -21,7 +22,8 @@ def forward_only(
 
     ``output`` is megatron's per-token loss ``[b, s]`` when labels are given, else the logits (or, with
     ``forward_kwargs={"return_hidden": True}``, the final hidden states). Returns the reduced dicts on the
-    last pipeline stage, an empty list elsewhere.
+    last pipeline stage, an empty list elsewhere. Batches are this CP rank's part (``local_batch``): the schedule
+    is told the whole row's length, which it divides by the CP size for the pipeline's tensor shapes.
     """
     model.eval()
     results: list[dict] = []
@@ -44,7 +46,7 @@ def forward_only(
                 data_iterator=iter([batch]),
                 model=[model],
                 num_microbatches=1,
-                seq_length=tokens.shape[1],
+                seq_length=tokens.shape[1] * parallel_state.get_context_parallel_world_size(),
                 micro_batch_size=tokens.shape[0],
                 forward_only=True,
             )
