@@ -155,6 +155,15 @@ def typed(cls: type[T], values: Mapping[str, Any] | None, key: str) -> T:
     return cls(**values)
 
 
+def typed_stage(cls: type[T], node: Any, key: str) -> T:
+    """A training stage's settings from its Hydra node (``typed``); its ``name`` defaults to the node's last key
+    (``stage.distill_short`` -> ``distill_short``), which names its outputs and metrics."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    return typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"dtype={name!r} is not one of {sorted(DTYPES)}")

@@ -25,7 +25,7 @@ from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError, typed_stage
 from nemo_plugins.eval.long_context import (
     heldout_windows,
     model_multiple,
@@ -72,10 +72,7 @@ class DistillStage:
 
     @classmethod
     def from_config(cls, node, key: str) -> "DistillStage":
-        from omegaconf import OmegaConf
-
-        values = OmegaConf.to_container(node, resolve=True)
-        stage = typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
+        stage = typed_stage(cls, node, key)
         if stage.context is not None and stage.train.seq_len > stage.context.max_context:
             raise ConfigError(f"{key}.train.seq_len={stage.train.seq_len} exceeds the extended context "
                               f"{stage.context.max_context} (original_context x yarn_factor)")

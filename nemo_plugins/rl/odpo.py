@@ -46,7 +46,7 @@ from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device, initialize
-from nemo_plugins.errors import ConfigError, DataError, typed
+from nemo_plugins.errors import ConfigError, DataError, typed_stage
 from nemo_plugins.generation.engine import Request, Response, SamplingParams, ToolHook
 from nemo_plugins.generation.loops import NO_STOP, LoopConfig
 from nemo_plugins.generation.tool_hook import make_tool_hook
@@ -121,10 +121,7 @@ class ODPOStage:
 
     @classmethod
     def from_config(cls, node, key: str) -> "ODPOStage":
-        from omegaconf import OmegaConf
-
-        values = OmegaConf.to_container(node, resolve=True)
-        return typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
+        return typed_stage(cls, node, key)
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -46,7 +46,7 @@ from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device
-from nemo_plugins.errors import ConfigError, DataError, typed
+from nemo_plugins.errors import ConfigError, DataError, typed_stage
 from nemo_plugins.manifest import read_json, write_manifest
 from nemo_plugins.parallel_ops import full_sequence, sum_from_last_stage, tp_group
 from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabilities, reliability_plot, top_label
@@ -371,10 +371,7 @@ class PWRMStage:
 
     @classmethod
     def from_config(cls, node, key: str) -> "PWRMStage":
-        from omegaconf import OmegaConf
-
-        values = OmegaConf.to_container(node, resolve=True)
-        return typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
+        return typed_stage(cls, node, key)
 
 
 def heldout_report(scores: BothOrders, pairs: Sequence[Pair], tau: float = 1.0) -> dict:

@@ -26,7 +26,7 @@ from nemo_plugins.distill.stage import check_teacher_student, finish_training_st
 from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError, typed_stage
 from nemo_plugins.eval.chat_samples import chat_samples
 from nemo_plugins.generation.torch_engine import generation_layout
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
@@ -62,10 +62,7 @@ class SFTStage:
 
     @classmethod
     def from_config(cls, node, key: str) -> "SFTStage":
-        from omegaconf import OmegaConf
-
-        values = OmegaConf.to_container(node, resolve=True)
-        return typed(cls, {**values, "name": values.get("name") or key.rsplit(".", 1)[-1]}, key)
+        return typed_stage(cls, node, key)
 
     def teacher_source(self, parent: ModelSource) -> ModelSource:
         return ModelSource.parse(self.teacher) if self.teacher else parent
