@@ -171,3 +171,34 @@ def test_the_parent_preset_is_the_released_24b_text_model():
 
     preset = OmegaConf.load(f"{CONF_DIR}/model/mistral_small_3_1_24b.yaml")
     assert declared_architecture(preset.architecture) == MistralConfig.from_hf(MISTRAL_SMALL_3_1)
+
+
+@pytest.mark.slow
+def test_the_cascade_prunes_and_distils_from_a_mistral3_parent(tmp_path):
+    """The paper's parent is a Mistral3ForConditionalGeneration directory: the cascade reads its text model by slices
+    for pruning and as the teacher, from the layout transformers writes by default."""
+    import os
+    import subprocess
+    import sys
+
+    from nemo_plugins.convert import megatron_checkpoint
+    from nemo_plugins.train.metrics import MetricsLog
+    from tests.test_cascade import TINY
+
+    src = save(mistral3_model(tiny_config(vocab_size=49_152, num_layers=4)), tmp_path / "m3", drop_outer_tie=True)
+    assert any(name.startswith("language_model.model.") for name in stored_names(src))
+    for name, file in tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2"))).items():
+        (src / name).write_bytes(file.read_bytes())
+    out = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("ablations=")]
+    done = subprocess.run([sys.executable, "-m", "recipes.cascade", f"model.source=hf:{src}", *overrides,
+                           "until=a/distill_short", "posttrain=false", f"output_dir={out}"],
+                          env={**os.environ, "PYTHONPATH": os.getcwd(), "CASCADE_CACHE_DIR": str(tmp_path / "cache")},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = megatron_checkpoint.read_config(out / "a" / "prune" / "megatron")
+    assert (child.num_layers, child.hidden_size, child.ffn_hidden_size, child.tie_embeddings) == (3, 40, 80, True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "a" / "prune" / "hf")
+    assert model.config.hidden_size == 40
+    trained = [r for r in MetricsLog.read(out / "a" / "distill_short" / "metrics.jsonl") if r["kind"] == "train"]
+    assert trained and all(torch.isfinite(torch.tensor(r["loss"])) for r in trained)
