@@ -51,6 +51,13 @@ def use_per_token_loss(model: torch.nn.Module) -> None:
     model.config.calculate_per_token_loss = True
 
 
+def require_per_token_loss(model: torch.nn.Module, counted: str) -> None:
+    """A step returning (loss sum, count) needs megatron's per-token path, else DDP would also average over DP."""
+    if not model.config.calculate_per_token_loss:
+        raise RuntimeError(f"the step normalises by the global {counted} count: call use_per_token_loss(model) before "
+                           "wrapping the model in DDP")
+
+
 @dataclass
 class DistillationStep:
     """``step(ddp, batch) -> mean loss per target token of the global batch`` for the training loop."""
@@ -61,9 +68,7 @@ class DistillationStep:
 
     def __call__(self, ddp: torch.nn.Module, batch: tuple) -> float:
         student = ddp.module
-        if not student.config.calculate_per_token_loss:
-            raise RuntimeError("the distillation step normalises by the global token count: call "
-                              "use_per_token_loss(model) before wrapping the model in DDP")
+        require_per_token_loss(student, "target token")
         micro = split_micro_batches(batch, self.train)
         teacher_out = self.teacher.run([(b["tokens"], b["positions"]) for b in micro])
         kl, sequence_parallel, group = self.kl, student.config.sequence_parallel, tp_group()

@@ -44,7 +44,7 @@ from nemo_plugins.data.chat_prompts import ChatPrompts, Prompt
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
-from nemo_plugins.distill.step import use_per_token_loss
+from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device, initialize
 from nemo_plugins.errors import ConfigError, DataError, typed_stage
 from nemo_plugins.generation.engine import Request, Response, SamplingParams, ToolHook
@@ -228,9 +228,7 @@ class ODPOStep:
 
     def __call__(self, ddp: torch.nn.Module, batch: tuple) -> float:
         policy = ddp.module
-        if not policy.config.calculate_per_token_loss:
-            raise RuntimeError("the ODPO step normalises by the global pair count: call use_per_token_loss(model) "
-                               "before wrapping the model in DDP")
+        require_per_token_loss(policy, "pair")
         prompts, seed, step = batch
         train, sampling = self.stage.train, self.stage.sampling
         per_rank = len(prompts) // parallel_state.get_data_parallel_world_size()

@@ -44,7 +44,7 @@ from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.pairwise import Pair, pair_stats
 from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
-from nemo_plugins.distill.step import use_per_token_loss
+from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device
 from nemo_plugins.errors import ConfigError, DataError, typed_stage
 from nemo_plugins.manifest import read_json, write_manifest
@@ -318,9 +318,7 @@ class PWRMStep:
 
     def __call__(self, ddp: torch.nn.Module, batch: tuple) -> float:
         model = ddp.module
-        if not model.config.calculate_per_token_loss:
-            raise RuntimeError("the PWRM step normalises by the global row count: call use_per_token_loss(model) "
-                               "before wrapping the model in DDP")
+        require_per_token_loss(model, "row")
         check_layout()
         micro = self._micro_batches(batch)
         sequence_parallel = model.config.sequence_parallel
