@@ -28,6 +28,15 @@ def sum_from_last_stage(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def summed_logs(outputs: list[dict], keys: tuple[str, ...]) -> list[float]:
+    """The totals of ``keys`` over the micro-batch logs a training schedule returned (``(sum, count)`` losses), in
+    float64, over the whole world (``sum_from_last_stage``): every rank gets the same numbers."""
+    local = torch.zeros(len(keys), dtype=torch.float64)
+    for out in outputs:
+        local += torch.stack([out[key].detach().double().cpu() for key in keys])
+    return sum_from_last_stage(local).tolist()
+
+
 def full_sequence(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     """``[s, b, h]`` hidden states over the whole sequence: under sequence parallelism each TP rank holds
     ``s / tp`` rows; the fused loss wants all of them (it sums its own hidden-state gradient over TP, so

@@ -28,7 +28,7 @@ from nemo_plugins.distill.heldout import evaluate_heldout
 from nemo_plugins.distill.kl_loss import KLOptions, fused_kl_loss
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.model.config import MistralConfig
-from nemo_plugins.parallel_ops import flatten_tokens, full_sequence, sum_from_last_stage, tp_group
+from nemo_plugins.parallel_ops import flatten_tokens, full_sequence, summed_logs, tp_group
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.facts import RunFacts
 from nemo_plugins.train.loop import DataStream, TrainingRun
@@ -96,11 +96,7 @@ class DistillationStep:
             micro_batch_size=self.train.micro_batch_size,
             forward_only=False,
         )
-        local = torch.zeros(2, dtype=torch.float64)
-        for out in outputs:
-            local[0] += out["loss_sum"].double().cpu()
-            local[1] += out["tokens"].double().cpu()
-        loss_sum, count = sum_from_last_stage(local).tolist()
+        loss_sum, count = summed_logs(outputs, ("loss_sum", "tokens"))
         return loss_sum / max(count, 1.0)
 
 

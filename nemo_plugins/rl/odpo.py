@@ -53,7 +53,7 @@ from nemo_plugins.generation.tool_hook import make_tool_hook
 from nemo_plugins.generation.tools import default_tools
 from nemo_plugins.generation.torch_engine import TorchEngine
 from nemo_plugins.manifest import write_manifest
-from nemo_plugins.parallel_ops import sum_from_last_stage
+from nemo_plugins.parallel_ops import summed_logs
 from nemo_plugins.rl.dpo_loss import DPOOptions, log_ratio_margin, soft_dpo_loss
 from nemo_plugins.rl.logprobs import frozen_sequence_logprobs, micro_batches, sample_rows, sequence_logprobs
 from nemo_plugins.sandbox import SandboxLimits
@@ -292,11 +292,7 @@ class ODPOStep:
             forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=[ddp],
             num_microbatches=len(batches), seq_length=self.stage.train.seq_len,
             micro_batch_size=2 * self.stage.train.micro_batch_size, forward_only=False)
-        local = torch.zeros(3, dtype=torch.float64)
-        for out in outputs:
-            local += torch.stack([out["loss_sum"].double().cpu(), out["pairs"].double().cpu(),
-                                  out["margin_sum"].double().cpu()])
-        return sum_from_last_stage(local).cpu()
+        return torch.tensor(summed_logs(outputs, ("loss_sum", "pairs", "margin_sum")), dtype=torch.float64)
 
     def _record(self, step: int, stats: torch.Tensor, pairs_kept: float, margin_sum: float, loss_sum: float) -> None:
         totals = stats.to(device())

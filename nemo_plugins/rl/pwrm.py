@@ -48,7 +48,7 @@ from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device
 from nemo_plugins.errors import ConfigError, DataError, typed_stage
 from nemo_plugins.manifest import read_json, write_manifest
-from nemo_plugins.parallel_ops import full_sequence, sum_from_last_stage, tp_group
+from nemo_plugins.parallel_ops import full_sequence, summed_logs, tp_group
 from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabilities, reliability_plot, top_label
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
@@ -338,11 +338,7 @@ class PWRMStep:
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp], num_microbatches=len(micro),
             seq_length=self.train.seq_len, micro_batch_size=self.train.micro_batch_size, forward_only=False)
-        local = torch.zeros(2, dtype=torch.float64)
-        for out in outputs:
-            local[0] += out["loss_sum"].double().cpu()
-            local[1] += out["rows"].double().cpu()
-        loss_sum, count = sum_from_last_stage(local).tolist()
+        loss_sum, count = summed_logs(outputs, ("loss_sum", "rows"))
         return loss_sum / max(count, 1.0)
 
     def _micro_batches(self, batch: tuple) -> list[dict[str, torch.Tensor]]:
