@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.chat_prompts import ChatPrompts, Prompt
 from nemo_plugins.data.mix import Cursor
+from nemo_plugins.data.thinking import strip_thinking
 from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
@@ -64,7 +64,6 @@ from nemo_plugins.train.metrics import MetricsLog
 logger = logging.getLogger(__name__)
 
 STEP_METRICS = "odpo_metrics.jsonl"
-_THINKING = re.compile(r"\[THINK\].*?(\[/THINK\]|$)|<think>.*?(</think>|$)", re.DOTALL)
 
 
 class Judge(Protocol):
@@ -130,11 +129,6 @@ class Pair:
     prompt: Prompt
     a: Response
     b: Response
-
-
-def strip_thinking(text: str) -> str:
-    """The text without its thinking spans (an unclosed one runs to the end): what the judge reads."""
-    return _THINKING.sub("", text)
 
 
 def tool_calls(response: Response) -> int:
