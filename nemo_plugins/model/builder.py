@@ -24,6 +24,7 @@ from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.fast_path import Available, SpeedOptions, fast_path, yarn_concentration
 from nemo_plugins.model.masks import is_single_document, packed_causal_mask
 from nemo_plugins.model.packed_sequences import cu_seqlens_from_positions, thd_params
+from nemo_plugins.model.sdpa_attention import SDPAttention
 
 logger = logging.getLogger(__name__)
 
@@ -105,20 +106,23 @@ def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: to
 
 
 def layer_spec(config: MistralTransformerConfig, use_te: bool) -> ModuleSpec:
-    """The layer spec: Transformer Engine or megatron's local one, with query scaling when needed."""
+    """The layer spec: Transformer Engine or megatron's local one, with query scaling when needed. The local spec's
+    core attention is ``SDPAttention`` (megatron's maths in one fused PyTorch kernel)."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    logger.info("layer spec: %s", "Transformer Engine" if use_te else "megatron-core local (pure PyTorch)")
+    logger.info("layer spec: %s", "Transformer Engine" if use_te else "megatron-core local (pure PyTorch, SDPA)")
+    core = spec.submodules.self_attention.submodules.core_attention if use_te else SDPAttention
     if config.attention_temperature_period is not None:
-        spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules))
-        attention = spec.submodules.self_attention
-        attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules))
-        attention.submodules.core_attention = with_query_scale(attention.submodules.core_attention)
-        spec.submodules.self_attention = attention
+        core = with_query_scale(core)
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules))
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules))
+    attention.submodules.core_attention = core
+    spec.submodules.self_attention = attention
     return spec
 
 
