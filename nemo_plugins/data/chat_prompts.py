@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from nemo_plugins.errors import DataError
 class Prompt:
     ids: tuple[int, ...]  # the rendered conversation through the assistant's generation prompt
     messages: list[dict]  # the same messages, for the judge
+    meta: dict = field(default_factory=dict)  # the record's "meta" (how GRPO rewards a response); {} when absent
 
 
 class ChatPrompts:
@@ -73,7 +74,8 @@ class ChatPrompts:
         record = json.loads(self._line(source, k))
         messages = record["messages"]
         first_assistant = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return Prompt(tuple(int(t) for t in source.data.file.tokens[begin:first_target]), messages[:first_assistant])
+        return Prompt(tuple(int(t) for t in source.data.file.tokens[begin:first_target]), messages[:first_assistant],
+                      dict(record.get("meta") or {}))
 
     def _line(self, source, k: int) -> str:
         if source.name not in self._lines:
