@@ -1,5 +1,8 @@
-"""Temperature calibration: the fit recovers a planted temperature, ECE equals a naive loop, calibration lowers
-NLL and ECE of over-confident logits, the reliability plot is written."""
+"""Temperature calibration: the fit recovers a planted temperature (one order, and two orders with a position
+bias, averaged in logit space), equals a grid search, ECE equals a naive loop, calibration lowers NLL and ECE of
+over-confident logits on pairs it was not fitted on, the reliability plot is written."""
+
+import math
 
 import pytest
 import torch
@@ -30,15 +33,38 @@ def test_the_fit_recovers_a_planted_temperature(true_tau):
     assert fit_temperature(logits, outcomes) == pytest.approx(true_tau, rel=0.05)
 
 
-def test_the_fit_on_both_orders_recovers_the_temperature_of_the_averaged_probability():
-    """Two orders whose logits disagree (a position bias of +-1): tau is fitted on their averaged probability; at
-    the fitted tau no other tau has a lower NLL."""
-    logits, outcomes = _overconfident(20_000, 2.0, seed=2)
-    both = torch.stack([logits + 1.0, logits - 1.0], -1)
-    tau = fit_temperature(both, outcomes)
-    best = binary_nll(both, outcomes, tau)
-    for other in (0.8 * tau, 0.95 * tau, 1.05 * tau, 1.25 * tau):
-        assert binary_nll(both, outcomes, other) > best
+def _both_orders(n: int, tau: float, bias: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two orders of a judge that is ``tau`` times over-confident and adds ``bias`` to the first position's
+    logit, re-expressed as "A wins" logits: z_AB = tau u + b, -z_BA = tau u - b."""
+    logits, outcomes = _overconfident(n, tau, seed)
+    return torch.stack([logits + bias, logits - bias], -1), outcomes
+
+
+@pytest.mark.parametrize("true_tau", [0.3, 4.0])
+def test_the_fit_on_both_orders_recovers_the_temperature_whatever_the_position_bias(true_tau):
+    """Under- (0.3) and over-confident (4.0) judges with a position bias as large as their margins: the fit on the
+    order-averaged margin recovers the planted temperature, and at it ECE is small and below the uncalibrated one."""
+    logits, outcomes = _both_orders(40_000, true_tau, bias=3.0 * true_tau, seed=2)
+    tau = fit_temperature(logits, outcomes)
+    assert tau == pytest.approx(true_tau, rel=0.05)
+    assert expected_calibration_error(probabilities(logits, tau), outcomes) < 0.01
+    assert expected_calibration_error(probabilities(logits), outcomes) > 0.05
+    naive = torch.sigmoid(logits / tau).mean(-1)  # the two probabilities averaged: the bias still pulls towards 1/2
+    assert expected_calibration_error(naive, outcomes) > 0.05
+
+
+def test_the_fitted_temperature_minimises_the_nll_of_a_grid():
+    logits, outcomes = _both_orders(5_000, 2.0, bias=1.0, seed=6)
+    tau = fit_temperature(logits, outcomes)
+    grid = torch.linspace(0.5, 5.0, 451, dtype=torch.float64)
+    naive = grid[torch.stack([binary_nll(logits, outcomes, t) for t in grid]).argmin()]
+    assert tau == pytest.approx(float(naive), abs=0.011)
+
+
+def test_the_judges_probability_is_the_sigmoid_of_the_averaged_logit():
+    logits = torch.tensor([[2.0, 0.0], [-1.0, -3.0], [4.0, -4.0]], dtype=torch.float64)
+    expected = [1 / (1 + math.exp(-m / 0.5)) for m in (1.0, -2.0, 0.0)]
+    assert probabilities(logits, 0.5).tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def _naive_ece(p: list[float], y: list[float], bins: int) -> float:

@@ -93,8 +93,8 @@ def test_the_training_loss_is_the_mean_soft_cross_entropy_over_rows_of_the_globa
 
 
 def test_both_orders_averaged_removes_a_planted_position_bias():
-    """A judge adding b to the first position's logit: one order's probability moves with b, the average of
-    both orders does not (it is symmetric in b), and a tie stays exactly 1/2."""
+    """A judge adding b to the first position's logit: one order's probability moves with b, the judge's (both
+    orders averaged in logit space) is the unbiased judge's, and a tie stays exactly 1/2."""
     strength = torch.linspace(-3, 3, 13)
     unbiased = BothOrders(strength, -strength)
     for bias in (1.5, -2.0):
@@ -103,10 +103,9 @@ def test_both_orders_averaged_removes_a_planted_position_bias():
                                                              torch.sigmoid(-strength + bias).mean() / 2 - 0.5))
         assert abs(biased.position_bias()) > 0.2 and unbiased.position_bias() == pytest.approx(0.0, abs=1e-7)
         assert not torch.allclose(torch.sigmoid(biased.z_ab), torch.sigmoid(unbiased.z_ab), atol=0.1)
-        mirrored = BothOrders(strength - bias, -strength - bias)
-        assert torch.allclose(biased.prob_a(), mirrored.prob_a(), atol=1e-7)
+        assert torch.allclose(biased.prob_a(), unbiased.prob_a(), atol=1e-7)  # averaged logits: b cancels exactly
+        assert torch.allclose(biased.prob_a(0.5), torch.sigmoid(strength / 0.5), atol=1e-7)
         assert biased.prob_a()[6] == pytest.approx(0.5, abs=1e-7)  # strength 0: a tie whatever the bias
-        assert bool((biased.prob_a().diff() > 0).all())  # still ordered by the true strength
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +196,7 @@ def test_a_tiny_pwrm_learns_a_planted_property_and_serves_as_the_calibrated_judg
     assert manifest["heldout"]["after"]["accuracy"] >= 0.75, manifest["heldout"]
     assert manifest["heldout"]["after"]["nll"] < manifest["heldout"]["before"]["nll"]
     calibration = manifest["calibration"]
-    assert calibration["fit_samples"] == 2 * calibration["test_pairs"] == 24 and calibration["nll_after"] <= calibration["nll_before"]
+    assert calibration["fit_pairs"] == calibration["test_pairs"] == 12 and calibration["nll_after"] <= calibration["nll_before"]
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
     judge = load_judge(str(out / "manifest.json"), policy=f"megatron:{tmp_path / 'init'}")

@@ -2,12 +2,19 @@
 numbers that say whether it worked (NLL, expected calibration error, a reliability plot).
 
 A judge reads a pair in both orders: ``logits`` [n, k] are the k "first response wins" logits re-expressed as
-"A wins" logits (``z_AB`` and ``-z_BA``; k = 1 is plain temperature scaling), and the judge's probability is
-``p(A) = mean_j sigmoid(logits[:, j] / tau)`` (METHOD.md: both orders averaged). The PWRM fits tau on each order
-as its own sample (k = 1, standard temperature scaling) and measures the averaged probability: fitted on the
-average itself, tau collapses towards 0 whenever the orders disagree (p -> 1/2 there, a bounded loss) while the
-pairs where they agree are right (measured on the demo PWRM: tau hit the lower bound). NLL is convex in
-``1 / tau`` for k = 1, so a 1-D L-BFGS on ``log tau`` (positive by construction) finds it in a few iterations.
+"A wins" logits (``z_AB`` and ``-z_BA``; k = 1 is plain temperature scaling). The judge's probability is
+``p(A) = sigmoid(mean_j logits[:, j] / tau)``: the orders are averaged in logit space, then ONE temperature
+scales that margin, and tau is fitted on exactly that probability (what online DPO's judge uses).
+
+Why the logits and not the probabilities: a position bias is an additive shift b of the first position's logit
+(``z_AB = s + b``, ``z_BA = -s + b``), so the averaged logit is exactly the bias-free margin s whatever b is.
+Averaging the probabilities instead, 1/2 [sigmoid(s + b) + sigmoid(s - b)], cancels b only to first order and
+pulls every pair towards 1/2 when |b| is comparable to |s|; no single temperature then undoes it (scaling
+s + b and s - b together keeps them on both sides of 0), and fitting tau on that average drives it to its lower
+bound wherever the orders disagree (measured on the demo PWRM: accuracy 0.74 while every averaged probability
+sat in 0.50-0.52, ECE 0.268 -> 0.268 with tau fitted on single orders, tau at the 0.01 bound fitted on the
+average). On the averaged margin it is standard temperature scaling of one logit: NLL is convex in ``1 / tau``,
+so a 1-D L-BFGS on ``log tau`` (positive by construction) finds it in a few iterations.
 
 ECE (Guo et al. 2017, top-label): confidence = max(p, 1 - p), correct = the more probable response is the
 preferred one; equal-width confidence bins; ECE = sum over bins of (bin size / n) x |accuracy - mean confidence|.
@@ -41,8 +48,8 @@ class CalibrationSettings:
 
 
 def probabilities(logits: torch.Tensor, tau: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """[n] p(A wins) from [n, k] "A wins" logits: the mean over orders of sigmoid(logit / tau)."""
-    return torch.sigmoid(_as_matrix(logits) / tau).mean(-1)
+    """[n] p(A wins) from [n, k] "A wins" logits: sigmoid of their mean over orders, divided by tau."""
+    return torch.sigmoid(_as_matrix(logits).mean(-1) / tau)
 
 
 def binary_nll(logits: torch.Tensor, targets: torch.Tensor, tau: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -103,7 +110,7 @@ class CalibrationReport:
     """The fitted temperature and the held-out numbers before (tau = 1) and after it."""
 
     tau: float
-    fit_samples: int  # what tau was fitted on (the PWRM: two orders per held-out pair)
+    fit_pairs: int  # pairs tau was fitted on (none of them among the test pairs)
     test_pairs: int
     nll_before: float
     nll_after: float
@@ -122,7 +129,7 @@ def calibrate(fit_logits: torch.Tensor, fit_targets: torch.Tensor, test_logits: 
     tau = fit_temperature(fit_logits, fit_targets, settings)
     before, after = probabilities(test_logits).double(), probabilities(test_logits, tau).double()
     return CalibrationReport(
-        tau=tau, fit_samples=int(fit_targets.numel()), test_pairs=int(test_outcomes.numel()),
+        tau=tau, fit_pairs=int(fit_targets.numel()), test_pairs=int(test_outcomes.numel()),
         nll_before=float(binary_nll(test_logits, test_outcomes)), nll_after=float(binary_nll(test_logits, test_outcomes, tau)),
         ece_before=expected_calibration_error(before, test_outcomes, settings.bins),
         ece_after=expected_calibration_error(after, test_outcomes, settings.bins),

@@ -13,9 +13,10 @@ the hidden state goes in through ``copy_to_tensor_model_parallel_region`` so its
 Training: cross-entropy of that softmax against the pair's target (hard or soft: the probability that the
 chosen answer is better), BOTH orders of every pair (A first with target t, B first with 1 - t, in one global
 batch when it is even), on the one training loop with megatron's per-token loss path counting rows (a row is one
-ordering). Scoring averages the two orders, p(A) = 1/2 [sigmoid(z_AB / tau) + 1 - sigmoid(z_BA / tau)]
-(METHOD.md), which cancels a position bias; the bias itself is reported (mean p(first) over both orders - 1/2).
-``tau`` is fitted on held-out pairs after training, each order a sample (``calibration``).
+ordering). Scoring averages the two orders in logit space, p(A) = sigmoid((z_AB - z_BA) / (2 tau)), which
+cancels an additive position bias exactly (``calibration`` says why not METHOD.md's average of the two
+probabilities); the bias itself is reported (mean p(first) over both orders - 1/2). ``tau`` is fitted after
+training on half the held-out pairs, on that averaged margin, and measured on the other half.
 
 Layouts: TP, PP (the last stage's logits are shared over the pipeline group), sequence parallelism and DP; not
 context parallelism (the last position would live on one CP rank).
@@ -196,7 +197,7 @@ class BothOrders:
         return torch.stack([self.z_ab, -self.z_ba], -1)
 
     def prob_a(self, tau: float = 1.0) -> torch.Tensor:
-        """p(A wins), the two orders averaged (METHOD.md)."""
+        """p(A wins): the two orders' "A wins" logits averaged, then scaled by 1 / tau."""
         return probabilities(self.ab_logits, tau)
 
     def position_bias(self) -> float:
@@ -372,7 +373,7 @@ def heldout_report(scores: BothOrders, pairs: Sequence[Pair], tau: float = 1.0) 
     """Held-out accuracy (both orders averaged), NLL of the preferred answer, position bias, accuracy per kind."""
     p_chosen = scores.prob_a(tau).double()
     targets = torch.tensor([p.target for p in pairs], dtype=torch.float64)
-    _, correct = top_label(p_chosen, (targets >= 0.5).double())  # a tie (saturated orders that disagree) counts 1/2
+    _, correct = top_label(p_chosen, (targets >= 0.5).double())  # an exact tie counts 1/2
     nll = -(targets * p_chosen.clamp_min(1e-12).log() + (1 - targets) * (1 - p_chosen).clamp_min(1e-12).log())
     return {"pairs": len(pairs), "accuracy": float(correct.mean()), "nll": float(nll.mean()),
             "position_bias": scores.position_bias(),
@@ -436,9 +437,7 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
     test = BothOrders(scores.z_ab[len(fit_set) :], scores.z_ba[len(fit_set) :])
     outcomes = torch.tensor([float(p.target >= 0.5) for p in test_set], dtype=torch.float64)
     fit_targets = torch.tensor([p.target for p in fit_set], dtype=torch.float64)
-    # tau fitted on each order as a sample of its own (see calibration's docstring), measured on the average
-    report = calibrate(fit.ab_logits.reshape(-1), fit_targets.repeat_interleave(2), test.ab_logits, outcomes,
-                       stage.calibration)
+    report = calibrate(fit.ab_logits, fit_targets, test.ab_logits, outcomes, stage.calibration)
     first = next((r for r in MetricsLog.read(Path(out_dir) / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == 0), {})
     manifest = {**(manifest_extra or {}), "stage": stage.name, "config": dataclasses.asdict(stage), "source": str(source),
                 "chat_format": chat_format_spec, "label_ids": list(template.label_ids), **result,
