@@ -47,15 +47,15 @@ from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device, initialize
 from nemo_plugins.errors import ConfigError, DataError, typed_stage
-from nemo_plugins.generation.engine import Request, Response, SamplingParams, ToolHook
+from nemo_plugins.generation.engine import Response, SamplingParams, ToolHook
 from nemo_plugins.generation.loops import NO_STOP, LoopConfig
 from nemo_plugins.generation.tool_hook import make_tool_hook
 from nemo_plugins.generation.tools import default_tools
-from nemo_plugins.generation.torch_engine import TorchEngine
 from nemo_plugins.manifest import write_manifest
 from nemo_plugins.parallel_ops import summed_logs
 from nemo_plugins.rl.dpo_loss import DPOOptions, log_ratio_margin, soft_dpo_loss
 from nemo_plugins.rl.logprobs import frozen_sequence_logprobs, micro_batches, sample_rows, sequence_logprobs
+from nemo_plugins.rl.rollouts import sample_groups
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
@@ -149,16 +149,8 @@ def sample_pairs(model: torch.nn.Module, prompts: Sequence[Prompt], seeds: Seque
                  sampling: ODPOSampling, seq_len: int) -> list[Pair | None]:
     """Two responses per prompt (request seeds ``seed`` and ``seed + 1``); None for a prompt with no room for
     ``max_new_tokens`` in ``seq_len`` (a counted skip). A collective over the model's TP group."""
-    room = seq_len - sampling.max_new_tokens
-    fits = [i for i, p in enumerate(prompts) if len(p.ids) <= room]
-    requests = [Request(prompts[i].ids, sampling.params(seeds[i] + j, chat_format.end_of_turn_id))
-                for i in fits for j in (0, 1)]
-    responses = (TorchEngine(model, sampling.max_batch_size, chat_format.pad_id).generate(requests, tool_hook(chat_format, sampling))
-                 if requests else [])
-    pairs: list[Pair | None] = [None] * len(prompts)
-    for n, i in enumerate(fits):
-        pairs[i] = Pair(prompts[i], responses[2 * n], responses[2 * n + 1])
-    return pairs
+    groups = sample_groups(model, prompts, seeds, 2, chat_format, sampling, seq_len, tool_hook(chat_format, sampling))
+    return [Pair(prompt, *group) if group is not None else None for prompt, group in zip(prompts, groups)]
 
 
 def loops(response: Response, sampling: ODPOSampling) -> bool:
