@@ -1,6 +1,9 @@
-"""Build transformers reference models from a MistralConfig (tests only)."""
+"""Build transformers reference models from a MistralConfig, and load our exports as a user would (tests only)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import transformers
@@ -35,3 +38,31 @@ def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
+
+
+def load_in_transformers(hf_dir: str | Path) -> torch.nn.Module:
+    """The directory as a user loads it (AutoModelForCausalLM, fp32, eager attention): raises what they would see."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def assert_loads_with_our_logits(hf_dir: str | Path, ours: str | None = None, length: int = 40, atol: float = 1e-4) -> str:
+    """transformers loads ``hf_dir`` under the class its config.json names and gives the logits of our model
+    (``ours``: a source string such as ``megatron:<checkpoint>``, the HF directory itself by default); returns
+    that class name."""
+    from nemo_plugins.convert.sources import ModelSource, load_model
+    from nemo_plugins.distributed import ParallelConfig
+
+    declared = json.loads((Path(hf_dir) / "config.json").read_text())["architectures"][0]
+    reference = load_in_transformers(hf_dir)
+    assert type(reference).__name__ == declared, (type(reference).__name__, declared)
+    config, model = load_model(ModelSource.parse(ours or f"hf:{hf_dir}"), ParallelConfig())
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (2, length), generator=generator)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        actual = model.eval()(tokens, torch.arange(length).expand(2, -1))
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol * max(1.0, expected.abs().max().item()), f"{hf_dir}: logits differ from ours by {diff}"
+    return declared

@@ -123,8 +123,20 @@ class MistralConfig:
                 f"parallel.pp={pipeline_parallel} does not divide model.num_layers={self.num_layers}"
             )
 
+    def llama_shaped(self) -> bool:
+        """Whether hidden_size == heads x head_dim: Llama configs derive head_dim from hidden / heads (transformers'
+        LlamaConfig refuses a hidden size that is not a multiple of the heads), Mistral ones take it explicitly."""
+        return self.hidden_size == self.num_attention_heads * self.head_dim
+
     def replace(self, **changes: Any) -> "MistralConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; a Llama model reshaped to a hidden size other than heads x head_dim (a pruned
+        SmolLM2 child, hidden 384 with 9 heads of 64) becomes ``MistralForCausalLM``, the same maths here (no
+        biases, no sliding window, same RoPE, tied or not) under a config that carries head_dim, so that its HF
+        export loads in transformers. An explicit ``architecture`` change is kept as given."""
+        changed = dataclasses.replace(self, **changes)
+        if "architecture" not in changes and changed.architecture == "LlamaForCausalLM" and not changed.llama_shaped():
+            return dataclasses.replace(changed, architecture="MistralForCausalLM")
+        return changed
 
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod
