@@ -47,15 +47,13 @@ from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device, initialize
 from nemo_plugins.errors import ConfigError, DataError, typed_stage
-from nemo_plugins.generation.engine import Response, SamplingParams, ToolHook
+from nemo_plugins.generation.engine import Response, SamplingParams
 from nemo_plugins.generation.loops import NO_STOP, LoopConfig
-from nemo_plugins.generation.tool_hook import make_tool_hook
-from nemo_plugins.generation.tools import default_tools
 from nemo_plugins.manifest import write_manifest
 from nemo_plugins.parallel_ops import summed_logs
 from nemo_plugins.rl.dpo_loss import DPOOptions, log_ratio_margin, soft_dpo_loss
 from nemo_plugins.rl.logprobs import frozen_sequence_logprobs, micro_batches, sample_rows, sequence_logprobs
-from nemo_plugins.rl.rollouts import sample_groups
+from nemo_plugins.rl.rollouts import sample_groups, tool_calls, tool_hook
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
@@ -129,20 +127,6 @@ class Pair:
     prompt: Prompt
     a: Response
     b: Response
-
-
-def tool_calls(response: Response) -> int:
-    """Injected tool messages in a response: runs of non-policy tokens."""
-    mask = response.policy_mask
-    return sum(1 for i, bit in enumerate(mask) if bit == 0 and (i == 0 or mask[i - 1] == 1))
-
-
-def tool_hook(chat_format: ChatFormat, sampling: ODPOSampling) -> ToolHook | None:
-    """The hook that runs the policy's tool calls during sampling (default tools, the stage's sandbox limits:
-    a call that hangs comes back as a timeout message and the response goes on)."""
-    if not sampling.tools:
-        return None
-    return make_tool_hook(chat_format, default_tools(sampling.sandbox), sampling.max_tool_calls)
 
 
 def sample_pairs(model: torch.nn.Module, prompts: Sequence[Prompt], seeds: Sequence[int], chat_format: ChatFormat,

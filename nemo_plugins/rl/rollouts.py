@@ -16,7 +16,10 @@ import torch
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_prompts import Prompt
 from nemo_plugins.generation.engine import Request, Response, SamplingParams, ToolHook
+from nemo_plugins.generation.tool_hook import make_tool_hook
+from nemo_plugins.generation.tools import default_tools
 from nemo_plugins.generation.torch_engine import TorchEngine
+from nemo_plugins.sandbox import SandboxLimits
 
 
 class Sampling(Protocol):
@@ -24,8 +27,25 @@ class Sampling(Protocol):
 
     max_new_tokens: int
     max_batch_size: int
+    tools: bool
+    max_tool_calls: int
+    sandbox: SandboxLimits
 
     def params(self, seed: int, stop_id: int) -> SamplingParams: ...
+
+
+def tool_calls(response: Response) -> int:
+    """Injected tool messages in a response: runs of non-policy tokens."""
+    mask = response.policy_mask
+    return sum(1 for i, bit in enumerate(mask) if bit == 0 and (i == 0 or mask[i - 1] == 1))
+
+
+def tool_hook(chat_format: ChatFormat, sampling: Sampling) -> ToolHook | None:
+    """The hook that runs the policy's tool calls during sampling (default tools, the stage's sandbox limits:
+    a call that hangs comes back as a timeout message and the response goes on)."""
+    if not sampling.tools:
+        return None
+    return make_tool_hook(chat_format, default_tools(sampling.sandbox), sampling.max_tool_calls)
 
 
 def sample_groups(model: torch.nn.Module, prompts: Sequence[Prompt], seeds: Sequence[int], n: int,
