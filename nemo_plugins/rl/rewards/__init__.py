@@ -45,23 +45,24 @@ class MathRewardSettings:
                               "of the reward given to a well-formed response; 0 turns the format reward off")
 
 
-def _code_limits() -> SandboxLimits:
-    """A test program is small: 256 MiB and a few seconds are plenty, and the limits bound a GRPO step's time."""
-    return SandboxLimits(cpu_seconds=5, wall_seconds=10.0, memory_bytes=256 << 20, output_bytes=64 << 10)
-
-
 @dataclass(frozen=True)
 class CodeRewardSettings:
-    """The sandbox limits of one response's run (all its tests), and how many runs go at once (each is a process
-    that mostly waits, so a few per core)."""
+    """The sandbox limits of one response's run (its program and all its tests: ``sandbox.SandboxLimits``), the
+    alarm of each test (and of the program's own top level), and how many runs go at once (each is a process that
+    mostly waits, so a few per core)."""
 
-    limits: SandboxLimits = field(default_factory=_code_limits)
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    test_seconds: float = 2.0
     workers: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"rewards.code.workers={self.workers!r} must be a positive integer (sandbox runs at "
                               "once)")
+        if not 0 < self.test_seconds <= self.limits.wall_seconds:
+            raise ConfigError(f"rewards.code.test_seconds={self.test_seconds} must be positive and at most "
+                              f"rewards.code.limits.wall_seconds={self.limits.wall_seconds:g} (one test's alarm "
+                              "within the run's wall clock)")
 
 
 DEFAULT_JUDGE_TEMPLATE = (
