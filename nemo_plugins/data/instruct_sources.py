@@ -11,7 +11,9 @@ system / user / assistant / tool) from real material shipped with the interprete
 * ``arithmetic``: multi-step word problems from a seeded generator with exact (``Fraction``) answers, a worked
   solution and a final ``Answer: <value>`` line; the answer and the expression that computes it are kept in
   ``meta`` for math rewards;
-* ``arithmetic_tools``: the same problems solved by calling the ``calculator`` tool once per step.
+* ``arithmetic_tools``: the same problems solved by calling the ``calculator`` tool once per step;
+* ``reasoning_math``, ``reasoning_code``, ``reasoning_rubric``: reasoning data, the worked solution as the
+  assistant's ``thinking`` and ``meta`` saying how a response is rewarded (``data/reasoning_sources.py``).
 
 The arithmetic is the real ``calculator`` tool's (``nemo_plugins.generation.tools``), not a second evaluator:
 every step is computed by ``tools.evaluate`` on the operation the solution line shows, every tool message is what
@@ -488,11 +490,27 @@ class BuiltinSource:
     default_count: int | None
 
 
+def _reasoning(name: str) -> Callable[[int | None, int], Iterator[dict]]:
+    """A source of ``data/reasoning_sources.py``, imported when first built (it builds on this module's word
+    problems, so it cannot be imported while this one is)."""
+
+    def build(count: int | None, seed: int) -> Iterator[dict]:
+        from nemo_plugins.data.reasoning_sources import REASONING_SOURCES
+
+        return REASONING_SOURCES[name](count, seed)
+
+    return build
+
+
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
     "stdlib_code": BuiltinSource(stdlib_code, None),
     "pydoc_topics": BuiltinSource(pydoc_topics, None),
     "arithmetic": BuiltinSource(arithmetic, 2000),
     "arithmetic_tools": BuiltinSource(arithmetic_tools, 1000),
+    # worked solutions as thinking + meta for rewards (data/reasoning_sources.py; counts are exact)
+    "reasoning_math": BuiltinSource(_reasoning("reasoning_math"), 3000),
+    "reasoning_code": BuiltinSource(_reasoning("reasoning_code"), 400),
+    "reasoning_rubric": BuiltinSource(_reasoning("reasoning_rubric"), 500),
 }
 
 
@@ -531,9 +549,10 @@ class BuiltinRequest:
         return cls(name, values.get("count", default), values.get("seed", 0))
 
     def file_name(self) -> str:
-        """Name of the cached JSONL: the request plus a digest of this module, of the calculator tool whose
-        results it writes, and of the interpreter's version."""
-        sources = Path(__file__).read_bytes() + Path(tools.__file__).read_bytes()
+        """Name of the cached JSONL: the request plus a digest of this module, of the reasoning sources, of the
+        calculator tool whose results they write, and of the interpreter's version."""
+        sources = b"".join(path.read_bytes() for path in (Path(__file__), Path(__file__).with_name("reasoning_sources.py"),
+                                                           Path(tools.__file__)))
         digest = hashlib.sha256(sources + platform.python_version().encode()).hexdigest()[:12]
         return f"{self.name}-{self.count or 'all'}-seed{self.seed}-{digest}.jsonl"
 
