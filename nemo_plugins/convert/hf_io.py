@@ -96,6 +96,12 @@ class Multimodal:
     config: dict
     tensors: dict[str, Path]
 
+    def read(self) -> dict[str, torch.Tensor]:
+        """Every tensor, whole, under its released name (``vision_tower.*``, ``multi_modal_projector.*``: the
+        ``model.`` prefix of transformers' other layout dropped)."""
+        handles = {file: _open(file) for file in set(self.tensors.values())}
+        return {name.removeprefix("model."): handles[file].get_tensor(name) for name, file in sorted(self.tensors.items())}
+
 
 class HFReader:
     """A model directory's text tensors by CausalLM name, read whole or by row / column range, never more.
@@ -200,9 +206,11 @@ def write_streamed(
     extra_files: dict[str, Path] | None = None,
     overwrite: bool = False,
     multimodal: Multimodal | None = None,
+    hf_config: dict | None = None,
 ) -> Path:
     """Write config.json + safetensors from ``tensors`` arriving in sorted name order (``specs`` announces them),
-    holding one shard at a time; atomically: temp dir, then rename.
+    holding one shard at a time; atomically: temp dir, then rename. ``hf_config`` replaces ``config.to_hf()`` as
+    config.json (a Mistral3 export's, from ``vision.checkpoint``).
 
     An existing ``out_dir`` is replaced only if it is an earlier export of this project and ``overwrite`` is set
     (``output_dir.claim``); a failure before the rename leaves it as it was.
@@ -211,7 +219,7 @@ def write_streamed(
     output_dir.claim(out_dir, "hf", overwrite)
     tmp = output_dir.temp_sibling(out_dir)
     try:
-        hf_config = config.to_hf()
+        hf_config = dict(hf_config or config.to_hf())
         dtypes = {dtype for _, dtype in specs.values()}
         hf_config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -43,7 +43,9 @@ def local_layers(model: torch.nn.Module) -> range:
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    """The text model's tensors (a vision-language model's encoder and projector are ``vision.checkpoint``'s)."""
+    other = tuple(getattr(model, "non_text_prefixes", ()))
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state") and not k.startswith(other)}
 
 
 def _uses_te_names(model: torch.nn.Module) -> bool:

@@ -233,8 +233,11 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
     speed: SpeedOptions | None = None,
+    model_class: Callable[..., MistralGPTModel] = MistralGPTModel,
 ) -> MistralGPTModel:
     """The model chunk of this pipeline rank; megatron's parallel state must be initialised.
+
+    ``model_class`` builds it from GPTModel's arguments (the vision-language subclass adds its encoder/projector).
 
     ``speed`` (recompute, FP8 and its recipe: ``TrainSettings.speed``) is what the run asks for; the fused kernels
     follow from the machine (``fast_path``) and are logged."""
@@ -247,7 +250,7 @@ def build_model(
                      yarn_concentration(yarn.factor, yarn.mscale, yarn.mscale_all_dim) if yarn else 1.0)
     fast.log()
     config = transformer_config(model, parallel, dtype, fast.config, use_te)
-    gpt = MistralGPTModel(
+    gpt = model_class(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te),
         vocab_size=model.vocab_size,

@@ -1,0 +1,89 @@
+"""Typed configuration of the vision part of a Mistral3ForConditionalGeneration model.
+
+The encoder's own shape stays the Hugging Face ``vision_config`` mapping (it is handed to transformers'
+``PixtralVisionConfig`` as is, so nothing of it can disagree with the released checkpoint); what the combined model
+needs besides it (image token ids, the patch merge, which encoder layer feeds the projector) is typed here and
+checked on construction. ``[IMG]`` = 10, ``[IMG_BREAK]`` = 12, ``[IMG_END]`` = 13 are Tekken's ids (mistral-common).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.config import MistralConfig
+
+MISTRAL3 = "Mistral3ForConditionalGeneration"
+REQUIRED_VISION_KEYS = ("hidden_size", "patch_size", "num_hidden_layers", "num_attention_heads")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """What joins a Pixtral encoder to a Mistral text model; ``encoder`` is the HF ``vision_config``."""
+
+    encoder: dict[str, Any] = field(default_factory=dict)
+    image_token_id: int = 10
+    image_break_token_id: int = 12
+    image_end_token_id: int = 13
+    spatial_merge_size: int = 2
+    vision_feature_layer: int = -1
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = False
+
+    def __post_init__(self) -> None:
+        missing = [k for k in REQUIRED_VISION_KEYS if k not in self.encoder]
+        if missing:
+            raise ConfigError(f"vision.encoder (the HF vision_config) lacks {missing}: copy the parent's vision_config")
+        if self.encoder.get("model_type", "pixtral") != "pixtral":
+            raise ConfigError(f"vision.encoder.model_type={self.encoder['model_type']!r}: only Pixtral encoders are "
+                              "supported (Mistral Small 3.1, Ministral 3)")
+        ids = (self.image_token_id, self.image_break_token_id, self.image_end_token_id)
+        if len(set(ids)) != 3 or min(ids) < 0:
+            raise ConfigError(f"vision image token ids {ids} ([IMG], [IMG_BREAK], [IMG_END]) must be three distinct "
+                              "non-negative ids")
+        if not isinstance(self.spatial_merge_size, int) or self.spatial_merge_size < 1:
+            raise ConfigError(f"vision.spatial_merge_size={self.spatial_merge_size!r} must be a positive integer")
+        if not isinstance(self.vision_feature_layer, int):
+            raise ConfigError(f"vision.vision_feature_layer={self.vision_feature_layer!r}: one layer index is "
+                              "supported (the released Mistral3 models use -1)")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder["hidden_size"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.encoder["patch_size"])
+
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per side of one image token: a ``spatial_merge_size``^2 block of patches becomes one token."""
+        return self.patch_size * self.spatial_merge_size
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], **token_ids: int) -> "VisionConfig":
+        """From a Mistral3 ``config.json`` (``token_ids``: ``image_break_token_id`` / ``image_end_token_id``, which
+        live in the tokenizer, not the config)."""
+        if "vision_config" not in raw:
+            raise ConfigError(f"a {MISTRAL3} config needs vision_config; this one has {sorted(raw)}")
+        return cls(encoder=dict(raw["vision_config"]), image_token_id=int(raw.get("image_token_index", 10)),
+                   spatial_merge_size=int(raw.get("spatial_merge_size", 2)),
+                   vision_feature_layer=raw.get("vision_feature_layer", -1),
+                   projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
+                   projector_bias=bool(raw.get("multimodal_projector_bias", False)), **token_ids)
+
+    def to_hf(self, text: MistralConfig) -> dict[str, Any]:
+        """The Mistral3 ``config.json`` of this vision part on ``text``'s language model."""
+        text_config = {k: v for k, v in text.to_hf().items() if k not in ("architectures", "torch_dtype")}
+        return {"architectures": [MISTRAL3], "model_type": "mistral3", "text_config": text_config,
+                "vision_config": dict(self.encoder), "image_token_index": self.image_token_id,
+                "spatial_merge_size": self.spatial_merge_size, "vision_feature_layer": self.vision_feature_layer,
+                "projector_hidden_act": self.projector_hidden_act,
+                "multimodal_projector_bias": self.projector_bias, "tie_word_embeddings": text.tie_embeddings}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encoder": dict(self.encoder), "image_token_id": self.image_token_id,
+                "image_break_token_id": self.image_break_token_id, "image_end_token_id": self.image_end_token_id,
+                "spatial_merge_size": self.spatial_merge_size, "vision_feature_layer": self.vision_feature_layer,
+                "projector_hidden_act": self.projector_hidden_act, "projector_bias": self.projector_bias}
