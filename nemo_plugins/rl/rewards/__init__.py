@@ -86,6 +86,11 @@ class RubricRewardSettings:
         if missing:
             raise ConfigError(f"rewards.rubric.template lacks {missing}: the judge must see the question, the "
                               "answer and the rubric item")
+        try:
+            self.template.format(prompt="", response="", item="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"rewards.rubric.template does not format ({type(err).__name__}: {err}): write other "
+                              "braces doubled ({{ and }})") from None
         if not self.yes or not self.no or self.yes == self.no:
             raise ConfigError(f"rewards.rubric.yes={self.yes!r} and no={self.no!r} must be two different "
                               "non-empty strings (the judge's two answers)")
