@@ -1,0 +1,77 @@
+"""GRPO of one reasoning model on the chat mix's problems, rewarded by math / code / rubric graders; resumable,
+single-pass data.
+
+    python -m recipes.grpo policy=megatron:runs/reasoning_sft/checkpoints/step_... stage@stage.grpo=grpo_stem
+    python -m recipes.grpo policy=megatron:runs/grpo/grpo_stem/checkpoints/step_... stage@stage.grpo=grpo_general \
+        'judge={_target_: <module>.<callable>, ...}' chat_cursor=runs/grpo/grpo_stem/manifest.json
+    torchrun --nproc-per-node 2 -m recipes.grpo parallel.tp=2 policy=...
+
+The paper's two GRPO stages (STEM with verifiable rewards at 32K new tokens, then General with rubric rewards at
+80K) are two invocations of this recipe with the two stage presets, the second starting from the first's
+checkpoint and cursor: each stage is then resumable, skippable and fingerprinted on its own, as every other stage.
+
+Responses are graded by ``rl.rewards.build_rewards(stage.grpo.rewards, judge)`` from each problem's
+``meta.reward``; ``judge`` (instantiated once the process group exists) grades rubric items and may stay null
+when the data has none. ``rewards={_target_: ...}`` replaces the graders altogether by any object with
+``__call__(items) -> list[float]`` (a planted reward in tests). Running the same command again after a kill
+resumes from the newest checkpoint under output_dir and samples what the uninterrupted run sampled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.chat import load_chat_format
+from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.mix import cursor_from_manifest, source_specs
+from nemo_plugins.distributed import ParallelConfig, initialize
+from nemo_plugins.errors import ConfigError, checked, typed
+from nemo_plugins.output_lock import output_lock
+from nemo_plugins.rl.grpo import GRPOStage, run_grpo_stage
+from nemo_plugins.rl.rewards import Rewards, build_rewards
+from recipes._entry import hydra_entry
+
+
+def _targets(cfg: DictConfig, key: str) -> dict | None:
+    node = cfg[key]
+    if not node:
+        return None
+    if "_target_" not in node:
+        raise ConfigError(f"{key} must be null or '{{_target_: <module>.<callable>, ...}}', got {node}")
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def run(cfg: DictConfig) -> dict:
+    if not cfg.policy:
+        raise ConfigError("policy is null: say which model to train, e.g. policy=megatron:runs/reasoning_sft/...")
+    stage = GRPOStage.from_config(cfg.stage.grpo, "stage.grpo")
+    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    custom, judge = _targets(cfg, "rewards"), _targets(cfg, "judge")
+    policy = ModelSource.parse(cfg.policy)
+    reference = ModelSource.parse(cfg.reference) if cfg.reference else policy
+    initialize(parallel, stage.train.seed)
+    policy_tokenizer = tokenizer_dir(policy)
+    chat_format = load_chat_format(cfg.chat_data.format, policy_tokenizer)
+    chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir, cfg.chat_data.heldout_fraction)
+    cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
+
+    def make_rewards() -> Rewards:
+        if custom is not None:
+            return instantiate(cfg.rewards)
+        return build_rewards(stage.rewards, instantiate(cfg.judge) if judge is not None else None)
+
+    with output_lock(cfg.output_dir):
+        return run_grpo_stage(stage, policy, reference, {"rewards": custom, "judge": judge}, make_rewards, chat,
+                              chat_format, policy_tokenizer, tokenizer_dir(reference), cursor, Path(cfg.output_dir),
+                              parallel, resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
+
+
+main = hydra_entry("grpo", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""GRPO: settings named when wrong, the filtered problem stream, a planted reward moving a tiny policy towards it,
+zero-advantage groups dropped and counted (no update), problem filtering counted, and a bit-identical SIGKILL
+resume of the recipe."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
+from nemo_plugins.data.chat_prompts import ChatPrompts
+from nemo_plugins.data.mix import Cursor
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.rl.grpo import STEP_METRICS, FilteredPrompts, GRPOMetrics, GRPOStage, problem_key, run_grpo_stage
+from nemo_plugins.train.metrics import MetricsLog
+from tests import test_odpo
+from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
+
+# the tiny student, its end-of-turn row planted so that some 12-token responses stop early; the chat mix of
+# arithmetic problems (records with meta.answer) and calculator conversations
+root = test_odpo.root
+chat = test_odpo.chat
+
+SHORT = 24  # characters
+
+
+class ShortReward:
+    """The planted reward: 1 for a response of fewer than SHORT characters (one that ended its turn early), else 0.
+    Checks that every item carries its problem's meta."""
+
+    def __call__(self, items):
+        assert all(item.meta.get("answer") is not None for item in items), "the problem's meta must reach the reward"
+        assert all(item.messages[-1]["role"] == "user" for item in items)
+        return [1.0 if len(item.response) < SHORT else 0.0 for item in items]
+
+
+class ConstantReward:
+    def __call__(self, items):
+        return [0.5] * len(items)
+
+
+def _stage(steps: int, **changes) -> GRPOStage:
+    values = {"name": "grpo",
+              "train": {"seq_len": 92, "micro_batch_size": 2, "global_batch_size": 4, "train_tokens": 92 * 4 * steps,
+                        "save_interval": 0, "seed": 3},
+              "optimizer": {"lr": 0.01, "min_lr": 0.01, "weight_decay": 0.0, "warmup_fraction": 0.0},
+              "sampling": {"group_size": 4, "max_new_tokens": 12, "loop": {"ngram": 2, "repeats": 3}},
+              "eval_prompts": 24, "eval_temperature": 1.0, **changes}
+    return typed(GRPOStage, values, "stage.grpo")
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ConfigError, match=r"stage.grpo.loss.eps_hi\b"):
+        _stage(1, loss={"eps_hi": 0.3})
+    with pytest.raises(ConfigError, match="no room for a prompt"):
+        _stage(1, sampling={"max_new_tokens": 92})
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        _stage(1, sampling={"group_size": 1})
+    with pytest.raises(ConfigError, match="problem_filter.samples"):
+        _stage(1, problem_filter={"samples": 1})
+    with pytest.raises(ConfigError, match="stage.grpo.sampling.temperature"):
+        _stage(1, sampling={"temperature": "hot"})
+    with pytest.raises(ConfigError, match="solved_at"):
+        _stage(1, solved_at=0.0)
+
+
+def test_the_paper_presets_compose():
+    from hydra import compose, initialize_config_dir
+
+    from recipes._entry import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        stem, general = (GRPOStage.from_config(compose("grpo", [f"stage@stage.grpo={name}"]).stage.grpo, "stage.grpo")
+                         for name in ("grpo_stem", "grpo_general"))
+    assert (stem.name, general.name) == ("grpo_stem", "grpo_general")
+    assert stem.sampling.max_new_tokens == 32768 and general.sampling.max_new_tokens == 81920
+    assert general.sampling.group_size == stem.sampling.group_size == 16, "general inherits stem's settings"
+    assert stem.problem_filter.samples > 0 and general.train.precision == "bfloat16"
+
+
+def test_the_filtered_stream_skips_dropped_problems_once(chat):
+    _, mix = chat
+    prompts = ChatPrompts(mix, seed=7, start=Cursor(), per_step=3)
+    cursor, keys, plain = Cursor(), [], []
+    for _ in range(9):
+        (prompt,), _, _, after = prompts.next_rows(cursor, 1, 0)
+        keys.append(problem_key(cursor, after))
+        plain.append(prompt)
+        cursor = after
+    assert len(set(keys)) == 9
+    dropped = {keys[1], keys[4]}
+    stream = FilteredPrompts(prompts, dropped, Cursor(), per_step=3)
+    first, seed_1, step_1, cursor = stream.next_rows(Cursor(), 3, 0)
+    second, seed_2, step_2, cursor = stream.next_rows(cursor, 3, 0)
+    kept = [p for k, p in zip(keys, plain) if k not in dropped]
+    assert first + second == kept[:6] and (step_1, step_2) == (1, 2)
+    assert seed_1 == prompts.next_rows(Cursor(), 3, 0)[1] and seed_2 != seed_1
+    assert sum(cursor.rows.values()) == 8, "the dropped problems are read (single pass) but not served"
+    assert stream.next_rows(cursor, 1, 0)[2] == 3
+
+
+@pytest.mark.slow
+def test_a_planted_reward_moves_the_policy_towards_it(root, chat, tmp_path):
+    """Short responses earn 1. The held-out mean reward (one sampled answer per problem, fixed seeds) must rise by
+    0.15 or more in 4 steps, and the step metrics must show groups kept and dropped."""
+    chat_format, mix = chat
+    source = ModelSource.parse(f"megatron:{root / 'policy'}")
+    tok = tokenizer_dir(source)
+    manifest = run_grpo_stage(_stage(4), source, source, {"rewards": "short"}, ShortReward, mix, chat_format, tok, tok,
+                              Cursor(), tmp_path / "grpo", ParallelConfig())
+    start, end = manifest["eval_start"], manifest["eval"]
+    assert 0 < start["reward"] < 0.6, "the policy must sometimes answer short at the start"
+    assert end["reward"] >= start["reward"] + 0.15, (start, end)
+    assert end["response_tokens"] < start["response_tokens"]
+    steps = GRPOMetrics.read(tmp_path / "grpo" / STEP_METRICS)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["kept_groups"] + r["zero_advantage_groups"] + r["skipped_prompts"] == 4 for r in steps)
+    assert sum(r["kept_groups"] for r in steps) > 0 and sum(r["skipped_prompts"] for r in steps) > 0
+    assert all(0 <= r["truncation_rate"] <= 1 for r in steps) and steps[0]["truncation_rate"] > 0
+    assert all(r["clip_fraction"] < 0.01 for r in steps), "one update per sampled batch: the ratio is ~1 on CPU"
+
+
+@pytest.mark.slow
+def test_zero_advantage_groups_are_dropped_and_counted_and_nothing_moves(root, chat, tmp_path):
+    chat_format, mix = chat
+    source = ModelSource.parse(f"megatron:{root / 'policy'}")
+    tok = tokenizer_dir(source)
+    manifest = run_grpo_stage(_stage(1, train={"seq_len": 92, "micro_batch_size": 2, "global_batch_size": 4,
+                                               "train_tokens": 92 * 4, "seed": 3}, eval_prompts=2),
+                              source, source, {"rewards": "constant"}, ConstantReward, mix, chat_format, tok, tok,
+                              Cursor(), tmp_path / "grpo", ParallelConfig())
+    (record,) = GRPOMetrics.read(tmp_path / "grpo" / STEP_METRICS)
+    assert record["kept_groups"] == 0 and record["trained_tokens"] == 0 and record["loss"] == 0
+    assert record["zero_advantage_groups"] == 4 - record["skipped_prompts"] > 0
+    _, before = load_model(source, ParallelConfig())
+    _, after = load_model(ModelSource.parse(f"megatron:{manifest['checkpoint']}"), ParallelConfig())
+    for (name, a), b in zip(before.named_parameters(), after.parameters()):
+        assert torch.equal(a, b), name
+
+
+def _command(root, out_dir, steps, filter_samples=2):
+    return [sys.executable, "-m", "recipes.grpo", "model=tiny", f"policy=megatron:{root / 'policy'}",
+            "rewards={_target_: tests.test_grpo.ShortReward}", f"chat_data.cache_dir={root / 'chat'}",
+            "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=100'], weight: 1.0}]",
+            "chat_data.heldout_fraction=0.2", "stage.grpo.train.seq_len=92", "stage.grpo.train.micro_batch_size=1",
+            "stage.grpo.train.global_batch_size=2", f"stage.grpo.train.train_tokens={92 * 2 * steps}",
+            "stage.grpo.train.save_interval=1", "stage.grpo.train.eval_interval=0", "stage.grpo.optimizer.lr=0.01",
+            "stage.grpo.optimizer.min_lr=0.01", "stage.grpo.sampling.group_size=3",
+            "stage.grpo.sampling.max_new_tokens=6", f"stage.grpo.problem_filter.samples={filter_samples}",
+            "stage.grpo.eval_prompts=2", "stage.grpo.eval_temperature=1.0", f"output_dir={out_dir}"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_grpo_run_resumes_bit_identically(root, chat, tmp_path):
+    steps, env = 4, recipe_env()
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_command(root, reference, steps), check=True, env=env, capture_output=True)
+    kill_after = random.randrange(1, steps - 1)
+    interrupted = tmp_path / "interrupted"
+    code, _ = interrupt_after_step(_command(root, interrupted, steps), interrupted, kill_after + 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
+    subprocess.run(_command(root, interrupted, steps), check=True, env=env, capture_output=True)
+    assert train_records(interrupted) == train_records(reference), f"killed after step {kill_after + 1}"
+    assert GRPOMetrics.read(interrupted / STEP_METRICS) == GRPOMetrics.read(reference / STEP_METRICS)
+    evals = [r for r in MetricsLog.read(reference / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r for r in MetricsLog.read(interrupted / "metrics.jsonl") if r["kind"] == "eval"] == evals
+    resumed, manifest = (json.loads((d / "manifest.json").read_text()) for d in (interrupted, reference))
+    assert resumed["cursor_end"] == manifest["cursor_end"] and resumed["eval"] == manifest["eval"]
+    counts = manifest["problem_filter"]
+    assert resumed["problem_filter"] == counts
+    assert counts["screened"] == counts["kept"] + counts["always_solved"] + counts["never_solved"] + counts["no_room"]
+    assert counts["kept"] >= 2 * steps and counts["always_solved"] + counts["never_solved"] > 0
+    assert sum(manifest["cursor_end"]["rows"].values()) > 2 * steps, "screened-out problems are passed over"
