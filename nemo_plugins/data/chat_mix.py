@@ -18,6 +18,11 @@ same ``Cursor`` records per source the token offset of the next unread conversat
 boundary) and the rows handed out, so a resumed run reads what an uninterrupted one would and the next stage
 continues where this one stopped. The last ``heldout_fraction`` of every source's conversations is the held-out
 split, never trained on.
+
+A stage may screen the records before they are rendered (``RecordScreen``: the reasoning SFT stage drops traces its
+filters reject and adds its system prompt, ``rl/sft_kd.py``): a dropped record is counted per filter and reason in
+the token file's metadata (``stats()["filtered"]``, hence the stage's manifest) with its line's index among the
+source's non-empty lines (``dropped_lines``); the screen's fingerprint is part of the token file's key.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -114,14 +119,31 @@ def resolve_chat_paths(paths: list[str], cache_dir: str | Path) -> list[Path]:
     return files
 
 
-def encode_jsonl(files: list[Path], chat_format: ChatFormat) -> Iterator[EncodedChat]:
+class RecordScreen(Protocol):
+    """A stage's say over its records before they are rendered."""
+
+    def fingerprint(self) -> str:
+        """Records screened otherwise render other data: part of the token file's key."""
+
+    def reject(self, record: dict) -> tuple[str, str] | None:
+        """``(filter, reason)`` to drop the record, None to keep it."""
+
+    def prepare(self, record: dict) -> dict:
+        """The kept record as it is rendered (e.g. with the stage's system prompt)."""
+
+
+def encode_jsonl(files: list[Path], chat_format: ChatFormat, screen: RecordScreen | None = None,
+                 screened: dict | None = None) -> Iterator[EncodedChat]:
     """Every line's conversation rendered; a bad line raises ``DataError`` with ``file:line`` (as a bad line of a
-    text corpus does)."""
+    text corpus does). With ``screen``, rejected records are skipped and recorded in ``screened`` (``filtered``:
+    counts per filter and reason; ``dropped_lines``: their indices among the non-empty lines)."""
+    line_index = -1
     for file in files:
         with open(file, encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
+                line_index += 1
                 where = f"{file}:{number}"
                 try:
                     record = json.loads(line)
@@ -129,6 +151,13 @@ def encode_jsonl(files: list[Path], chat_format: ChatFormat) -> Iterator[Encoded
                     raise DataError(f"{where}: not valid JSON ({err.msg})") from err
                 if not isinstance(record, dict) or "messages" not in record:
                     raise DataError(f'{where}: a line must be an object with "messages"')
+                if screen is not None:
+                    if (verdict := screen.reject(record)) is not None:
+                        counts = screened["filtered"].setdefault(verdict[0], {})
+                        counts[verdict[1]] = counts.get(verdict[1], 0) + 1
+                        screened["dropped_lines"].append(line_index)
+                        continue
+                    record = screen.prepare(record)
                 try:
                     encoded = chat_format.encode(record["messages"], record.get("tools"))
                 except ConfigError as err:
@@ -139,20 +168,29 @@ def encode_jsonl(files: list[Path], chat_format: ChatFormat) -> Iterator[Encoded
 
 
 def tokenize_chat_source(chat_format: ChatFormat, spec: SourceSpec, cache_dir: str | Path,
-                         prebuilt_by: str | None = None) -> ChatTokens:
+                         prebuilt_by: str | None = None, screen: RecordScreen | None = None) -> ChatTokens:
     """The cached chat token file of one source under ``cache_dir``: rendered on first use by rank 0 alone (the
     other ranks wait), or required to exist when ``prebuilt_by`` names the offline command."""
 
     def locate() -> tuple[Path, Callable[[], object]]:
         files = resolve_chat_paths(list(spec.paths), cache_dir)
-        key = source_key(chat_format.fingerprint, chat_format.vocab_size, [str(f) for f in files])
+        renderer = chat_format.fingerprint + (f"|screen:{screen.fingerprint()}" if screen is not None else "")
+        key = source_key(renderer, chat_format.vocab_size, [str(f) for f in files])
         prefix = Path(cache_dir) / f"{spec.name}-chat-{key}"
 
         def build() -> None:
             logger.info("rendering chat source %s with %s (once; cached at %s)", spec.name, chat_format.name, prefix)
-            write_chat_tokens(encode_jsonl(files, chat_format), prefix, chat_format.vocab_size, chat_format.pad_id,
-                              {"paths": list(spec.paths), "files": [str(f) for f in files], "format": chat_format.name,
-                               "key": key})
+            metadata = {"paths": list(spec.paths), "files": [str(f) for f in files], "format": chat_format.name,
+                        "key": key}
+            screened = {"filtered": {}, "dropped_lines": []} if screen is not None else None
+            if screened is not None:
+                metadata["screen"] = screen.fingerprint()
+                metadata.update(screened)  # the same dict and list, filled while rendering (metadata is written after)
+            write_chat_tokens(encode_jsonl(files, chat_format, screen, screened), prefix, chat_format.vocab_size,
+                              chat_format.pad_id, metadata)
+            if screened is not None:
+                logger.info("chat source %s: %d records dropped by the screen: %s", spec.name,
+                            len(screened["dropped_lines"]), screened["filtered"])
 
         return prefix, build
 
@@ -160,11 +198,12 @@ def tokenize_chat_source(chat_format: ChatFormat, spec: SourceSpec, cache_dir: s
 
 
 def build_chat_mix(chat_format: ChatFormat, sources: list[SourceSpec], cache_dir: str | Path,
-                   heldout_fraction: float, prebuilt_by: str | None = None) -> "ChatMix":
-    """Render every source once (cached; see ``tokenize_chat_source``) and mix them."""
+                   heldout_fraction: float, prebuilt_by: str | None = None,
+                   screen: RecordScreen | None = None) -> "ChatMix":
+    """Render every source once (cached; see ``tokenize_chat_source``), screened by ``screen`` if given, and mix them."""
     if not sources:
         raise ConfigError("data.sources is empty")
-    return ChatMix([ChatSource(s.name, tokenize_chat_source(chat_format, s, cache_dir, prebuilt_by), s.weight)
+    return ChatMix([ChatSource(s.name, tokenize_chat_source(chat_format, s, cache_dir, prebuilt_by, screen), s.weight)
                     for s in sources], heldout_fraction, chat_format.pad_id)
 
 
@@ -241,9 +280,10 @@ class ChatMix:
             raise DataError(f"no held-out conversation fits in {seq_len} tokens: raise data.heldout_fraction or seq_len")
         return _stack(built)
 
-    def stats(self, seq_len: int) -> dict[str, dict[str, int]]:
+    def stats(self, seq_len: int) -> dict[str, dict]:
         """Per source: conversations (all / training / held out), tokens, assistant tokens, and how many
-        conversations rows of ``seq_len`` drop for being longer (all / in the training split)."""
+        conversations rows of ``seq_len`` drop for being longer (all / in the training split); for a screened
+        source also the records its screen dropped, per filter and reason (``filtered``)."""
         out = {}
         for s in self.sources:
             too_long = s.data.lengths > seq_len
@@ -251,6 +291,8 @@ class ChatMix:
                            "heldout_conversations": len(s.data) - self.train_end[s.name], "tokens": len(s.data.file),
                            "assistant_tokens": int(s.data.file.metadata["assistant_tokens"]),
                            "dropped": int(too_long.sum()), "dropped_train": int(too_long[: self.train_end[s.name]].sum())}
+            if "filtered" in s.data.file.metadata:
+                out[s.name]["filtered"] = s.data.file.metadata["filtered"]
         return out
 
     def _report_dropped(self, seq_len: int) -> None:

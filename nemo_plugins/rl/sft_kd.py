@@ -3,6 +3,12 @@ teacher that may be any model with the student's tokenizer (the paper: Mistral M
 
 It is the distillation step on the one training loop; only the data (a chat mix whose rows carry an assistant
 target mask) and the report (assistant-token KL / perplexity and chat samples) differ from pretraining distillation.
+
+Reasoning SFT (``conf/stage/reasoning_sft.yaml``) is this stage on reasoning data with two more settings, both
+applied when the chat mix renders its sources (``SFTScreen``): ``filters`` (``rl/filters.py``: records with a
+truncated or badly formatted trace, excessive repetition or a script switch are dropped, and counted per filter
+and reason in the manifest's ``chat_data``) and ``system_prompt`` (put first in every conversation, before a system
+message it already has). ``kl.ce_weight: 1.0`` makes it plain SFT (the teacher's forward still runs, unused).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, typed_stage
 from nemo_plugins.eval.chat_samples import chat_samples
 from nemo_plugins.generation.torch_engine import generation_layout
+from nemo_plugins.rl.filters import FilterSettings, screen
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -55,10 +62,20 @@ class SFTStage:
     kl: KLOptions
     teacher: str | None = None  # a model source; None: the parent
     sample: ChatSampleSettings = field(default_factory=ChatSampleSettings)
+    system_prompt: str | None = None  # put first in every training conversation (the reasoning system prompt)
+    filters: FilterSettings | None = None  # reasoning-trace filters applied when the data is rendered; None: none
 
     def __post_init__(self) -> None:
         if self.teacher is not None:
             ModelSource.parse(self.teacher)
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise ConfigError("stage.sft_kd.system_prompt is empty: give the prompt's text, or null for none")
+
+    def data_screen(self) -> "SFTScreen | None":
+        """What the chat mix applies to this stage's records when it renders them (None: records as they are)."""
+        if self.system_prompt is None and self.filters is None:
+            return None
+        return SFTScreen(self.system_prompt, self.filters)
 
     @classmethod
     def from_config(cls, node, key: str) -> "SFTStage":
@@ -66,6 +83,31 @@ class SFTStage:
 
     def teacher_source(self, parent: ModelSource) -> ModelSource:
         return ModelSource.parse(self.teacher) if self.teacher else parent
+
+
+@dataclass(frozen=True)
+class SFTScreen:
+    """The chat mix's ``RecordScreen`` for an SFT stage: its filters reject, its system prompt is prepended."""
+
+    system_prompt: str | None
+    filters: FilterSettings | None
+
+    def fingerprint(self) -> str:
+        return repr((self.system_prompt, self.filters.fingerprint() if self.filters else None))
+
+    def reject(self, record: dict) -> tuple[str, str] | None:
+        return screen(record, self.filters) if self.filters is not None else None
+
+    def prepare(self, record: dict) -> dict:
+        """The record with the system prompt first: a system message of its own, or before the one it has."""
+        if self.system_prompt is None:
+            return record
+        messages = list(record["messages"])
+        if messages and messages[0].get("role") == "system":
+            messages[0] = {**messages[0], "content": f"{self.system_prompt}\n\n{messages[0].get('content') or ''}"}
+        else:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return {**record, "messages": messages}
 
 
 def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:
@@ -90,7 +132,9 @@ def stage_facts(stage: SFTStage, teacher_source: ModelSource, student_source: Mo
                 chat_format: ChatFormat) -> dict:
     """What an SFT stage adds to the loop's fingerprint (``train/facts.py``): loss settings, both models' sources,
     the chat format and the chat mix's identity (chat samples are a report, not part of the trajectory)."""
-    return {"stage": {"name": stage.name, "kl": dataclasses.asdict(stage.kl)}, "teacher": str(teacher_source),
+    data_screen = stage.data_screen()
+    return {"stage": {"name": stage.name, "kl": dataclasses.asdict(stage.kl),
+                      **({"data_screen": data_screen.fingerprint()} if data_screen else {})}, "teacher": str(teacher_source),
             "student": str(student_source), "chat_format": chat_format.name, "data": chat.identity()}
 
 

@@ -1,0 +1,105 @@
+"""Reasoning SFT: the stage's screen (filters + system prompt) applied when the chat mix renders its sources, the
+dropped records counted per filter and reason, the kept ones rendered as a naive reference renders them; the stage
+config composes and names its bad keys; the recipe trains on think-block data and reports the filter counts."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.chat import load_chat_format
+from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.mix import SourceSpec
+from nemo_plugins.data.reasoning_sources import reasoning_math
+from nemo_plugins.errors import ConfigError
+from nemo_plugins.rl.filters import FilterSettings
+from nemo_plugins.rl.sft_kd import SFTScreen, SFTStage
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+SYSTEM = "Reason step by step."
+
+
+def planted_records() -> tuple[list[dict], dict[int, tuple[str, str]]]:
+    """Good reasoning records with bad ones planted at known lines, and what the filters must say about each."""
+    good = list(reasoning_math(8, seed=5))
+    user = good[0]["messages"][0]
+    thinking, answer = good[0]["messages"][1]["thinking"], good[0]["messages"][1]["content"]
+    bad = {
+        1: ({"messages": [user, {"role": "assistant", "content": answer}]}, ("format", "no think block")),
+        3: ({"messages": [user, {"role": "assistant", "thinking": "Let me add them again. " * 30, "content": answer}]},
+            ("repetition", "excessive repetition")),
+        4: ({"messages": [user, {"role": "assistant", "thinking": thinking + "\n然后我们计算总价格并且找零钱给顾客计算总价格。",
+                                 "content": answer}]}, ("language", "script switch (CJK in LATIN text)")),
+        6: ({"messages": [user, {"role": "assistant", "thinking": thinking, "content": answer}],
+             "meta": {"finish_reason": "length"}}, ("truncation", "cut at the length limit")),
+        7: ({"messages": [user, {"role": "assistant", "thinking": thinking, "content": f"{answer}</think>"}]},
+            ("format", "unbalanced think block")),
+    }
+    records = list(good)
+    for line in sorted(bad):
+        records.insert(line, bad[line][0])
+    return records, {line: verdict for line, (_, verdict) in bad.items()}
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    return load_chat_format("hf_template", tokenizer_dir(ModelSource.parse("embedded:smollm2")))
+
+
+def test_the_screen_drops_and_counts_and_the_rest_renders_with_the_system_prompt(chatml, tmp_path):
+    records, verdicts = planted_records()
+    path = tmp_path / "reasoning.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = [SourceSpec("reasoning", [str(path)])]
+    mix = build_chat_mix(chatml, spec, tmp_path / "cache", 0.0, screen=SFTScreen(SYSTEM, FilterSettings()))
+    data = mix.sources[0].data
+    expected: dict[str, dict[str, int]] = {}
+    for name, reason in verdicts.values():
+        expected.setdefault(name, {})[reason] = expected.get(name, {}).get(reason, 0) + 1
+    assert mix.stats(4096)["reasoning"]["filtered"] == expected
+    assert data.file.metadata["dropped_lines"] == sorted(verdicts)
+    kept = [r for i, r in enumerate(records) if i not in verdicts]
+    assert len(data) == len(kept) == 8
+    for k, record in enumerate(kept):
+        reference = chatml.encode([{"role": "system", "content": SYSTEM}, *record["messages"]])
+        begin, end = int(data.starts[k]), int(data.starts[k + 1])
+        assert data.file.tokens[begin:end].tolist() == list(reference.tokens)
+        assert data.mask[begin:end].tolist() == list(reference.assistant_mask)
+    rendered = chatml.tokenizer.decode(data.file.tokens[int(data.starts[0]):int(data.starts[1])].tolist())
+    assert "<think>" in rendered and "</think>" in rendered and SYSTEM in rendered
+
+    plain = build_chat_mix(chatml, spec, tmp_path / "cache", 0.0)
+    assert len(plain.sources[0].data) == len(records) and "filtered" not in plain.stats(4096)["reasoning"]
+    assert plain.identity()["sources"]["reasoning"]["key"] != mix.identity()["sources"]["reasoning"]["key"]
+
+
+def test_the_system_prompt_goes_before_a_system_message_already_there():
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], "meta": {}}
+    prepared = SFTScreen(SYSTEM, None).prepare(record)
+    assert prepared["messages"][0] == {"role": "system", "content": f"{SYSTEM}\n\nBe brief."}
+    assert record["messages"][0]["content"] == "Be brief.", "the record itself is not changed"
+    assert SFTScreen(None, FilterSettings()).prepare(record) is record
+
+
+def _stage(overrides: list[str]) -> SFTStage:
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("sft", overrides=["stage@stage.sft_kd=reasoning_sft", "data@chat_data=reasoning_demo", *overrides])
+    return SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd"), cfg
+
+
+def test_the_reasoning_stage_composes_with_its_data_and_names_bad_keys():
+    stage, cfg = _stage([])
+    assert stage.name == "reasoning_sft" and stage.kl.ce_weight == 1.0 and stage.filters == FilterSettings()
+    assert stage.data_screen() == SFTScreen(stage.system_prompt, FilterSettings())
+    assert [s.name for s in cfg.chat_data.sources] == ["reasoning_math", "reasoning_code", "reasoning_rubric"]
+    assert SFTStage.from_config(OmegaConf.merge(cfg.stage.sft_kd, {"system_prompt": None, "filters": None}),
+                                "stage.sft_kd").data_screen() is None
+    with pytest.raises(ConfigError, match="filters.max_repetition"):
+        _stage(["stage.sft_kd.filters.max_repetition=2"])
+    with pytest.raises(ConfigError, match="stage.sft_kd.filters.bogus"):
+        _stage(["+stage.sft_kd.filters.bogus=1"])
+    with pytest.raises(ConfigError, match="stage.sft_kd.system_prompt"):
+        _stage(["stage.sft_kd.system_prompt=' '"])
