@@ -6,6 +6,12 @@ pieces of about equal bytes: a ``.jsonl`` file may be cut anywhere, a line belon
 lies in, so every document is read exactly once and the pieces' documents, in piece order, are exactly
 ``iter_documents``' (what makes the merged token store the same bytes for any number of pieces).
 
+Two path forms bring English prose that every machine with Python has: ``pydoc:topics`` is the reference manual's
+topic texts shipped in the standard library (``pydoc_data/topics.py``, one document per topic, read as data with
+``ast``, never imported), and ``dir/*`` takes every file in a directory whatever its suffix (Debian's
+``/usr/share/common-licenses/*``, whose files have none; links to a file already taken are skipped). A ``dir/*``
+whose directory is absent is logged and skipped: an optional corpus, not a broken config.
+
 Bytes that are not UTF-8 become U+FFFD (a corpus with a stray Latin-1 byte is still a corpus), and how many were
 replaced is logged per file (per piece of a ``.jsonl``), so a wrongly encoded corpus shows up in the log instead of
 silently as noise.
@@ -13,6 +19,7 @@ silently as noise.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import sysconfig
@@ -27,13 +34,18 @@ logger = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"
 DEFAULT_SUFFIXES = (".py", ".txt", ".rst", ".md", ".jsonl")
 JSONL = ".jsonl"
+PYDOC_TOPICS = "pydoc:topics"
+ANY_SUFFIX = "/*"
 
 
 def resolve(path: str) -> Path:
-    """Expand the ``stdlib:`` prefix (this interpreter's standard library, present on every machine)."""
+    """Expand the ``stdlib:`` prefix (this interpreter's standard library, present on every machine), ``pydoc:topics``
+    (its topic-text module) and a trailing ``/*`` (the directory itself)."""
+    if path == PYDOC_TOPICS:
+        return Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
     if path.startswith("stdlib:"):
         return Path(sysconfig.get_paths()["stdlib"]) / path.removeprefix("stdlib:")
-    return Path(path).expanduser()
+    return Path(path.removesuffix(ANY_SUFFIX)).expanduser()
 
 
 @dataclass(frozen=True)
@@ -44,22 +56,40 @@ class Piece:
     file: Path
     start: int
     end: int
+    topics: bool = False  # pydoc's topic table: one document per topic
 
 
 def path_files(raw: str, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES) -> list[Path]:
     """The text files of one configured path (itself, or the matching files under it), in sorted order."""
     root = resolve(raw)
+    if raw.endswith(ANY_SUFFIX) and not root.is_dir():
+        logger.warning("data path %r: no directory %s here, skipped", raw, root)
+        return []
     if not root.exists():
         raise ConfigError(f"data path {raw!r} ({root}) does not exist")
-    return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if root.is_file():
+        return [root]
+    if not raw.endswith(ANY_SUFFIX):
+        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    files, seen = [], set()
+    for p in sorted(p for p in root.rglob("*") if p.is_file()):
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            files.append(p)
+    return files
+
+
+def file_pieces(raw: str, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES) -> list[Piece]:
+    """One whole-file piece per file of a configured path."""
+    return [Piece(f, 0, f.stat().st_size, raw == PYDOC_TOPICS) for f in path_files(raw, suffixes)]
 
 
 def iter_documents(paths: list[str], suffixes: tuple[str, ...] = DEFAULT_SUFFIXES) -> Iterator[tuple[str, str]]:
     """(name, text) for every non-empty document, files in sorted order so runs are reproducible."""
     found = False
     for raw in paths:
-        for file in path_files(raw, suffixes):
-            for name, text in piece_documents(Piece(file, 0, file.stat().st_size)):
+        for piece in file_pieces(raw, suffixes):
+            for name, text in piece_documents(piece):
                 found = True
                 yield name, text
     if not found:
@@ -71,27 +101,32 @@ def split_pieces(paths: list[str], parts: int, suffixes: tuple[str, ...] = DEFAU
     be empty when whole files are larger than a part's share)."""
     if parts < 1:
         raise ConfigError(f"parts must be >= 1, got {parts}")
-    files = [f for raw in paths for f in path_files(raw, suffixes)]
-    sizes = [f.stat().st_size for f in files]
-    total = sum(sizes)
+    whole = [piece for raw in paths for piece in file_pieces(raw, suffixes)]
+    total = sum(piece.end for piece in whole)
     cuts = [total * k // parts for k in range(1, parts)]  # global byte offsets where part k starts
     split: list[list[Piece]] = [[] for _ in range(parts)]
     begin = 0
-    for file, size in zip(files, sizes):
-        end = begin + size
+    for piece in whole:
+        end = begin + piece.end
         part = sum(cut <= begin for cut in cuts)
-        if file.suffix != JSONL:
-            split[part].append(Piece(file, 0, size))  # one document: it goes where its first byte lies
+        if piece.file.suffix != JSONL:
+            split[part].append(piece)  # whole-file documents: they go where the file's first byte lies
         else:
             inner = [cut - begin for cut in cuts if begin < cut < end]
-            for k, (lo, hi) in enumerate(zip([0, *inner], [*inner, size])):
-                split[part + k].append(Piece(file, lo, hi))
+            for k, (lo, hi) in enumerate(zip([0, *inner], [*inner, piece.end])):
+                split[part + k].append(Piece(piece.file, lo, hi))
         begin = end
     return split
 
 
 def piece_documents(piece: Piece) -> Iterator[tuple[str, str]]:
-    """(name, text) of the non-empty documents of one piece (``file`` or ``file:line`` for ``.jsonl``)."""
+    """(name, text) of the non-empty documents of one piece (``file``, ``file:line`` for ``.jsonl``, ``file:topic``
+    for pydoc's topics)."""
+    if piece.topics:
+        for topic, text in pydoc_topics(piece.file).items():
+            if text.strip():
+                yield f"{piece.file}:{topic}", text
+        return
     if piece.file.suffix != JSONL:
         text = read_text(piece.file)
         if text.strip():
@@ -114,6 +149,16 @@ def piece_documents(piece: Piece) -> Iterator[tuple[str, str]]:
     if replaced:
         logger.warning("%s (bytes %d-%d): %d byte sequence(s) that are not UTF-8 replaced by U+FFFD",
                        piece.file, piece.start, piece.end, replaced)
+
+
+def pydoc_topics(file: Path) -> dict[str, str]:
+    """The ``topics`` dict of a ``pydoc_data/topics.py`` (topic -> reference-manual text), read without importing."""
+    for node in ast.parse(read_text(file)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "topics" for t in node.targets):
+            topics = ast.literal_eval(node.value)
+            if isinstance(topics, dict) and all(isinstance(v, str) for v in topics.values()):
+                return topics
+    raise DataError(f"{file}: no `topics = {{name: text}}` dict (is it pydoc_data/topics.py?)")
 
 
 def _line_number(lines, start: int) -> int:
