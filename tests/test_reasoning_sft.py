@@ -3,6 +3,8 @@ dropped records counted per filter and reason, the kept ones rendered as a naive
 config composes and names its bad keys; the recipe trains on think-block data and reports the filter counts."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,9 @@ from nemo_plugins.data.reasoning_sources import reasoning_math
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.rl.filters import FilterSettings
 from nemo_plugins.rl.sft_kd import SFTScreen, SFTStage
+from nemo_plugins.train.metrics import MetricsLog
+from tests.conftest import save_tiny_teacher_and_student
+from tests.recipe_runs import recipe_env
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SYSTEM = "Reason step by step."
@@ -44,6 +49,13 @@ def planted_records() -> tuple[list[dict], dict[int, tuple[str, str]]]:
     return records, {line: verdict for line, (_, verdict) in bad.items()}
 
 
+def _counts(verdicts: dict[int, tuple[str, str]]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for name, reason in verdicts.values():
+        counts.setdefault(name, {})[reason] = counts.get(name, {}).get(reason, 0) + 1
+    return counts
+
+
 @pytest.fixture(scope="module")
 def chatml():
     return load_chat_format("hf_template", tokenizer_dir(ModelSource.parse("embedded:smollm2")))
@@ -56,10 +68,7 @@ def test_the_screen_drops_and_counts_and_the_rest_renders_with_the_system_prompt
     spec = [SourceSpec("reasoning", [str(path)])]
     mix = build_chat_mix(chatml, spec, tmp_path / "cache", 0.0, screen=SFTScreen(SYSTEM, FilterSettings()))
     data = mix.sources[0].data
-    expected: dict[str, dict[str, int]] = {}
-    for name, reason in verdicts.values():
-        expected.setdefault(name, {})[reason] = expected.get(name, {}).get(reason, 0) + 1
-    assert mix.stats(4096)["reasoning"]["filtered"] == expected
+    assert mix.stats(4096)["reasoning"]["filtered"] == _counts(verdicts)
     assert data.file.metadata["dropped_lines"] == sorted(verdicts)
     kept = [r for i, r in enumerate(records) if i not in verdicts]
     assert len(data) == len(kept) == 8
@@ -103,3 +112,28 @@ def test_the_reasoning_stage_composes_with_its_data_and_names_bad_keys():
         _stage(["+stage.sft_kd.filters.bogus=1"])
     with pytest.raises(ConfigError, match="stage.sft_kd.system_prompt"):
         _stage(["stage.sft_kd.system_prompt=' '"])
+
+
+@pytest.mark.slow
+def test_the_recipe_trains_on_think_block_data_and_reports_the_filter_counts(tmp_path):
+    save_tiny_teacher_and_student(tmp_path)
+    records, verdicts = planted_records()
+    planted = tmp_path / "planted.jsonl"
+    planted.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "recipes.sft", "stage@stage.sft_kd=reasoning_sft", "data@chat_data=reasoning_demo",
+               "model=tiny", f"model.source=megatron:{tmp_path / 'teacher'}", f"student=megatron:{tmp_path / 'student'}",
+               f"chat_data.cache_dir={tmp_path / 'chat'}",
+               "chat_data.sources=[{name: math, paths: ['builtin:reasoning_math?count=300'], weight: 3.0}, "
+               f"{{name: planted, paths: ['{planted}'], weight: 1.0}}]",
+               "chat_data.heldout_fraction=0.1", "stage.sft_kd.train.seq_len=512",
+               "stage.sft_kd.train.micro_batch_size=2", "stage.sft_kd.train.global_batch_size=4",
+               "stage.sft_kd.train.train_tokens=12288", "stage.sft_kd.train.eval_rows_per_source=2",
+               "stage.sft_kd.optimizer.lr=3e-3", "stage.sft_kd.sample.max_new_tokens=4", f"output_dir={out}"]
+    subprocess.run(command, check=True, env=recipe_env(), capture_output=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["chat_data"]["planted"]["filtered"] == _counts(verdicts)
+    assert manifest["chat_data"]["planted"]["conversations"] == len(records) - len(verdicts)
+    assert manifest["chat_data"]["math"]["filtered"] == {}, "the generated traces pass the filters"
+    evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals[-1]["student_ppl"] < 0.8 * evals[0]["student_ppl"], "SFT must lower the held-out perplexity"
