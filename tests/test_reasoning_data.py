@@ -88,7 +88,7 @@ def test_unit_conversions_convert(math_records):
 
 
 def test_code_answers_pass_their_tests_and_the_tests_catch_wrong_code():
-    records = list(reasoning_code(60, seed=0))
+    records = list(reasoning_code(200, seed=0))
     assert {r["meta"]["kind"] for r in records} == {spec.name.split("_$")[0] for spec in CODE_SPECS}
     for record in records:
         meta, answer = record["meta"], record["messages"][1]["content"]

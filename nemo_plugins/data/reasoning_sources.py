@@ -12,7 +12,8 @@ final answer. ``meta`` follows the rewards' schema, so GRPO reads the same sourc
   by the calculator tool on the operation the line shows (``instruct_sources.Quantity``). Content:
   ``Answer: <value>``.
 * ``reasoning_code`` (``meta.reward = "code"``, ``meta.tests``, ``meta.entry_point``): small function specs with
-  a drawn parameter (sum the multiples of k, rotate by k, Caesar shift by k, ...). The reference implementation
+  a drawn parameter (sum the multiples of k, rotate by k, Caesar shift by k, keep values in [lo, hi], ...; 15
+  specs, unevenly many distinct prompts each, the small ones used up first). The reference implementation
   is written out from its template and executed on drawn arguments: the tests are ``assert f(args) == <what the
   reference returned>``. Thinking: the plan, then the reference's result on one test's arguments. Content: the code.
 * ``reasoning_rubric`` (``meta.reward = "rubric"``, ``meta.rubric``): "list n functions of module M" with format
@@ -191,24 +192,28 @@ def reasoning_math(count: int | None, seed: int) -> Iterator[dict]:
 @dataclass(frozen=True)
 class CodeSpec:
     """A function to write: request, plan and reference source are templates over the drawn ``params``;
-    ``arguments`` draws one test's arguments."""
+    ``arguments(rng, params)`` draws one test's arguments."""
 
     name: str
     request: str
     plan: tuple[str, ...]
     source: str
     params: Callable[[random.Random], dict]
-    arguments: Callable[[random.Random], tuple]
+    arguments: Callable[[random.Random, dict], tuple]
 
 
 def _ints(rng: random.Random, low: int = -30, high: int = 30, most: int = 8) -> list[int]:
     return [rng.randint(low, high) for _ in range(rng.randint(0, most))]
 
 
-def _text(rng: random.Random) -> str:
-    words = ("apple", "Zebra", "moon", "quick", "Brown", "fox", "jumps", "over", "lazy", "dog", "River", "sky",
-             "python", "code", "Hello", "world", "tiny", "elephant")
-    return " ".join(rng.choice(words) for _ in range(rng.randint(0, 6))) + rng.choice(("", ".", "!", "?"))
+_WORDS = ("apple", "Zebra", "moon", "quick", "Brown", "fox", "jumps", "over", "lazy", "dog", "River", "sky", "python",
+          "code", "Hello", "world", "tiny", "elephant")
+
+
+def _text(rng: random.Random, often: str | None = None) -> str:
+    """A few words and maybe a final punctuation mark; ``often`` (a word) is drawn as often as all others together."""
+    words = [often if often and rng.random() < 0.5 else rng.choice(_WORDS) for _ in range(rng.randint(0, 6))]
+    return " ".join(words) + rng.choice(("", ".", "!", "?"))
 
 
 CODE_SPECS: tuple[CodeSpec, ...] = (
@@ -219,14 +224,14 @@ CODE_SPECS: tuple[CodeSpec, ...] = (
               "Add those numbers and return the total; an empty list gives 0."),
              "def sum_multiples(numbers):\n    total = 0\n    for number in numbers:\n        if number % $k == 0:\n"
              "            total += number\n    return total",
-             lambda rng: {"k": rng.randint(2, 20)}, lambda rng: (_ints(rng, -60, 60),)),
+             lambda rng: {"k": rng.randint(2, 20)}, lambda rng, params: (_ints(rng, -60, 60),)),
     CodeSpec("count_chars", "Write a Python function `count_chars(text)` that counts how many characters of `text` "
              "are one of the characters in \"$chars\" (case-sensitive).",
              ("The characters to count are \"$chars\"; membership in that string is a simple test.",
               "Count each character of the text that is in it and return the count."),
              "def count_chars(text):\n    return sum(1 for char in text if char in \"$chars\")",
              lambda rng: {"chars": "".join(sorted(rng.sample("aeiouxyzAEIO", rng.randint(2, 5))))},
-             lambda rng: (_text(rng),)),
+             lambda rng, params: (_text(rng),)),
     CodeSpec("running_$word", "Write a Python function `running_$word(numbers)` that returns the list of running "
              "${word}ima: element i is the $word of numbers[0..i].",
              ("Keep the result list; the first element is the first number itself.",
@@ -234,20 +239,20 @@ CODE_SPECS: tuple[CodeSpec, ...] = (
               "An empty input gives an empty list."),
              "def running_$word(numbers):\n    result = []\n    for number in numbers:\n"
              "        result.append(number if not result else $word(result[-1], number))\n    return result",
-             lambda rng: {"word": rng.choice(("max", "min"))}, lambda rng: (_ints(rng),)),
+             lambda rng: {"word": rng.choice(("max", "min"))}, lambda rng, params: (_ints(rng),)),
     CodeSpec("clamp_all", "Write a Python function `clamp_all(values)` that returns a new list where every value "
              "is clamped to the range [$low, $high].",
              ("Clamping is min(max(value, $low), $high): below $low becomes $low, above $high becomes $high.",
               "Apply it to every value in order and return the new list."),
              "def clamp_all(values):\n    return [min(max(value, $low), $high) for value in values]",
              lambda rng: dict(zip(("low", "high"), sorted(rng.sample(range(-20, 21), 2)))),
-             lambda rng: (_ints(rng),)),
+             lambda rng, params: (_ints(rng),)),
     CodeSpec("long_words", "Write a Python function `long_words(sentence)` that returns the words of the sentence "
              "(split on whitespace) that are longer than $n characters, in order.",
              ("Split the sentence on whitespace with str.split().",
               "Keep the words whose len(word) > $n, in their order, and return them as a list."),
              "def long_words(sentence):\n    return [word for word in sentence.split() if len(word) > $n]",
-             lambda rng: {"n": rng.randint(1, 8)}, lambda rng: (_text(rng),)),
+             lambda rng: {"n": rng.randint(1, 8)}, lambda rng, params: (_text(rng),)),
     CodeSpec("rotate_left", "Write a Python function `rotate_left(items)` that returns the list rotated left by $k "
              "positions (the first $k elements move to the end, wrapping around for short lists).",
              ("An empty list stays empty (and has no length to wrap around).",
@@ -255,13 +260,13 @@ CODE_SPECS: tuple[CodeSpec, ...] = (
               "The result is items[shift:] + items[:shift]."),
              "def rotate_left(items):\n    if not items:\n        return []\n    shift = $k % len(items)\n"
              "    return items[shift:] + items[:shift]",
-             lambda rng: {"k": rng.randint(1, 30)}, lambda rng: (_ints(rng, 0, 9),)),
+             lambda rng: {"k": rng.randint(1, 30)}, lambda rng, params: (_ints(rng, 0, 9),)),
     CodeSpec("digit_power_sum", "Write a Python function `digit_power_sum(n)` that returns the sum of the digits of "
              "the integer n (sign ignored), each raised to the power $p.",
              ("Ignore the sign with abs(n), then go through its decimal digits with str().",
               "Raise each digit to the power $p and add them up."),
              "def digit_power_sum(n):\n    return sum(int(digit) ** $p for digit in str(abs(n)))",
-             lambda rng: {"p": rng.randint(2, 7)}, lambda rng: (rng.randint(-99999, 99999),)),
+             lambda rng: {"p": rng.randint(2, 7)}, lambda rng, params: (rng.randint(-99999, 99999),)),
     CodeSpec("count_pairs", "Write a Python function `count_pairs(numbers)` that returns how many pairs of positions "
              "i < j have numbers[i] + numbers[j] == $target.",
              ("Every pair of positions i < j counts once, so two nested loops over the indices do it.",
@@ -269,7 +274,7 @@ CODE_SPECS: tuple[CodeSpec, ...] = (
              "def count_pairs(numbers):\n    count = 0\n    for i in range(len(numbers)):\n"
              "        for j in range(i + 1, len(numbers)):\n            if numbers[i] + numbers[j] == $target:\n"
              "                count += 1\n    return count",
-             lambda rng: {"target": rng.randint(-10, 20)}, lambda rng: (_ints(rng, -5, 10),)),
+             lambda rng: {"target": rng.randint(-10, 20)}, lambda rng, params: (_ints(rng, -5, 10),)),
     CodeSpec("caesar", "Write a Python function `caesar(text)` that shifts every ASCII letter of the text $k places "
              "forward in the alphabet (wrapping from z to a, keeping the case) and leaves other characters as they are.",
              ("For a letter, find its base: ord('a') for lowercase, ord('A') for uppercase.",
@@ -279,15 +284,52 @@ CODE_SPECS: tuple[CodeSpec, ...] = (
              "            base = ord('a') if char.islower() else ord('A')\n"
              "            out.append(chr(base + (ord(char) - base + $k) % 26))\n        else:\n"
              "            out.append(char)\n    return ''.join(out)",
-             lambda rng: {"k": rng.randint(1, 25)}, lambda rng: (_text(rng),)),
+             lambda rng: {"k": rng.randint(1, 25)}, lambda rng, params: (_text(rng),)),
     CodeSpec("chunks", "Write a Python function `chunks(items)` that splits the list into consecutive chunks of $size "
              "elements (the last chunk may be shorter) and returns the list of chunks.",
              ("Step through the start indices 0, $size, 2*$size, ... up to len(items).",
               "Each chunk is the slice items[start:start + $size]; slicing past the end gives the shorter last chunk."),
              "def chunks(items):\n    return [items[start:start + $size] for start in range(0, len(items), $size)]",
-             lambda rng: {"size": rng.randint(2, 9)}, lambda rng: (_ints(rng, 0, 9, most=11),)),
+             lambda rng: {"size": rng.randint(2, 9)}, lambda rng, params: (_ints(rng, 0, 9, most=11),)),
+    CodeSpec("keep_between", "Write a Python function `keep_between(numbers)` that returns the numbers of the list "
+             "that lie between $low and $high inclusive, in their order.",
+             ("A number is kept when $low <= number <= $high (both ends included).",
+              "Filter the list in order with a comprehension and return it."),
+             "def keep_between(numbers):\n    return [number for number in numbers if $low <= number <= $high]",
+             lambda rng: dict(zip(("low", "high"), sorted(rng.sample(range(-30, 31), 2)))),
+             lambda rng, params: (_ints(rng),)),
+    CodeSpec("affine", "Write a Python function `affine(numbers)` that returns a new list with every number x "
+             "replaced by $a * x + ($b).",
+             ("Each element maps on its own: x becomes $a * x + ($b).",
+              "Build the new list in the same order; an empty list gives an empty list."),
+             "def affine(numbers):\n    return [$a * x + ($b) for x in numbers]",
+             lambda rng: {"a": rng.choice([n for n in range(-9, 10) if n not in (0, 1)]), "b": rng.randint(-20, 20)},
+             lambda rng, params: (_ints(rng),)),
+    CodeSpec("replace_word", "Write a Python function `replace_word(sentence)` that replaces every whole word "
+             "\"$old\" (split on whitespace) by \"$new\" and joins the words with single spaces.",
+             ("Split on whitespace with str.split(), so runs of spaces collapse.",
+              "A word equal to \"$old\" becomes \"$new\"; others stay as they are (\"$old.\" is not the word).",
+              "Join with single spaces and return."),
+             "def replace_word(sentence):\n    return ' '.join('$new' if word == '$old' else word for word in "
+             "sentence.split())",
+             lambda rng: dict(zip(("old", "new"), rng.sample(_WORDS, 2))),
+             lambda rng, params: (_text(rng, params["old"]),)),
+    CodeSpec("count_above", "Write a Python function `count_above(numbers)` that returns how many numbers of the "
+             "list are strictly greater than $t.",
+             ("Strictly greater: a number equal to $t does not count.",
+              "Count the numbers with number > $t in one pass and return the count."),
+             "def count_above(numbers):\n    return sum(1 for number in numbers if number > $t)",
+             lambda rng: {"t": rng.randint(-30, 30)}, lambda rng, params: (_ints(rng),)),
+    CodeSpec("pad_left", "Write a Python function `pad_left(text)` that pads the string on the left with \"$fill\" "
+             "characters to a length of $width (a string already that long or longer is returned unchanged).",
+             ("The number of fill characters is max(0, $width - len(text)).",
+              "Prepend that many \"$fill\" characters; a long string gets none."),
+             "def pad_left(text):\n    return '$fill' * max(0, $width - len(text)) + text",
+             lambda rng: {"fill": rng.choice("*-0#.~"), "width": rng.randint(3, 14)},
+             lambda rng, params: (_text(rng)[: rng.randint(0, 16)],)),
 )
 TESTS_PER_TASK = 5
+MAX_REDRAWS = 1000
 
 
 def code_task(spec: CodeSpec, rng: random.Random) -> dict:
@@ -298,12 +340,19 @@ def code_task(spec: CodeSpec, rng: random.Random) -> dict:
     namespace: dict = {}
     exec(compile(source, f"<reference {name}>", "exec"), namespace)
     reference = namespace[name]
-    calls = []
-    for _ in range(TESTS_PER_TASK):
-        arguments = spec.arguments(rng)
-        call = f"{name}({', '.join(map(repr, arguments))})"
-        calls.append((call, reference(*arguments)))
-    tests = [f"assert {call} == {result!r}" for call, result in calls]
+    calls: list[tuple[str, object, bool]] = []  # (call, result, whether the result is the input unchanged)
+    for _ in range(TESTS_PER_TASK + MAX_REDRAWS):
+        arguments = spec.arguments(rng, params)
+        result = reference(*arguments)
+        unchanged = result == arguments[0]
+        if len(calls) == TESTS_PER_TASK - 1 and unchanged and all(same for *_, same in calls):
+            continue  # some test must tell the function from one that returns its input as it is
+        calls.append((f"{name}({', '.join(map(repr, arguments))})", result, unchanged))
+        if len(calls) == TESTS_PER_TASK:
+            break
+    else:
+        raise RuntimeError(f"{name}: no test arguments that the function changes in {MAX_REDRAWS} draws")
+    tests = [f"assert {call} == {result!r}" for call, result, _ in calls]
     check = f"Check: {calls[0][0]} should give {calls[0][1]!r}, and the code above returns exactly that."
     thinking = "\n".join([*map(fill, spec.plan), check])
     request = fill(spec.request) + " Reply with the code in a ```python block."
