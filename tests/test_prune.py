@@ -50,17 +50,33 @@ def test_keeping_everything_reproduces_the_parent(tied, recalibrate):
     assert diff <= 1e-4, diff
 
 
-def test_near_identity_block_is_the_one_dropped():
-    parent = parent_state(num_layers=4)
-    for name in ("self_attn.o_proj", "mlp.down_proj"):
-        parent.tensors[f"model.layers.2.{name}.weight"] *= 1e-4  # block 2 barely touches the residual stream
+def without_blocks(state: ModelState, kept: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    """Naive reference: transformers' model of ``state`` with only the ``kept`` blocks left in its layer list."""
+    model = hf_model(state.config)
+    model.load_state_dict(state.tensors)
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in kept)
+    with torch.no_grad():
+        return model(tokens, use_cache=False).logits
+
+
+def test_near_identity_blocks_are_dropped_first_and_the_rest_keep_their_order():
+    parent = parent_state(num_layers=5)
+    for block, factor in ((1, 1e-4), (3, 1e-2)):  # blocks 1 and 3 barely touch the residual stream, 1 the least
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            parent.tensors[f"model.layers.{block}.{name}.weight"] *= factor
     c = parent.config
     tokens, positions = calibration_batch(c)
-    target = PruneTarget(3, c.hidden_size, c.ffn_hidden_size, tie_embeddings=False)
-    _, report = prune(parent, target, PruneOptions(), megatron_calibrator(ParallelConfig(), tokens, positions, progress=False))
+    calibrator = megatron_calibrator(ParallelConfig(), tokens, positions, progress=False)
+    _, report = prune(parent, PruneTarget(4, c.hidden_size, c.ffn_hidden_size, False), PruneOptions(), calibrator)
     scores = report["layers"]["scores"]
-    assert report["layers"]["kept"] == [0, 1, 3]
-    assert abs(scores[2] - 1.0) < 1e-3 and min(scores[0], scores[1], scores[3]) > scores[2]
+    assert report["layers"]["kept"] == [0, 2, 3, 4]
+    assert abs(scores[1] - 1.0) < 1e-3 and scores[1] < scores[3] < min(scores[0], scores[2], scores[4])
+    child, report = prune(parent, PruneTarget(3, c.hidden_size, c.ffn_hidden_size, False), PruneOptions(), calibrator)
+    assert report["layers"]["kept"] == [0, 2, 4]
+    test_tokens, test_positions = calibration_batch(c, rows=2, seed=2)
+    reference = without_blocks(parent, [0, 2, 4], test_tokens)
+    assert (logits(child, test_tokens, test_positions) - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
+    assert (without_blocks(parent, [4, 2, 0], test_tokens) - reference).abs().max().item() > 1e-2, "order matters here"
 
 
 def stored_statistics(state: ModelState, tokens: torch.Tensor, token_normalized: bool):
