@@ -26,17 +26,26 @@ from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
 root = test_odpo.root
 chat = test_odpo.chat
 
-SHORT = 24  # characters
+LONG = 64  # characters
 
 
 class ShortReward:
-    """The planted reward: 1 for a response of fewer than SHORT characters (one that ended its turn early), else 0.
-    Checks that every item carries its problem's meta."""
+    """The planted reward: the shorter the response the better (1 - characters / LONG, at least 0): ending the
+    turn early pays, and so do short tokens. Checks that every item carries its problem's meta."""
 
     def __call__(self, items):
         assert all(item.meta.get("answer") is not None for item in items), "the problem's meta must reach the reward"
         assert all(item.messages[-1]["role"] == "user" for item in items)
-        return [1.0 if len(item.response) < SHORT else 0.0 for item in items]
+        return [max(0.0, 1.0 - len(item.response) / LONG) for item in items]
+
+
+class SortingReward(ShortReward):
+    """Planted verdicts for the problem filter: a question whose length is 0 mod 3 is always solved (1), 1 mod 3
+    never (0), the rest earn the short reward."""
+
+    def __call__(self, items):
+        short = super().__call__(items)
+        return [(1.0, 0.0, value)[len(item.messages[-1]["content"]) % 3] for item, value in zip(items, short)]
 
 
 class ConstantReward:
@@ -106,8 +115,8 @@ def test_the_filtered_stream_skips_dropped_problems_once(chat):
 
 @pytest.mark.slow
 def test_a_planted_reward_moves_the_policy_towards_it(root, chat, tmp_path):
-    """Short responses earn 1. The held-out mean reward (one sampled answer per problem, fixed seeds) must rise by
-    0.15 or more in 4 steps, and the step metrics must show groups kept and dropped."""
+    """Short responses earn more. The held-out mean reward (one sampled answer per problem, fixed seeds) must rise
+    by 0.1 or more in 4 steps."""
     chat_format, mix = chat
     source = ModelSource.parse(f"megatron:{root / 'policy'}")
     tok = tokenizer_dir(source)
@@ -115,7 +124,7 @@ def test_a_planted_reward_moves_the_policy_towards_it(root, chat, tmp_path):
                               Cursor(), tmp_path / "grpo", ParallelConfig())
     start, end = manifest["eval_start"], manifest["eval"]
     assert 0 < start["reward"] < 0.6, "the policy must sometimes answer short at the start"
-    assert end["reward"] >= start["reward"] + 0.15, (start, end)
+    assert end["reward"] >= start["reward"] + 0.1, (start, end)
     assert end["response_tokens"] < start["response_tokens"]
     steps = GRPOMetrics.read(tmp_path / "grpo" / STEP_METRICS)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -145,7 +154,7 @@ def test_zero_advantage_groups_are_dropped_and_counted_and_nothing_moves(root, c
 
 def _command(root, out_dir, steps, filter_samples=2):
     return [sys.executable, "-m", "recipes.grpo", "model=tiny", f"policy=megatron:{root / 'policy'}",
-            "rewards={_target_: tests.test_grpo.ShortReward}", f"chat_data.cache_dir={root / 'chat'}",
+            "rewards={_target_: tests.test_grpo.SortingReward}", f"chat_data.cache_dir={root / 'chat'}",
             "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=100'], weight: 1.0}]",
             "chat_data.heldout_fraction=0.2", "stage.grpo.train.seq_len=92", "stage.grpo.train.micro_batch_size=1",
             "stage.grpo.train.global_batch_size=2", f"stage.grpo.train.train_tokens={92 * 2 * steps}",
@@ -174,5 +183,5 @@ def test_a_sigkilled_grpo_run_resumes_bit_identically(root, chat, tmp_path):
     counts = manifest["problem_filter"]
     assert resumed["problem_filter"] == counts
     assert counts["screened"] == counts["kept"] + counts["always_solved"] + counts["never_solved"] + counts["no_room"]
-    assert counts["kept"] >= 2 * steps and counts["always_solved"] + counts["never_solved"] > 0
+    assert counts["kept"] >= 2 * steps and counts["always_solved"] > 0 and counts["never_solved"] > 0
     assert sum(manifest["cursor_end"]["rows"].values()) > 2 * steps, "screened-out problems are passed over"
