@@ -18,7 +18,7 @@ from nemo_plugins.data.mix import SourceSpec
 from nemo_plugins.data.reasoning_sources import reasoning_math
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.rl.filters import FilterSettings
-from nemo_plugins.rl.sft_kd import SFTScreen, SFTStage
+from nemo_plugins.rl.sft_kd import SFTScreen, SFTStage, check_screen
 from nemo_plugins.train.metrics import MetricsLog
 from tests.conftest import save_tiny_teacher_and_student
 from tests.recipe_runs import recipe_env
@@ -83,6 +83,13 @@ def test_the_screen_drops_and_counts_and_the_rest_renders_with_the_system_prompt
     plain = build_chat_mix(chatml, spec, tmp_path / "cache", 0.0)
     assert len(plain.sources[0].data) == len(records) and "filtered" not in plain.stats(4096)["reasoning"]
     assert plain.identity()["sources"]["reasoning"]["key"] != mix.identity()["sources"]["reasoning"]["key"]
+
+    stage, _ = _stage([f"stage.sft_kd.system_prompt='{SYSTEM}'"])
+    check_screen(stage, mix)
+    with pytest.raises(ConfigError, match="rendered without stage 'reasoning_sft'"):
+        check_screen(stage, plain)
+    check_screen(SFTStage.from_config(OmegaConf.merge(_stage([])[1].stage.sft_kd, {"system_prompt": None, "filters": None}),
+                                      "stage.sft_kd"), plain)
 
 
 def test_the_system_prompt_goes_before_a_system_message_already_there():

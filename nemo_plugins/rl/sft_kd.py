@@ -110,6 +110,17 @@ class SFTScreen:
         return {**record, "messages": messages}
 
 
+def check_screen(stage: SFTStage, chat: ChatMix) -> None:
+    """The stage's filters and system prompt act when the mix renders its sources: a mix rendered without them (or
+    with another stage's) would train on unscreened data silently, so it is refused."""
+    data_screen = stage.data_screen()
+    expected = data_screen.fingerprint() if data_screen is not None else None
+    for source in chat.sources:
+        if source.data.file.metadata.get("screen") != expected:
+            raise ConfigError(f"chat source {source.name!r} was rendered without stage {stage.name!r}'s filters and "
+                              "system prompt: build the chat mix with screen=stage.data_screen()")
+
+
 def check_tokenizers(teacher_dir: Path, student_dir: Path) -> None:
     """Logit distillation compares distributions id by id: both models must use one tokenizer."""
     if not same_tokenizer(teacher_dir, student_dir):
@@ -150,6 +161,7 @@ def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: 
     s_config, t_config = source_config(student_source), source_config(teacher_source)
     check_teacher_student(t_config, s_config)
     check_tokenizers(teacher_tokenizer_dir, tokenizer_dir)
+    check_screen(stage, chat)
     if chat_format.vocab_size > s_config.vocab_size:
         raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
                           f"vocabulary has {s_config.vocab_size}: set chat_data.format to the model's own (hf_template)")
