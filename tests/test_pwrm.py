@@ -6,7 +6,10 @@ another tokenizer than the policy's is refused, and pairs too long are dropped /
 import json
 import random
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,6 +44,7 @@ from nemo_plugins.train.optimizer import wrap_for_training
 from tests import distributed_worker
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
+from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
 
 LABELS = (5, 100)  # on different TP ranks at TP=2 (vocabulary 128: rank 0 holds 0-63)
 
@@ -166,6 +170,18 @@ def test_a_pwrm_whose_tokenizer_differs_from_the_policys_is_refused(smollm2_toke
         check_judge_tokenizer(_another_tokenizer(smollm2_tokenizer, tmp_path), smollm2_tokenizer)
 
 
+def test_load_judge_refuses_a_policy_with_another_tokenizer_before_loading_weights(smollm2_tokenizer, tmp_path):
+    """A finished PWRM stage's manifest whose checkpoint holds only its tokenizer (no weights): the refusal comes
+    from the tokenizer check, first thing, as a ConfigError (one line from the recipe), not mid-run."""
+    checkpoint = tmp_path / "pwrm_checkpoint"
+    shutil.copytree(_another_tokenizer(smollm2_tokenizer, tmp_path), checkpoint / "tokenizer")
+    (tmp_path / "manifest.json").write_text(json.dumps({"checkpoint": str(checkpoint), "calibration": {"tau": 1.0}}))
+    policy = tmp_path / "policy"
+    shutil.copytree(smollm2_tokenizer, policy / "tokenizer")
+    with pytest.raises(ConfigError, match="PWRM's tokenizer .* differs from the policy's"):
+        load_judge(str(tmp_path / "manifest.json"), policy=f"megatron:{policy}")
+
+
 GOOD, BAD = ("yes", "correct", "right", "true"), ("no", "wrong", "false", "incorrect")
 
 
@@ -259,11 +275,7 @@ def test_tensor_parallel_2_scores_and_trains_as_1(tmp_path):
 # ----------------------------------------------------------------------------------------------- the recipe
 @pytest.mark.slow
 def test_the_recipe_trains_calibrates_reports_and_skips_a_finished_stage(tmp_path):
-    import subprocess
-    import sys
-
     from tests.conftest import save_tiny_teacher_and_student
-    from tests.recipe_runs import recipe_env
 
     save_tiny_teacher_and_student(tmp_path)
     out = tmp_path / "pwrm"
@@ -280,3 +292,34 @@ def test_the_recipe_trains_calibrates_reports_and_skips_a_finished_stage(tmp_pat
     assert manifest["calibration"]["tau"] > 0 and (out / "reliability.png").is_file()
     again = subprocess.run(command, check=True, env=recipe_env(), capture_output=True, text=True)
     assert json.loads((out / "manifest.json").read_text())["wall_seconds"] == manifest["wall_seconds"], again.stderr[-500:]
+
+
+def _recipe_command(root, out_dir, steps):
+    return [sys.executable, "-m", "recipes.pwrm", "model=tiny", f"source=megatron:{root / 'teacher'}",
+            f"pairs.cache_dir={root / 'pairs'}", "pairs.counts={arithmetic: 12, code: 0, loops: 12, format: 12}",
+            "stage.pwrm.train.seq_len=512", "stage.pwrm.train.global_batch_size=4", "stage.pwrm.train.micro_batch_size=2",
+            f"stage.pwrm.train.train_tokens={512 * 4 * steps}", "stage.pwrm.train.save_interval=1",
+            "stage.pwrm.optimizer.lr=1e-3", f"output_dir={out_dir}"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_pwrm_run_resumes_bit_identically(tmp_path):
+    """Killed after a random step and run again: the same losses, held-out scores, tau and calibration figures as
+    the uninterrupted run (the pair order is seeded, the cursor counts rows read)."""
+    from tests.conftest import save_tiny_teacher_and_student
+
+    save_tiny_teacher_and_student(tmp_path)
+    steps = 5
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_recipe_command(tmp_path, reference, steps), check=True, env=recipe_env(), capture_output=True)
+    kill_after = random.randrange(1, steps - 1)
+    interrupted = tmp_path / "interrupted"
+    code, _ = interrupt_after_step(_recipe_command(tmp_path, interrupted, steps), interrupted, kill_after + 1,
+                                   signal.SIGKILL)
+    assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
+    subprocess.run(_recipe_command(tmp_path, interrupted, steps), check=True, env=recipe_env(), capture_output=True)
+    assert len(train_records(reference)) == steps
+    assert train_records(interrupted) == train_records(reference), f"killed after step {kill_after + 1}"
+    resumed, whole = (json.loads((d / "manifest.json").read_text()) for d in (interrupted, reference))
+    assert resumed["cursor_end"] == whole["cursor_end"]
+    assert resumed["heldout"]["after"] == whole["heldout"]["after"] and resumed["calibration"] == whole["calibration"]
