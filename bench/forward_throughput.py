@@ -1,14 +1,17 @@
 """Forward throughput (tokens/s) of the embedded 135M parent on megatron-core, and the ratio to transformers.
 
-Both run the same fp32 weights on the same tokens in this process; the ratio is what to compare across
-machines. On a GPU (bf16 on request) the megatron side uses the Transformer Engine spec when installed.
-    python bench/forward_throughput.py [--seq-len 512] [--batch 4] [--repeats 3] [--dtype float32]
+Both run the same fp32 weights on the same tokens in this process, repetitions alternated, medians reported; the
+ratio is what to compare across machines (and on a loaded one). On a GPU (bf16 on request) the megatron side uses
+the Transformer Engine spec when installed.
+    python bench/forward_throughput.py [--seq-len 512] [--batch 4] [--repeats 5] [--dtype float32]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -17,25 +20,34 @@ from nemo_plugins.distributed import ParallelConfig, device, initialize, shutdow
 from nemo_plugins.logs import setup_logging
 
 
-def tokens_per_second(fn, tokens: torch.Tensor, repeats: int) -> float:
-    fn(tokens)  # warm-up
-    best = float("inf")
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call takes (GPU work finished)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def alternate(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each side, after one warm-up call each, the sides' repetitions interleaved so that
+    a machine shared with other work slows both alike."""
+    for fn in sides.values():
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(tokens)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return tokens.numel() / best
+        for name, fn in sides.items():
+            seconds[name].append(timed(fn))
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     setup_logging()
@@ -51,10 +63,12 @@ def main() -> None:
 
     reference = AutoModelForCausalLM.from_pretrained(str(hf_dir(source)), dtype=dtype).to(device()).eval()
     with torch.no_grad():
-        ours = tokens_per_second(lambda t: model(t, positions), tokens, args.repeats)
-        theirs = tokens_per_second(lambda t: reference(t).logits, tokens, args.repeats)
+        seconds = alternate({"ours": lambda: model(tokens, positions), "theirs": lambda: reference(tokens).logits},
+                            args.repeats)
+    ours, theirs = tokens.numel() / seconds["ours"], tokens.numel() / seconds["theirs"]
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {where}, dtype {args.dtype}, batch {args.batch} x {args.seq_len} tokens")
+    print(f"device: {where}, dtype {args.dtype}, batch {args.batch} x {args.seq_len} tokens, medians of "
+          f"{args.repeats} alternated repetitions")
     print(f"megatron-core forward: {ours:,.0f} tokens/s")
     print(f"transformers forward:  {theirs:,.0f} tokens/s")
     print(f"ratio megatron / transformers: {ours / theirs:.2f}")

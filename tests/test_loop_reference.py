@@ -3,9 +3,11 @@
 `tests/assets/demo_distill_short_metrics.jsonl` is the `metrics.jsonl` of `python -m recipes.cascade
 until=child_14b_like/distill_short` written by the distillation trainer that the loop replaced (commit d48b57a),
 re-recorded once when the loss became a global per-token mean through megatron's per-token path (the gradient is
-the same for the demo's equal token counts; the summation order is not: every figure moved by <= 1.0e-6 relative).
-Every train and eval record (loss, lr, grad norm, tokens read, held-out KL and perplexities) must be equal bit
-for bit. If the demo's shapes, data or budgets change on purpose, re-record the asset with that command.
+the same for the demo's equal token counts; the summation order is not: every figure moved by <= 1.0e-6 relative),
+and re-recorded when the demo changed on purpose (issue 14: the paper-shaped children, first child 30L/576h/768f
+tied; the local spec's attention through SDPA; prose in the data mix). Every train and eval record (loss, lr, grad
+norm, tokens read, held-out KL and perplexities) must be equal bit for bit. If the demo's shapes, data or budgets
+change on purpose, re-record the asset with that command.
 """
 
 import json
