@@ -424,6 +424,9 @@ def screen_problems(policy: torch.nn.Module, rewards: Rewards, chat_format: Chat
             counts[verdict] += 1
             if verdict != "kept":
                 dropped.append(key)
+        logger.info("problem filter: %d screened, %d kept (%d needed), %d always solved, %d never solved, %d without "
+                    "room", counts["screened"], counts["kept"], needed, counts["always_solved"], counts["never_solved"],
+                    counts["no_room"])
     counts["dropped"] = sorted(dropped)
     return counts
 
