@@ -3,11 +3,18 @@
     python -m recipes.cascade                                 # the CPU demo: SmolLM2-135M -> three children
     python -m recipes.cascade token_scale=4                   # 4x the distillation tokens
     python -m recipes.cascade ablations=[kl_ce_mix,random_init]
+    python -m recipes.cascade posttrain=false                 # base models only (no Instruct branch)
+    python -m recipes.cascade pwrm_init=parent pwrm_pairs_from_policy=true
     torchrun ... -m recipes.cascade cascade=ministral3 until=ministral3_14b/distill_short   (see slurm/)
 
 Running the same command again skips finished stages and resumes an interrupted one; a stage finished or
 checkpointed with other settings is refused, naming them, before anything is written (resume_with_changes=true:
 unfinished stages continue with the new settings, finished ones are kept as they are).
+
+With ``posttrain=true`` (the default) every child also gets the Instruct branch: SFT with logit distillation
+(``stage.sft_kd``), then online DPO (``stage.odpo``) judged by one pairwise reward model (``stage.pwrm``, pairs
+from ``pairs``) trained after the first child's SFT (nemo_plugins/cascade/plan.py: ``pwrm_init``,
+``pwrm_pairs_from_policy``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_plugins.cascade.ablations import run_ablations
 from nemo_plugins.cascade.plan import CascadePlan, ChildSpec, parse_until, scale_tokens
 from nemo_plugins.cascade.report import write_report
-from nemo_plugins.cascade.runner import CascadeInputs, parent_long_context, run_cascade
+from nemo_plugins.cascade.runner import CascadeInputs, PairData, parent_long_context, run_cascade
 from nemo_plugins.convert.sources import (
     ModelSource,
     check_declared,
@@ -28,8 +35,6 @@ from nemo_plugins.convert.sources import (
     source_config,
     tokenizer_dir,
 )
-from nemo_plugins.data.chat import load_chat_format
-from nemo_plugins.data.chat_mix import build_chat_mix
 from nemo_plugins.data.mix import build_mix, source_specs
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distill.stage import DistillStage
@@ -38,8 +43,12 @@ from nemo_plugins.errors import ConfigError, checked, torch_dtype, typed
 from nemo_plugins.output_lock import output_lock
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval
+from nemo_plugins.rl.odpo import ODPOStage
+from nemo_plugins.rl.pwrm import PWRMStage
 from nemo_plugins.rl.sft_kd import SFTStage
+from recipes._chat_data import load_chat_data
 from recipes._entry import hydra_entry
+from recipes.pwrm import load_pairs
 from recipes.tokenize import prebuilt_by
 
 
@@ -50,6 +59,10 @@ def build_plan(cfg: DictConfig) -> CascadePlan:
     stage_parallel = {name: typed(ParallelConfig, {**OmegaConf.to_container(cfg.parallel), **layout},
                                   f"cascade.stage_parallel.{name}")
                       for name, layout in OmegaConf.to_container(cfg.cascade.stage_parallel, resolve=True).items()}
+    posttrain = checked(cfg.posttrain, bool, "posttrain")
+    if posttrain and cfg.pairs.sample_from:
+        raise ConfigError(f"pairs.sample_from={cfg.pairs.sample_from}: in the cascade the pair answers come from the "
+                          "first child's SFT model; set pwrm_pairs_from_policy=true and pairs.sample_from=null")
     return CascadePlan(
         children=children,
         short=scale_tokens(DistillStage.from_config(cfg.stage.distill_short, "stage.distill_short"), cfg.token_scale),
@@ -58,8 +71,23 @@ def build_plan(cfg: DictConfig) -> CascadePlan:
         stage_parallel=stage_parallel,
         until=parse_until(cfg.until),
         ablations=tuple(cfg.ablations or ()),
-        sft=scale_tokens(SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd"), cfg.token_scale) if cfg.posttrain else None,
+        sft=scale_tokens(SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd"), cfg.token_scale) if posttrain else None,
+        pwrm=PWRMStage.from_config(cfg.stage.pwrm, "stage.pwrm") if posttrain else None,
+        odpo=ODPOStage.from_config(cfg.stage.odpo, "stage.odpo") if posttrain else None,
+        pwrm_init=checked(cfg.pwrm_init, str, "pwrm_init"),
+        pwrm_pairs_from_policy=checked(cfg.pwrm_pairs_from_policy, bool, "pwrm_pairs_from_policy"),
     )
+
+
+def pair_data(cfg: DictConfig) -> PairData:
+    """The PWRM's pairs as ``recipes.pwrm`` builds them (``pairs``), answered by the model the runner names when
+    ``pwrm_pairs_from_policy`` is on (``pairs.sample_from`` is the runner's to set in a cascade)."""
+
+    def load(sample_from: ModelSource | None, layout: ParallelConfig, seed: int) -> tuple[list, dict]:
+        pairs = OmegaConf.merge(cfg.pairs, {"sample_from": None if sample_from is None else str(sample_from)})
+        return load_pairs(pairs, layout, seed)
+
+    return PairData(load, str(cfg.pairs.format))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -82,16 +110,14 @@ def run(cfg: DictConfig) -> dict:
     tok_dir = tokenizer_dir(parent)
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, parent_config)
-    chat_format = load_chat_format(cfg.chat_data.format, tok_dir) if plan.sft is not None else None
+    chat_format, chat = load_chat_data(cfg, tok_dir) if plan.sft is not None else (None, None)
     inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction,
                                                          prebuilt_by(cfg)),
                            tokenizer=tokenizer, tokenizer_dir=tok_dir, prune_options=prune_options,
                            calibration=calibration, prune_eval=prune_eval, out_dir=out_dir, dtype=dtype,
                            sample_prompt=cfg.report.sample_prompt, sample_tokens=cfg.report.sample_tokens,
-                           seed=plan.short.train.seed, chat_format=chat_format,
-                           chat=None if chat_format is None else build_chat_mix(
-                               chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir,
-                               cfg.chat_data.heldout_fraction, prebuilt_by(cfg, "chat_data")),
+                           seed=plan.short.train.seed, chat_format=chat_format, chat=chat,
+                           pairs=pair_data(cfg) if plan.sft is not None else None,
                            resolved_config=OmegaConf.to_yaml(cfg, resolve=True),
                            resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
     with output_lock(out_dir):
@@ -100,7 +126,7 @@ def run(cfg: DictConfig) -> dict:
         tables = run_ablations(inputs, plan, results) if finished else []
         parent_long = parent_long_context(inputs, plan) if finished else None
         if dist.get_rank() == 0:
-            report = write_report(results, out_dir, parent_config.num_parameters(), cfg.cascade.name, tables, parent_long)
+            report = write_report(results, out_dir, parent_config, cfg.cascade.name, tables, parent_long)
             print(f"cascade {cfg.cascade.name}: report at {report}")
     return results
 

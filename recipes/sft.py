@@ -16,13 +16,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
-from nemo_plugins.data.chat import load_chat_format
-from nemo_plugins.data.chat_mix import build_chat_mix
-from nemo_plugins.data.mix import cursor_from_manifest, source_specs
+from nemo_plugins.data.mix import cursor_from_manifest
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, checked, typed
 from nemo_plugins.output_lock import output_lock
 from nemo_plugins.rl.sft_kd import SFTStage, run_sft_stage
+from recipes._chat_data import load_chat_data
 from recipes._entry import hydra_entry
 
 
@@ -37,8 +36,7 @@ def run(cfg: DictConfig) -> dict:
     teacher = stage.teacher_source(ModelSource.parse(cfg.model.source) if cfg.model.source else None)
     initialize(parallel, stage.train.seed)
     student_tokenizer = tokenizer_dir(student)
-    chat_format = load_chat_format(cfg.chat_data.format, student_tokenizer)
-    chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir, cfg.chat_data.heldout_fraction)
+    chat_format, chat = load_chat_data(cfg, student_tokenizer, stage.data_screen())
     cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
     with output_lock(cfg.output_dir):
         return run_sft_stage(stage, teacher, student, chat, chat_format, student_tokenizer, tokenizer_dir(teacher),

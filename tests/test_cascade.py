@@ -1,4 +1,5 @@
-"""The cascade: config validation (before any work), and a tiny end-to-end run that survives a SIGKILL."""
+"""The cascade: config validation (before any work), the report's parameter counts, and a tiny end-to-end run
+(base + Instruct branch) that survives a SIGKILL in its last online-DPO stage and skips everything when rerun."""
 
 import json
 import os
@@ -14,15 +15,19 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
+from nemo_plugins.cascade.report import non_embedding_parameters
 from nemo_plugins.convert import hf_io
 from nemo_plugins.convert.sources import ModelSource, hf_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
+from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.model.builder import build_model
+from nemo_plugins.rl.odpo import STEP_METRICS, StepMetrics
 from nemo_plugins.train.metrics import MetricsLog
 from recipes._entry import CONF_DIR
 from recipes.cascade import build_plan
 from tests.conftest import tiny_config
-from tests.hf_reference import hf_model, hf_state
+from tests.hf_reference import assert_loads_with_our_logits, hf_model, hf_state, load_in_transformers
 
 
 def _compose(*overrides):
@@ -39,6 +44,14 @@ def test_demo_and_ministral3_configs_validate():
     assert demo.order()[3] == ("child_14b_like", "sft_kd") and paper.sft.train.fp8 == "hybrid"
     base_only = build_plan(_compose("posttrain=false"))
     assert base_only.sft is None and {stage for _, stage in base_only.order()} == {"prune", "distill_short", "distill_long"}
+    assert base_only.pwrm is None and base_only.odpo is None
+    stages = [stage for _, stage in demo.order()]
+    assert stages.count("pwrm") == 1 and demo.order()[4:6] == [("child_14b_like", "pwrm"), ("child_14b_like", "odpo")]
+    assert [c for c, s in demo.order() if s == "odpo"] == [c.name for c in demo.children]
+    assert demo.pwrm_init == "first_child" and paper.pwrm_init == "parent" and paper.pwrm_pairs_from_policy
+    assert not paper.layout("odpo").sequence_parallel and paper.layout("pwrm").cp == 1
+    with pytest.raises(ConfigError, match="online-DPO ablations need posttrain=true"):
+        build_plan(_compose("posttrain=false", "ablations=[odpo_labels]"))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -60,6 +73,12 @@ def test_misspelt_keys_are_rejected_by_name(override, message):
     ("stage.sft_kd.teacher=hub:mistral", "hub"),
     ("stage.sft_kd.train.frozen_parameters=7", "frozen_parameters"),
     ("+stage.sft_kd.train.lr=1", r"stage.sft_kd.train.lr"),
+    ("pwrm_init=best_child", "pwrm_init='best_child'; allowed: first_child, parent"),
+    ("+cascade.stage_parallel.odpo={pp: 2}", "online DPO samples from the policy"),
+    ("+cascade.stage_parallel.pwrm={cp: 2}", "stage_parallel.pwrm.cp=2"),
+    ("pairs.sample_from=embedded:smollm2", "pwrm_pairs_from_policy=true"),
+    ("stage.odpo.sampling.max_new_tokens=2048", "leaves no room for a prompt"),
+    ("+stage.pwrm.train.lr=1", r"stage.pwrm.train.lr"),
 ])
 def test_invalid_values_are_rejected_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -74,6 +93,16 @@ def test_children_must_shrink_and_fit_the_parent():
         grow.child_configs(parent)
     with pytest.raises(ConfigError, match="hidden_size=64 must be between 1 and the parent's 48"):
         CascadePlan([ChildSpec("a", 3, 64, 80, True)], plan.short, plan.long, plan.parallel).child_configs(parent)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_non_embedding_parameters_are_the_built_models_outside_embedding_and_output_layer(tied):
+    config = tiny_config(tie_embeddings=tied, vocab_size=96)
+    model = build_model(config, ParallelConfig())
+    counted = {name: p.numel() for name, p in model.named_parameters()}
+    outside = sum(n for name, n in counted.items() if "word_embeddings" not in name and "output_layer" not in name)
+    assert sum(counted.values()) == config.num_parameters(), "the model is the config's"
+    assert non_embedding_parameters(config) == outside
 
 
 TINY = [
@@ -93,6 +122,12 @@ TINY = [
     "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
     "stage.sft_kd.train.seq_len=256", "stage.sft_kd.train.train_tokens=2048", "stage.sft_kd.train.save_interval=1",
     "stage.sft_kd.train.eval_rows_per_source=2", "stage.sft_kd.optimizer.lr=3e-3", "stage.sft_kd.sample.max_new_tokens=4",
+    "pairs.counts={arithmetic: 8, code: 0, loops: 8, format: 8}",
+    "stage.pwrm.train.seq_len=512", "stage.pwrm.train.global_batch_size=8", "stage.pwrm.train.micro_batch_size=4",
+    "stage.pwrm.train.train_tokens=8192", "stage.pwrm.train.save_interval=1",
+    "stage.odpo.train.seq_len=128", "stage.odpo.train.global_batch_size=2", "stage.odpo.train.train_tokens=768",
+    "stage.odpo.train.save_interval=1", "stage.odpo.optimizer.lr=1e-3", "stage.odpo.sampling.max_new_tokens=6",
+    "stage.odpo.sampling.truncation_is_loop=false", "stage.odpo.eval_prompts=2",
 ]
 
 
@@ -115,7 +150,17 @@ def _outcome(out_dir: Path) -> dict:
     found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["completion"] for p in sorted(out_dir.rglob("sample.json"))})
     found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["samples"]
                   for p in sorted(out_dir.glob("*/instruct_sft/manifest.json"))})
+    found.update({str(p.relative_to(out_dir)): StepMetrics.read(p) for p in sorted(out_dir.rglob(STEP_METRICS))})
+    found.update({str(p.relative_to(out_dir)): {k: v for k, v in json.loads(p.read_text()).items()
+                                               if k in ("eval", "eval_start", "cursor_end", "calibration", "heldout")}
+                  for p in sorted(out_dir.rglob("manifest.json"))})
     return found
+
+
+def _records(out_dir: Path) -> dict:
+    """Every file a finished stage leaves as its record (manifests, export and sample markers, metrics)."""
+    names = ("manifest.json", "export.json", "sample.json", "metrics.jsonl", STEP_METRICS, "resolved_config.yaml")
+    return {str(p.relative_to(out_dir)): p.read_bytes() for name in names for p in sorted(out_dir.rglob(name))}
 
 
 @pytest.mark.slow
@@ -133,7 +178,6 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
         "the chat data is read once across children"
     assert sft[0]["input"].endswith(tuple(f"step_{n:08d}" for n in range(1, 9))) and "distill_long" in sft[0]["input"]
     assert "## Instruct: SFT with logit distillation" in report and "**User:**" in report
-    assert "| a | 2,018,200 | 82.3 |" in report and "| b | 1,597,600 | 65.2 |" in report
     for table in ("## Ablation: loss mix", "| (1 - 0.75) KL + 0.75 CE |", "## Ablation: cascade vs pruning",
                   "| b: pruned straight from the parent |", "## Ablation: pruned vs random", "| random |"):
         assert table in report
@@ -144,17 +188,42 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
     short = [r for r in MetricsLog.read(reference / "a" / "distill_short" / "metrics.jsonl") if r["kind"] == "eval"]
     assert short[-1]["kl"] < short[0]["kl"]
 
+    pwrm = json.loads((reference / "pwrm" / "manifest.json").read_text())
+    odpo = [json.loads((reference / child / "instruct_odpo" / "manifest.json").read_text()) for child in ("a", "b")]
+    assert pwrm["init"] == "first_child" and pwrm["source"] == f"megatron:{sft[0]['checkpoint']}"
+    assert pwrm["calibration"]["tau"] > 0 and (reference / "pwrm" / "reliability.png").is_file()
+    assert [m["policy_input"] for m in odpo] == [f"megatron:{m['checkpoint']}" for m in sft], "ODPO starts from SFT"
+    assert all(m["judge"] == {"pwrm": pwrm["checkpoint"], "tau": pwrm["calibration"]["tau"]} for m in odpo)
+    assert odpo[0]["cursor_start"] == sft[0]["cursor_end"] and sft[1]["cursor_start"] == odpo[0]["cursor_end"] \
+        and odpo[1]["cursor_start"] == sft[1]["cursor_end"], "SFT and ODPO read the chat data once, in turn"
+    assert odpo[0]["eval_start"]["win_rate"] == 0.5, "at the start the policy is its reference"
+    for child in ("a", "b"):
+        odpo_hf, sft_hf = (reference / child / stage / "hf" for stage in ("instruct_odpo", "instruct_sft"))
+        checkpoint = json.loads((reference / child / "instruct_odpo" / "manifest.json").read_text())["checkpoint"]
+        assert_loads_with_our_logits(odpo_hf, f"megatron:{checkpoint}")
+        trained, start = (load_in_transformers(d).state_dict() for d in (odpo_hf, sft_hf))
+        assert any(not torch.equal(trained[k], start[k]) for k in start), f"{child}: the ODPO export is the SFT model"
+    for table in ("## Instruct: pairwise reward model", "| held-out accuracy |", "| expected calibration error |",
+                  "![reliability](pwrm/reliability.png)", "## Instruct: online DPO", "| a | 3 | 2 | 0.500 -> ",
+                  "| b | 3 | 2 | 0.500 -> ", "| a | pwrm | 16 pair orderings |"):
+        assert table in report, table
+    assert "| a | 2,018,200 | 82.3 | 52,120 | 56.3 |" in report and "| b | 1,597,600 | 65.2 | 24,736 | 26.7 |" in report
+
     killed = tmp_path / "killed"
     job = _cascade(tiny_parent, killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "b" / "distill_short" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while job.poll() is None and time.monotonic() < deadline and len(MetricsLog.read(metrics)) < 3:
+    saved = killed / "b" / "instruct_odpo" / "checkpoints" / "step_00000001"
+    deadline = time.monotonic() + 900
+    while job.poll() is None and time.monotonic() < deadline and not saved.is_dir():
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     assert job.wait() == -signal.SIGKILL, "the cascade finished before it could be killed mid-stage"
+    assert not (killed / "b" / "instruct_odpo" / "manifest.json").exists(), "killed after its last ODPO stage"
     assert _cascade(tiny_parent, killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
     assert _outcome(killed) == _outcome(reference)
 
+    before = _records(reference)
+    assert _cascade(tiny_parent, reference, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+    assert _records(reference) == before, "a rerun of a finished cascade redoes nothing"
     _, stderr = _cascade(tiny_parent, reference, env, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL,
                          extra=["stage.distill_short.optimizer.lr=1e-3"]).communicate()
     assert "finished with a different stage config" in stderr

@@ -1,4 +1,14 @@
-"""The cascade's plan, validated before any work: children, stage order, per-stage layouts, token budgets."""
+"""The cascade's plan, validated before any work: children, stage order, per-stage layouts, token budgets.
+
+Post-training (``posttrain=true``) adds the Instruct branch per child: ``sft_kd`` -> ``odpo``, with the pairwise
+reward model (``pwrm``) trained ONCE, right after the first child's SFT, and shared by every child's online DPO.
+In the stage order the PWRM is listed under the first child (``until=<first child>/pwrm``), its directory is
+``<run>/pwrm/``. ``pwrm_init`` says what it starts from: ``first_child`` (the first, largest child's SFT model:
+the policies' family and tokenizer, about a third of the demo parent's compute per token, which the PWRM pays in
+training and in every ODPO judging call) or ``parent``; ``pwrm_pairs_from_policy`` makes the first child's SFT
+model answer the pair prompts (``data/pairwise.EngineSampler``: the PWRM then sees the policies' distribution,
+at the cost of sampling every pair prompt).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +20,15 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.pipeline import PruneTarget
+from nemo_plugins.rl.odpo import ODPOStage, check_odpo_layout
+from nemo_plugins.rl.pwrm import PWRMStage
 from nemo_plugins.rl.sft_kd import SFTStage
 
 BASE_STAGES = ("prune", "distill_short", "distill_long")
-POSTTRAIN_STAGES = ("sft_kd",)
+POSTTRAIN_STAGES = ("sft_kd", "pwrm", "odpo")
 STAGES = BASE_STAGES + POSTTRAIN_STAGES
-ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init")
+PWRM_INITS = ("first_child", "parent")
+ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init", "odpo_labels", "odpo_beta_rescale", "odpo_loop_as_loser")
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,10 @@ class CascadePlan:
     until: tuple[str, str] | None = None
     ablations: tuple[str, ...] = ()
     sft: SFTStage | None = None  # None: base models only (posttrain=false)
+    pwrm: PWRMStage | None = None  # set with sft and odpo (posttrain=true)
+    odpo: ODPOStage | None = None
+    pwrm_init: str = "first_child"  # first_child | parent: what the PWRM starts from
+    pwrm_pairs_from_policy: bool = False  # the first child's SFT model answers the pair prompts
 
     def __post_init__(self) -> None:
         if not self.children:
@@ -60,14 +77,30 @@ class CascadePlan:
         if self.long.context is not None and self.long.context.original_context != self.short.train.seq_len:
             raise ConfigError(f"stage.distill_long.context.original_context={self.long.context.original_context} must equal "
                               f"stage.distill_short.train.seq_len={self.short.train.seq_len} (YaRN extends the short context)")
+        if self.odpo is None and any(a.startswith("odpo_") for a in self.ablations):
+            raise ConfigError(f"ablations={list(self.ablations)}: the online-DPO ablations need posttrain=true")
+        if len({self.sft is None, self.pwrm is None, self.odpo is None}) > 1:
+            raise ConfigError("post-training needs all of stage.sft_kd, stage.pwrm and stage.odpo (posttrain=true) or none")
+        if self.pwrm_init not in PWRM_INITS:
+            raise ConfigError(f"pwrm_init={self.pwrm_init!r}; allowed: {', '.join(PWRM_INITS)}")
+        if self.odpo is not None:
+            check_odpo_layout(self.layout("odpo"))
+            if self.layout("pwrm").cp > 1:
+                raise ConfigError(f"cascade.stage_parallel.pwrm.cp={self.layout('pwrm').cp}: the PWRM reads one position per "
+                                  "row, which context parallelism splits over ranks; set it to 1")
 
     def order(self) -> list[tuple[str, str]]:
-        stages = BASE_STAGES + (("sft_kd",) if self.sft is not None else ())
-        return [(child.name, stage) for child in self.children for stage in stages]
+        """(child, stage) in the order they run; the PWRM once, under the first child, after its SFT."""
+        order = []
+        for index, child in enumerate(self.children):
+            posttrain = () if self.sft is None else ("sft_kd", "pwrm", "odpo") if index == 0 else ("sft_kd", "odpo")
+            order += [(child.name, stage) for stage in BASE_STAGES + posttrain]
+        return order
 
-    def training_stage(self, stage: str) -> DistillStage | SFTStage:
+    def training_stage(self, stage: str) -> DistillStage | SFTStage | PWRMStage | ODPOStage:
         """The settings of a training stage (every stage but prune)."""
-        return {"distill_short": self.short, "distill_long": self.long, "sft_kd": self.sft}[stage]
+        return {"distill_short": self.short, "distill_long": self.long, "sft_kd": self.sft, "pwrm": self.pwrm,
+                "odpo": self.odpo}[stage]
 
     def layout(self, stage: str) -> ParallelConfig:
         return self.stage_parallel.get(stage, self.parallel)

@@ -1,4 +1,5 @@
-"""The run report: Markdown + PNGs under ``<run>/report.md``, built only from the stages' manifests and metrics."""
+"""The run report: Markdown + PNGs under ``<run>/report.md``, built only from the stages' manifests and metrics
+(and the parent's config, for the parameter fractions)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nemo_plugins.model.config import MistralConfig  # noqa: E402
 from nemo_plugins.train.metrics import MetricsLog  # noqa: E402
 
 PRUNE_PLOTS = ("layer_scores.png", "pca_explained.png", "ffn_scores.png")
+# what a post-training stage's cursor counts
+POSTTRAIN_READ = {"sft_kd": "chat tokens", "pwrm": "pair orderings", "odpo": "chat tokens (of the prompts' conversations)"}
 
 
 def _curves(child: str, stages: dict, out_dir: Path) -> Path:
@@ -45,6 +49,70 @@ def _fmt(value: float) -> str:
     return f"{value:,.2f}"
 
 
+def non_embedding_parameters(config: MistralConfig) -> int:
+    """Parameters outside the input embedding and the output layer (one matrix when tied): the transformer
+    itself, which is what pruning depth and width shrinks and what sets the compute per token."""
+    return config.num_parameters() - config.vocab_size * config.hidden_size * (1 if config.tie_embeddings else 2)
+
+
+def _parameters_section(results: dict[str, dict], parent: MistralConfig) -> list[str]:
+    total, core = parent.num_parameters(), non_embedding_parameters(parent)
+    lines = ["## Parameters", "", "| model | parameters | % of parent | non-embedding parameters | % of parent's |",
+             "|---|---:|---:|---:|---:|", f"| parent | {total:,} | 100.0 | {core:,} | 100.0 |"]
+    for child, stages in results.items():
+        config = MistralConfig.from_dict(stages["prune"]["child_config"])
+        n, c = config.num_parameters(), non_embedding_parameters(config)
+        lines.append(f"| {child} | {n:,} | {100 * n / total:.1f} | {c:,} | {100 * c / core:.1f} |")
+    return lines + [""]
+
+
+def _pwrm_section(pwrm: dict, out_dir: Path) -> list[str]:
+    """The shared judge: held-out accuracy and position bias before/after training, calibration, reliability plot."""
+    before, after, cal = pwrm["heldout"]["before"], pwrm["heldout"]["after"], pwrm["calibration"]
+    pairs = pwrm["pairs"]
+    train, held = sum(k["train"] for k in pairs.values()), sum(k["heldout"] for k in pairs.values())
+    sampled = sum(k["chosen_sampled"] + k["rejected_sampled"] for k in pairs.values())
+    by_kind = ", ".join(f"{kind} {acc:.2f}" for kind, acc in after["accuracy_by_kind"].items())
+    lines = ["## Instruct: pairwise reward model (shared by every child's online DPO)", "",
+             f"Initialised from `{pwrm['source']}` ({pwrm['init']}); {train} training pairs "
+             f"({pwrm['pairs_dropped_too_long']} too long, dropped), {held} held out, {sampled} responses sampled from "
+             f"the policy; {pwrm['steps']} steps, {pwrm['wall_seconds']:.0f} s. Held-out pairs, both orders averaged "
+             "(ties count half):", "",
+             "| | before training | after training |", "|---|---:|---:|",
+             f"| held-out accuracy | {before['accuracy']:.3f} | {after['accuracy']:.3f} |",
+             f"| position bias (mean p(first) - 1/2) | {before['position_bias']:.3f} | {after['position_bias']:.3f} |",
+             "", f"Accuracy by kind after training: {by_kind}.", "",
+             f"Temperature calibration: tau = {cal['tau']:.3g} fitted on {cal['fit_pairs']} held-out orderings, measured "
+             f"on {cal['test_pairs']} other held-out pairs:", "",
+             "| | before calibration (tau = 1) | after calibration |", "|---|---:|---:|",
+             f"| NLL | {cal['nll_before']:.4f} | {cal['nll_after']:.4f} |",
+             f"| expected calibration error | {cal['ece_before']:.4f} | {cal['ece_after']:.4f} |", "",
+             f"![reliability]({(out_dir / 'pwrm' / 'reliability.png').relative_to(out_dir)})", ""]
+    return lines
+
+
+def _odpo_section(results: dict[str, dict], out_dir: Path) -> list[str]:
+    """Online DPO per child: win rate against its SFT model and loop rate on held-out prompts, start and end."""
+    done = {child: stages["odpo"] for child, stages in results.items() if "odpo" in stages}
+    if not done:
+        return []
+    lines = ["## Instruct: online DPO", "",
+             "Held-out prompts of the chat mix; the policy's sample against its SFT model's (the frozen reference), "
+             "judged by the calibrated PWRM with the loop rule (a looping response loses). At the start both are the "
+             "same model, so the win rate is 0.5.", "",
+             "| child | steps | prompts | win rate vs SFT (start -> end) | loop rate (start -> end) | "
+             "SFT loop rate | mean margin | mean abs(p - 0.5) | train loop rate | drop rate | Hugging Face export |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for child, m in done.items():
+        start, end, means = m["eval_start"] or m["eval"], m["eval"], m["step_means"]
+        lines.append(f"| {child} | {m['steps']} | {end['prompts']:.0f} | {start['win_rate']:.3f} -> {end['win_rate']:.3f} | "
+                     f"{start['loop_rate']:.3f} -> {end['loop_rate']:.3f} | {end['reference_loop_rate']:.3f} | "
+                     f"{means.get('margin', float('nan')):.3f} | {means.get('label_confidence', float('nan')):.3f} | "
+                     f"{means.get('loop_rate', float('nan')):.3f} | {means.get('drop_rate', float('nan')):.3f} | "
+                     f"`{out_dir / child / 'instruct_odpo' / 'hf'}` |")
+    return lines + [""]
+
+
 def _instruct_section(results: dict[str, dict], out_dir: Path) -> list[str]:
     """SFT with logit distillation per child: held-out assistant-token KL / perplexity before and after, samples."""
     done = {child: stages["sft_kd"] for child, stages in results.items() if "sft_kd" in stages}
@@ -69,7 +137,7 @@ def _instruct_section(results: dict[str, dict], out_dir: Path) -> list[str]:
     return lines
 
 
-def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int, name: str,
+def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig, name: str,
                  ablation_tables: list[str] | None = None, parent_long_context: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     lines = [f"# Cascade report: {name}", ""]
@@ -77,13 +145,8 @@ def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int
     short_seq = first_child.get("distill_short", {}).get("config", {}).get("train", {}).get("seq_len", "?")
     long_seq = first_child.get("distill_long", {}).get("config", {}).get("train", {}).get("seq_len", "?")
 
-    lines += ["## Parameters", "", "| model | parameters | % of parent |", "|---|---:|---:|",
-              f"| parent | {parent_parameters:,} | 100.0 |"]
-    for child, stages in results.items():
-        params = stages["prune"]["parameters"]["child"]
-        lines.append(f"| {child} | {params:,} | {100 * params / parent_parameters:.1f} |")
-
-    lines += ["", "## Held-out perplexity", "",
+    lines += _parameters_section(results, parent)
+    lines += ["## Held-out perplexity", "",
               f"Held-out split of the data mix (never trained on). Prune / short columns at {short_seq} tokens of "
               f"context, long columns at {long_seq}.", "",
               "| model | after prune | after distill_short | long stage start | after distill_long |", "|---|---:|---:|---:|---:|"]
@@ -121,6 +184,11 @@ def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int
                 ranges = ", ".join(f"{k} [{start.get(k, 0):,}, {v:,})" for k, v in sorted(end.items()))
                 lines.append(f"| {child} | {stage} | {m['tokens']:,}: {ranges} | {m['steps']} | {m['train_flops']:.3g} | "
                              f"{m['wall_seconds']:.0f} |")
+        for stage, unit in POSTTRAIN_READ.items():
+            if stage in stages:
+                m = stages[stage]
+                flops = f"{m['train_flops']:.3g}" if "train_flops" in m else "-"
+                lines.append(f"| {child} | {stage} | {m['tokens']:,} {unit} | {m['steps']} | {flops} | {m['wall_seconds']:.0f} |")
     lines += ["", "Wall time counts the last (resumed) run of a stage only.", ""]
 
     lines += ["## Long context: perplexity by position, before and after distill_long", ""]
@@ -158,6 +226,10 @@ def write_report(results: dict[str, dict], out_dir: Path, parent_parameters: int
             lines += [f"### {child}", "", "```", sample["prompt"] + sample["completion"], "```",
                       f"Hugging Face export: `{sample['hf_dir']}`", ""]
     lines += _instruct_section(results, out_dir)
+    pwrm = next((stages["pwrm"] for stages in results.values() if "pwrm" in stages), None)
+    if pwrm is not None:
+        lines += _pwrm_section(pwrm, out_dir)
+    lines += _odpo_section(results, out_dir)
     for table in ablation_tables or []:
         lines += [table, ""]
     path = out_dir / "report.md"

@@ -1,7 +1,11 @@
 """Algorithm 1: for each child, prune the previous child's short-context checkpoint (the parent first), distill at
 short context, extend to long context; the parent teaches every stage and the data cursor never rewinds. Then,
-when post-training is on, the long-context base goes through SFT with logit distillation on the chat mix (whose
-own cursor also runs once across all children).
+when post-training is on, the Instruct branch: the long-context base goes through SFT with logit distillation on
+the chat mix, then online DPO from that SFT model (its reference) on the chat mix's next prompts, judged by the
+pairwise reward model; the chat cursor runs once across all of it (child 1 SFT, child 1 ODPO, child 2 SFT, ...).
+The PWRM is trained once, after the first child's SFT (``plan.py`` says from what), into ``<run>/pwrm/``; every
+child's ODPO (``<run>/<child>/instruct_odpo/``) loads it from that manifest. SFT and ODPO results are exported to
+Hugging Face (``<stage dir>/hf``).
 
 Every stage writes ``<run>/<child>/<stage>/`` and, last, its ``manifest.json``: re-running skips stages that have
 one and resumes the one that does not from its newest checkpoint. Check first, write after: a stage finished (or
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,18 +27,20 @@ import torch.distributed as dist
 from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
 from nemo_plugins.convert.model_io import export_hf
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
-from nemo_plugins.data.chat import ChatFormat
+from nemo_plugins.data.chat import ChatFormat, load_chat_format
 from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.mix import Cursor, DataMix, check_data_budget
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distill.stage import DistillStage, long_context_eval, run_stage
-from nemo_plugins.distributed import initialize
+from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import DataError
 from nemo_plugins.eval.generate import greedy_generate
 from nemo_plugins.generation.torch_engine import generation_layout
 from nemo_plugins.manifest import finished_stage, read_json, write_json_atomic
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval, prune_stage_config, run_prune_stage
+from nemo_plugins.rl.odpo import run_odpo_stage
+from nemo_plugins.rl.pwrm import load_judge, run_pwrm_stage
 from nemo_plugins.rl.sft_kd import run_sft_stage
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,8 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 SAMPLE = "sample.json"
 EXPORTED = "export.json"
 INSTRUCT_SFT = "instruct_sft"
+INSTRUCT_ODPO = "instruct_odpo"
+PWRM = "pwrm"
 PARENT_LONG_CONTEXT = "parent_long_context.json"
 
 
@@ -64,9 +73,20 @@ class CascadeInputs:
     seed: int
     chat: ChatMix | None = None  # the SFT conversations, when post-training is on
     chat_format: ChatFormat | None = None
+    pairs: "PairData | None" = None  # the PWRM's pairs, when post-training is on
     resolved_config: str | None = None  # the run's config as YAML, written by the first step that does work
     resume_with_changes: bool = False
     config_recorded: bool = field(default=False, init=False)
+
+
+@dataclass(frozen=True)
+class PairData:
+    """The PWRM's pairwise data: ``load(sample_from, layout, seed)`` returns the pairs (answers sampled from the
+    model source ``sample_from`` where it is given) and what the manifest records of them; ``chat_format`` is the
+    format spec the PWRM renders its input with."""
+
+    load: Callable[[ModelSource | None, ParallelConfig, int], tuple[list, dict]]
+    chat_format: str
 
 
 def record_config(inputs: CascadeInputs) -> None:
@@ -157,6 +177,16 @@ def export_child(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, chil
     return sample
 
 
+def export_stage(inputs: CascadeInputs, plan: CascadePlan, done: dict, stage: str, stage_dir: Path) -> None:
+    """A finished post-training stage's model as ``<stage dir>/hf`` (once: ``export.json`` marks it done)."""
+    if read_json(stage_dir / EXPORTED) is None:
+        record_config(inputs)
+        _write_hf(inputs, plan, done["checkpoint"], stage, stage_dir / HF_EXPORT)
+        if dist.get_rank() == 0:
+            write_json_atomic(stage_dir / EXPORTED, {"hf_dir": str(stage_dir / HF_EXPORT)})
+        dist.barrier()
+
+
 def sft_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, base: ModelSource, cursor: Cursor,
               stage_dir: Path) -> dict:
     """SFT with logit distillation of the child's long-context base, then its Hugging Face export."""
@@ -166,12 +196,39 @@ def sft_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, base: 
                          tokenizer_dir(teacher), cursor, stage_dir, plan.layout("sft_kd"),
                          manifest_extra={"child": child.name, "input": str(base)},
                          resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
-    if read_json(stage_dir / EXPORTED) is None:
-        record_config(inputs)
-        _write_hf(inputs, plan, done["checkpoint"], "sft_kd", stage_dir / HF_EXPORT)
-        if dist.get_rank() == 0:
-            write_json_atomic(stage_dir / EXPORTED, {"hf_dir": str(stage_dir / HF_EXPORT)})
-        dist.barrier()
+    export_stage(inputs, plan, done, "sft_kd", stage_dir)
+    return done
+
+
+def train_pwrm(inputs: CascadeInputs, plan: CascadePlan, first_sft: dict) -> dict:
+    """The cascade's one pairwise reward model, from the parent or the first child's SFT model (``plan.pwrm_init``),
+    on the pair data (answered by that SFT model when ``plan.pwrm_pairs_from_policy``); calibrated."""
+    stage, layout = plan.pwrm, plan.layout("pwrm")
+    sft_model = megatron_source(first_sft["checkpoint"])
+    source = inputs.parent if plan.pwrm_init == "parent" else sft_model
+    initialize(layout, stage.train.seed)
+    pairs, record = inputs.pairs.load(sft_model if plan.pwrm_pairs_from_policy else None, layout, stage.train.seed)
+    source_tokenizer = tokenizer_dir(source)
+    return run_pwrm_stage(stage, source, pairs, load_chat_format(inputs.pairs.chat_format, source_tokenizer),
+                          inputs.pairs.chat_format, source_tokenizer, inputs.out_dir / PWRM, layout,
+                          manifest_extra={"init": plan.pwrm_init, "pair_data": record},
+                          resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
+
+
+def odpo_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, sft: dict, pwrm: dict, cursor: Cursor,
+               stage_dir: Path) -> dict:
+    """Online DPO of the child's SFT model (also its frozen reference) judged by the cascade's PWRM, then its
+    Hugging Face export. The judge's fingerprint is the PWRM's checkpoint and temperature: a retrained PWRM is a
+    changed setting."""
+    policy = megatron_source(sft["checkpoint"])
+    manifest = str(inputs.out_dir / PWRM / "manifest.json")
+    judge = {"pwrm": pwrm["checkpoint"], "tau": pwrm["calibration"]["tau"]}
+    done = run_odpo_stage(plan.odpo, policy, policy, judge,
+                          lambda: load_judge(manifest, str(policy), plan.pwrm.score_micro_batch_size), inputs.chat,
+                          inputs.chat_format, inputs.tokenizer_dir, inputs.tokenizer_dir, cursor, stage_dir,
+                          plan.layout("odpo"), manifest_extra={"child": child.name, "input": str(policy)},
+                          resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
+    export_stage(inputs, plan, done, "odpo", stage_dir)
     return done
 
 
@@ -199,6 +256,7 @@ def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
     results: dict[str, dict] = {}
     cursor, chat_cursor = Cursor(), Cursor()
     parent = inputs.parent
+    pwrm: dict | None = None  # the cascade's one PWRM (its manifest), trained after the first child's SFT
     for child in plan.children:
         child_dir = inputs.out_dir / child.name
         done: dict = {}
@@ -224,5 +282,13 @@ def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
                                        chat_cursor, child_dir / INSTRUCT_SFT)
             chat_cursor = Cursor.from_dict(done["sft_kd"]["cursor_end"])
             if plan.until == (child.name, "sft_kd"):
+                break
+            if pwrm is None:
+                pwrm = done["pwrm"] = train_pwrm(inputs, plan, done["sft_kd"])
+                if plan.until == (child.name, "pwrm"):
+                    break
+            done["odpo"] = odpo_child(inputs, plan, child, done["sft_kd"], pwrm, chat_cursor, child_dir / INSTRUCT_ODPO)
+            chat_cursor = Cursor.from_dict(done["odpo"]["cursor_end"])
+            if plan.until == (child.name, "odpo"):
                 break
     return results
