@@ -16,7 +16,16 @@ from nemo_plugins.data.chat_prompts import ChatPrompts
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError, typed
-from nemo_plugins.rl.grpo import STEP_METRICS, FilteredPrompts, GRPOMetrics, GRPOStage, problem_key, run_grpo_stage
+from nemo_plugins.rl.grpo import (
+    STEP_METRICS,
+    FilteredPrompts,
+    GRPOMetrics,
+    GRPOStage,
+    GRPOStep,
+    problem_key,
+    run_grpo_stage,
+)
+from nemo_plugins.rl.rollouts import sample_groups
 from nemo_plugins.train.metrics import MetricsLog
 from tests import test_odpo
 from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
@@ -150,6 +159,31 @@ def test_zero_advantage_groups_are_dropped_and_counted_and_nothing_moves(root, c
     _, after = load_model(ModelSource.parse(f"megatron:{manifest['checkpoint']}"), ParallelConfig())
     for (name, a), b in zip(before.named_parameters(), after.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_rows_align_the_engines_log_probs_with_the_trainers_targets(root, chat):
+    """The ratio's denominator (the engine's log-prob of each sampled token) sits at the position whose target is
+    that token: the trainer's own log-probs there agree to 1e-4 (ratio 1 on the same weights), and so do the
+    reference's (the same model here); positions that are no target carry nothing."""
+    chat_format, mix = chat
+    _, model = load_model(ModelSource.parse(f"megatron:{root / 'policy'}"), ParallelConfig())
+    stage = _stage(1, loss={"kl_beta": 0.1}, sampling={"group_size": 2, "max_new_tokens": 12})
+    prompts, seed, _, _ = ChatPrompts(mix, 0, Cursor(), 4).next_rows(Cursor(), 4, 0)
+    short = [p for p in prompts if len(p.ids) <= stage.train.seq_len - 12][:2]
+    groups = sample_groups(model, short, [seed, seed + 2], 2, chat_format, stage.sampling, stage.train.seq_len, None)
+    advantages = torch.tensor([[0.5, -0.5], [1.0, -1.0]], dtype=torch.float64)
+    step = GRPOStep(ConstantReward(), chat_format, stage, None, reference=model)
+    batches, extras = step._rows(list(zip(short, groups, advantages)))
+    assert [b["tokens"].shape[0] for b in batches] == [4], "micro_batch_size groups of G rows per micro-batch"
+    (old, rows_advantage, reference), batch = extras[0], batches[0]
+    assert rows_advantage.tolist() == [0.5, -0.5, 1.0, -1.0]
+    with torch.no_grad():
+        trainer = -model(batch["tokens"], batch["positions"], labels=batch["labels"]).float()
+    mask = batch["mask"] > 0
+    assert mask.sum() == sum(len(r.token_ids) for g in groups for r in g)
+    torch.testing.assert_close(old[mask], trainer[mask], rtol=0, atol=1e-4)
+    torch.testing.assert_close(reference[mask], trainer[mask], rtol=0, atol=1e-5)
+    assert bool((old[~mask] == 0).all())
 
 
 def _command(root, out_dir, steps, filter_samples=2):
