@@ -89,7 +89,9 @@ def test_demo_child_of_the_real_parent_loads_in_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_every_hf_directory_of_the_tiny_cascade_loads_in_transformers(tmp_path):
-    """The tiny cascade of tests/test_cascade.py (base stages and its ablations): every HF directory it writes."""
+    """The tiny cascade of tests/test_cascade.py, from a Llama parent (as the demo's SmolLM2) to one child that Llama
+    cannot carry: every HF directory it writes (the child after pruning, and after distill_long as Ministral 3).
+    The ablations' and post-training's exports go through the same ``run_prune_stage`` / ``export_hf``."""
     import os
     import subprocess
     import sys
@@ -97,16 +99,22 @@ def test_every_hf_directory_of_the_tiny_cascade_loads_in_transformers(tmp_path):
     from tests.test_cascade import TINY
 
     torch.manual_seed(0)
-    config = tiny_config(vocab_size=49_152, tie_embeddings=True, num_layers=4)
+    config = LLAMA_PARENT.replace(num_layers=4)
     parent = hf_io.write_model_dir(hf_state(hf_model(config)), config, tmp_path / "parent" / "hf",
                                    extra_files=tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2"))))
     out = tmp_path / "cascade"
+    overrides = [o for o in TINY if not o.startswith(("cascade.children=", "ablations="))] + [
+        "cascade.children=[{name: a, num_layers: 3, hidden_size: 32, ffn_hidden_size: 80, tie_embeddings: true}]",
+        "ablations=[]", "posttrain=false"]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "CASCADE_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "recipes.cascade", f"model.source=hf:{parent}", *TINY, "posttrain=false",
+    done = subprocess.run([sys.executable, "-m", "recipes.cascade", f"model.source=hf:{parent}", *overrides,
                            f"output_dir={out}"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     written = sorted(p.parent for p in out.rglob("config.json") if list(p.parent.glob("*.safetensors")))
-    assert len(written) >= 4, written
+    assert [p.relative_to(out) for p in written] == [Path("a/hf"), Path("a/prune/hf")]
+    classes = {}
     for directory in written:
         checkpoint = directory.parent / "megatron"
-        assert_loads_with_our_logits(directory, f"megatron:{checkpoint}" if checkpoint.is_dir() else None, length=100)
+        classes[directory.parent.name] = assert_loads_with_our_logits(
+            directory, f"megatron:{checkpoint}" if checkpoint.is_dir() else None, length=100)
+    assert classes == {"a": "Ministral3ForCausalLM", "prune": "MistralForCausalLM"}

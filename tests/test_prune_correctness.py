@@ -229,9 +229,13 @@ def test_real_parent_top_directions_and_energy_compensation_beat_their_opposites
     basis = hidden_basis(stats.hidden_moment()[0])
     folded, moments, k = fold_norms(parent), stats.site_moments(), 384
     assert set(moments) == {f"model.layers.{i}.{s}" for i in range(c.num_layers) for s in NORM_SITES} | {"model.norm"}
-    top = _perplexity(_hidden_child(folded, moments, basis.vectors[:, :k], "energy"), windows)
+    child = _hidden_child(folded, moments, basis.vectors[:, :k], "energy")
+    top = _perplexity(child, windows)
     bottom = _perplexity(_hidden_child(folded, moments, basis.vectors[:, -k:], "energy"), windows)
-    none = _perplexity(_hidden_child(folded, moments, basis.vectors[:, :k], "none"), windows)
+    # the same child with every norm weight 1 (what "none" gives), without rotating again
+    ones = {name: torch.ones_like(t) if "norm" in name else t for name, t in child.tensors.items()}
+    assert all(norm_scale(m, basis.vectors[:, :k], "none") == 1.0 for m in moments.values())
+    none = _perplexity(child.derive(child.config, ones), windows)
     print(f"SmolLM2 -> hidden {k}: perplexity top-k {top:.1f}, bottom-k {bottom:.1f}, top-k without compensation {none:.1f}")
     assert 3 * top < bottom
     assert 1.5 * top < none
