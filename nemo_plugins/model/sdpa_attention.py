@@ -33,12 +33,12 @@ class SDPAttention(DotProductAttention):
         if self.config.softmax_type != "vanilla":
             raise ConfigError(f"softmax_type={self.config.softmax_type!r}: the SDPA core attention has the vanilla "
                               "softmax only; use the Transformer Engine spec for softmax offsets")
-        if self.scale_mask_softmax.window_size is not None:
+        if getattr(self.config, "window_size", None) is not None:
             raise ConfigError(f"window_size={self.config.window_size}: the SDPA core attention is full causal "
                               "attention; set window_size=None or use the Transformer Engine spec")
         # megatron divides the scale by the layer number under query-key layer scaling and multiplies it back
         # inside its fp32 softmax: the product is what the scores are scaled by
-        self.score_scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
+        self.score_scale = self.softmax_scale * (getattr(self.scale_mask_softmax, "scale", None) or 1.0)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
