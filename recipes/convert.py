@@ -10,10 +10,10 @@ be new, an empty directory, or (with --overwrite) an earlier output of the same 
 anything else is refused before the model is read, and nothing is deleted. Each rank reads only its own slices of
 the source; an HF export is streamed tensor by tensor to rank 0, which writes the shards.
 
-A Mistral3ForConditionalGeneration source (Mistral Small 3.1, Ministral 3) is its text model: ``--to-hf`` writes it
-as the matching CausalLM plus the vision tower and projector copied unchanged into multimodal.safetensors (with
-multimodal_config.json and a README line); ``--to-megatron`` converts the text model and says that the vision part
-stays in the source directory.
+A Mistral3ForConditionalGeneration source (Mistral Small 3.1, Ministral 3), or a megatron checkpoint written from
+one, is converted whole (``nemo_plugins.vision``): ``--to-megatron`` stores the frozen vision tower and the projector
+beside the text weights (with vision_config.json), ``--to-hf`` writes a Mistral3ForConditionalGeneration directory
+that transformers loads and runs on images.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import time
 
 from nemo_plugins.convert import megatron_checkpoint, output_dir
 from nemo_plugins.convert.model_io import export_hf
-from nemo_plugins.convert.sources import ModelSource, load_model, multimodal_part, tokenizer_dir
+from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import torch_dtype
 from nemo_plugins.logs import setup_logging
+from nemo_plugins.vision.checkpoint import export_mistral3, load_vision_language_model, save_megatron, source_vision
 from recipes._entry import project_errors
 
 logger = logging.getLogger("recipes.convert")
@@ -56,18 +57,21 @@ def run(args: argparse.Namespace) -> dict:
     source = ModelSource.parse(args.src)
     output_dir.claim(args.to_megatron or args.to_hf, "megatron" if args.to_megatron else "hf", args.overwrite)
     initialize(parallel)
-    config, model = load_model(source, parallel, torch_dtype(args.dtype))
+    vision = source_vision(source)
+    if vision is not None:
+        config, vision, model = load_vision_language_model(source, parallel, torch_dtype(args.dtype))
+    else:
+        config, model = load_model(source, parallel, torch_dtype(args.dtype))
     tokenizer = tokenizer_dir(source)
-    multimodal = multimodal_part(source)
-    if args.to_megatron:
+    if args.to_megatron and vision is not None:
+        out = save_megatron(model, config, vision, args.to_megatron, tokenizer_dir=tokenizer, overwrite=args.overwrite)
+    elif args.to_megatron:
         out = megatron_checkpoint.save_model(model, config, args.to_megatron, tokenizer_dir=tokenizer,
                                              overwrite=args.overwrite)
-        if multimodal is not None:
-            logger.warning("%s: the megatron checkpoint holds the text model; the vision tower and projector (%d "
-                           "tensors) stay in the source (--to-hf carries them)", args.src, len(multimodal.tensors))
     else:
-        out = export_hf(model, config, args.to_hf, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                        extra_files=tokenizer_files(tokenizer), overwrite=args.overwrite, multimodal=multimodal)
+        shards, extra = int(args.max_shard_gb * 2**30), tokenizer_files(tokenizer)
+        out = (export_mistral3(model, config, vision, args.to_hf, shards, extra, args.overwrite) if vision is not None
+               else export_hf(model, config, args.to_hf, shards, extra, args.overwrite))
     summary = {
         "src": args.src,
         "dst": str(out),

@@ -192,3 +192,17 @@ def test_image_tokens_without_images_are_refused(parent):
         model(tokens, positions)
     with pytest.raises(DataError, match="every \\[IMG\\] needs its image"):
         model(tokens, positions, images=images[:1])
+
+
+def test_convert_recipe_hf_to_megatron_to_hf_keeps_a_mistral3_model(parent, tmp_path):
+    from recipes import convert
+
+    reference, path = parent
+    convert.run(convert.parse_args(["--src", f"hf:{path}", "--to-megatron", str(tmp_path / "megatron")]))
+    convert.run(convert.parse_args(["--src", f"megatron:{tmp_path / 'megatron'}", "--to-hf", str(tmp_path / "hf")]))
+    back = transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                                         attn_implementation="eager").eval()
+    original, exported = reference.state_dict(), back.state_dict()
+    assert exported.keys() == original.keys() and all(torch.equal(exported[n], t) for n, t in original.items())
+    tokens, images = images_and_tokens(source_vision(ModelSource.parse(f"hf:{tmp_path / 'hf'}")))
+    assert torch.equal(transformers_logits(back, tokens, images), transformers_logits(reference, tokens, images))
