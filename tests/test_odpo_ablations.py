@@ -13,6 +13,7 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.rl.odpo import STEP_METRICS, StepMetrics, run_odpo_stage
 from nemo_plugins.rl.odpo_ablations import ABLATION_BETAS, ODPO_ABLATIONS, run_ablation
+from tests.recipe_runs import train_records
 from tests.test_odpo import END_OF_TURN, _stage, chat, root  # noqa: F401  (module fixtures: the tiny policy, the chat mix)
 
 STUDIED = {"odpo_labels": {"dpo.hard_labels"}, "odpo_beta_rescale": {"dpo.beta", "dpo.beta_rescale"},
@@ -54,6 +55,8 @@ def test_an_unknown_ablation_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_each_ablation_writes_its_table_from_runs_whose_setting_took_effect(root, chat, tmp_path):  # noqa: F811
+    """Labels and beta: a run where a cut response is NOT a loop (the judge's soft p counts); loops as losers: one
+    where it is (about three in four of the planted policy's 12-token responses are cut)."""
     chat_format, mix = chat
     source = ModelSource.parse(f"megatron:{root / 'policy'}")
     tok = tokenizer_dir(source)
@@ -62,29 +65,36 @@ def test_each_ablation_writes_its_table_from_runs_whose_setting_took_effect(root
         return run_odpo_stage(stage, source, source, {"judge": "soft_stop"}, SoftStopJudge, mix, chat_format, tok, tok,
                               Cursor(), out_dir, ParallelConfig())
 
-    sampling = {"max_new_tokens": 12, "tools": False, "truncation_is_loop": True, "loop": {"ngram": 2, "repeats": 3}}
-    stage = _stage(2, sampling=sampling, eval_prompts=4)
+    train = {"seq_len": 160, "micro_batch_size": 2, "global_batch_size": 4, "train_tokens": 160 * 4 * 3,
+             "save_interval": 0, "seed": 3}
+    sampling = {"max_new_tokens": 12, "tools": False, "truncation_is_loop": False, "loop": {"ngram": 2, "repeats": 3}}
+    stage = _stage(3, train=train, sampling=sampling, eval_prompts=4)
+    looping = _stage(3, train=train, sampling={**sampling, "truncation_is_loop": True}, eval_prompts=4)
     done_dir = tmp_path / "stage"
     done = (done_dir, run(stage, done_dir))
-    tables = {name: run_ablation(name, stage, run, tmp_path / name, done=done) for name in ODPO_ABLATIONS}
+    tables = {name: run_ablation(name, stage, run, tmp_path / name, done=done) for name in ("odpo_labels", "odpo_beta_rescale")}
+    tables["odpo_loop_as_loser"] = run_ablation("odpo_loop_as_loser", looping, run, tmp_path / "odpo_loop_as_loser")
     for name, table in tables.items():
         lines = table.splitlines()
         variants = ODPO_ABLATIONS[name][1](stage)
         assert lines[0].startswith("## Ablation: online DPO") and len([x for x in lines if x.startswith("| ")]) == 1 + len(variants)
-        assert sum("(the stage's own run)" in x for x in lines) == 1
+        assert sum("(the stage's own run)" in x for x in lines) == (name != "odpo_loop_as_loser")
 
     def steps(name, slug):  # the variant equal to the stage is the stage's own run
         directory = tmp_path / name / slug
         return StepMetrics.read((directory if directory.is_dir() else done_dir) / STEP_METRICS)
 
     soft, hard = (StepMetrics.read(done_dir / STEP_METRICS), steps("odpo_labels", "hard"))
-    assert soft[0]["label_confidence"] == hard[0]["label_confidence"] > 0, "the same prompts, samples and judge"
-    assert soft[1] != hard[1], "hard labels train another policy"
+    assert [r["label_confidence"] for r in soft][:1] == [r["label_confidence"] for r in hard][:1], "same samples, judge"
+    # until the first pair that is not a tie, no step moves either policy (the gradient at m = 0 is p - 1/2); at it,
+    # every non-tie pair has p - 1/2 = +-0.3 soft and +-0.5 hard: the hard run's gradient is 5/3 of the soft one's
+    first = next(i for i, r in enumerate(soft) if r["label_confidence"] > 0)
+    norms = [[r["grad_norm"] for r in train_records(d)] for d in (done_dir, tmp_path / "odpo_labels" / "hard")]
+    assert norms[1][first] == pytest.approx(norms[0][first] * 0.5 / 0.3, rel=1e-4) and norms[0][first] > 0
     for beta in ABLATION_BETAS:  # at m = 0 (step 1) the loss is ln 2, divided by beta with inv_beta
         assert steps("odpo_beta_rescale", f"beta_{beta:g}_none")[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
-        if beta != stage.dpo.beta:
-            assert steps("odpo_beta_rescale", f"beta_{beta:g}_inv_beta")[0]["loss"] == pytest.approx(math.log(2) / beta,
-                                                                                                      rel=1e-5)
+        assert steps("odpo_beta_rescale", f"beta_{beta:g}_inv_beta")[0]["loss"] == pytest.approx(math.log(2) / beta,
+                                                                                                  rel=1e-5)
     loses, judge_only = (steps("odpo_loop_as_loser", slug) for slug in ("loop_loses", "judge_only"))
     assert sum(r["drop_rate"] for r in loses) > 0 and all(r["drop_rate"] == 0 for r in judge_only)
     assert loses[0]["loop_rate"] == judge_only[0]["loop_rate"] > 0
