@@ -234,11 +234,10 @@ class GRPOStep:
         stats = dp_sum([len(mine), len(mine) - len(present), float(keep.sum()), float(rewards.sum()),
                         float((rewards >= self.stage.solved_at).sum()), *response_counts(responses)])
         kept_tokens = dp_sum([float(sum(b["mask"].sum() for b in batches))])[0]
-        # no group with signal anywhere: no backward, zero gradients (the optimizer step moves nothing but Adam's state)
+        # no group with signal anywhere: no backward, zero gradients (only Adam's momentum still moves the weights)
         totals = self._train(ddp, batches, extras) if kept_tokens > 0 else [0.0, 0.0, 0.0, 0.0]
-        loss_sum, tokens, clipped, kl_sum = totals
         self._record(step, stats, totals)
-        return loss_sum / max(tokens, 1.0)
+        return totals[0] / max(totals[1], 1.0)
 
     def _rows(self, kept: list[tuple[Prompt, list[Response], torch.Tensor]]) -> tuple[list[dict], list[tuple]]:
         """Micro-batches of the kept groups' responses and, per micro-batch, (old log-probs [b, s], advantages
