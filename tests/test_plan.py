@@ -51,8 +51,9 @@ def test_sbatch_dry_run_prints_one_container_step_per_stage_writing_only_on_the_
     done = _dry_run("cascade=ministral3")
     assert done.returncode == 0, done.stderr
     commands = [line for line in done.stdout.splitlines() if line.startswith("srun ")]
-    stages = [f"{c}/{s}" for c in ("ministral3_14b", "ministral3_8b", "ministral3_3b")
-              for s in ("prune", "distill_short", "distill_long", "sft_kd")]
+    base = ("prune", "distill_short", "distill_long", "sft_kd")
+    stages = [f"{c}/{s}" for c, posttrain in (("ministral3_14b", ("pwrm", "odpo")), ("ministral3_8b", ("odpo",)),
+                                              ("ministral3_3b", ("odpo",))) for s in base + posttrain]
     assert len(commands) == len(stages)
     for command, stage in zip(commands, stages):
         argv = shlex.split(command)
