@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from nemo_plugins.rl.grpo import STEP_METRICS, GRPOMetrics
+from nemo_plugins.rl.grpo import STEP_METRICS
+from nemo_plugins.rl.online_stage import StepMetrics
 from nemo_plugins.train.metrics import MetricsLog
 
 
@@ -39,7 +40,7 @@ def command(args: argparse.Namespace) -> list[str]:
 
 def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
-    steps = GRPOMetrics.read(out / STEP_METRICS)
+    steps = StepMetrics.read(out / STEP_METRICS)
     manifest = json.loads((out / "manifest.json").read_text())
     lines = [f"policy {args.policy}, {args.steps} steps x {args.problems} problems x G={args.group_size}, "
              f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, {wall / 60:.1f} min wall",

@@ -19,12 +19,12 @@ from nemo_plugins.errors import ConfigError, typed
 from nemo_plugins.rl.grpo import (
     STEP_METRICS,
     FilteredPrompts,
-    GRPOMetrics,
     GRPOStage,
     GRPOStep,
     problem_key,
     run_grpo_stage,
 )
+from nemo_plugins.rl.online_stage import StepMetrics
 from nemo_plugins.rl.rollouts import sample_groups
 from nemo_plugins.train.metrics import MetricsLog
 from tests import test_odpo
@@ -135,7 +135,7 @@ def test_a_planted_reward_moves_the_policy_towards_it(root, chat, tmp_path):
     assert 0 < start["reward"] < 0.6, "the policy must sometimes answer short at the start"
     assert end["reward"] >= start["reward"] + 0.1, (start, end)
     assert end["response_tokens"] < start["response_tokens"]
-    steps = GRPOMetrics.read(tmp_path / "grpo" / STEP_METRICS)
+    steps = StepMetrics.read(tmp_path / "grpo" / STEP_METRICS)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(r["kept_groups"] + r["zero_advantage_groups"] + r["skipped_prompts"] == 4 for r in steps)
     assert sum(r["kept_groups"] for r in steps) > 0 and sum(r["skipped_prompts"] for r in steps) > 0
@@ -152,7 +152,7 @@ def test_zero_advantage_groups_are_dropped_and_counted_and_nothing_moves(root, c
                                                "train_tokens": 92 * 4, "seed": 3}, eval_prompts=2),
                               source, source, {"rewards": "constant"}, ConstantReward, mix, chat_format, tok, tok,
                               Cursor(), tmp_path / "grpo", ParallelConfig())
-    (record,) = GRPOMetrics.read(tmp_path / "grpo" / STEP_METRICS)
+    (record,) = StepMetrics.read(tmp_path / "grpo" / STEP_METRICS)
     assert record["kept_groups"] == 0 and record["trained_tokens"] == 0 and record["loss"] == 0
     assert record["zero_advantage_groups"] == 4 - record["skipped_prompts"] > 0
     _, before = load_model(source, ParallelConfig())
@@ -209,7 +209,7 @@ def test_a_sigkilled_grpo_run_resumes_bit_identically(root, chat, tmp_path):
     assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
     subprocess.run(_command(root, interrupted, steps), check=True, env=env, capture_output=True)
     assert train_records(interrupted) == train_records(reference), f"killed after step {kill_after + 1}"
-    assert GRPOMetrics.read(interrupted / STEP_METRICS) == GRPOMetrics.read(reference / STEP_METRICS)
+    assert StepMetrics.read(interrupted / STEP_METRICS) == StepMetrics.read(reference / STEP_METRICS)
     evals = [r for r in MetricsLog.read(reference / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r for r in MetricsLog.read(interrupted / "metrics.jsonl") if r["kind"] == "eval"] == evals
     resumed, manifest = (json.loads((d / "manifest.json").read_text()) for d in (interrupted, reference))

@@ -25,7 +25,6 @@ from nemo_plugins.rl.odpo import (
     ODPOSampling,
     ODPOStage,
     StepMetrics,
-    check_odpo_layout,
     pair_labels,
     run_odpo_stage,
     sample_pairs,
@@ -33,6 +32,7 @@ from nemo_plugins.rl.odpo import (
     tool_calls,
     tool_hook,
 )
+from nemo_plugins.rl.online_stage import check_sampling_layout
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.metrics import MetricsLog
 from tests.conftest import save_tiny_teacher_and_student
@@ -81,7 +81,7 @@ def test_stage_settings_are_checked():
     with pytest.raises(ConfigError, match="sampling.temperature must be > 0"):
         ODPOSampling(temperature=0.0)
     with pytest.raises(ConfigError, match="parallel.pp=2"):
-        check_odpo_layout(ParallelConfig(pp=2))
+        check_sampling_layout(ParallelConfig(pp=2), "online DPO")
 
 
 @pytest.fixture(scope="module")

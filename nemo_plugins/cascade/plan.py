@@ -20,7 +20,8 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.pipeline import PruneTarget
-from nemo_plugins.rl.odpo import ODPOStage, check_odpo_layout
+from nemo_plugins.rl.odpo import ODPOStage
+from nemo_plugins.rl.online_stage import check_sampling_layout
 from nemo_plugins.rl.pwrm import PWRMStage
 from nemo_plugins.rl.sft_kd import SFTStage
 
@@ -84,7 +85,7 @@ class CascadePlan:
         if self.pwrm_init not in PWRM_INITS:
             raise ConfigError(f"pwrm_init={self.pwrm_init!r}; allowed: {', '.join(PWRM_INITS)}")
         if self.odpo is not None:
-            check_odpo_layout(self.layout("odpo"))
+            check_sampling_layout(self.layout("odpo"), "online DPO")
             if self.layout("pwrm").cp > 1:
                 raise ConfigError(f"cascade.stage_parallel.pwrm.cp={self.layout('pwrm').cp}: the PWRM reads one position per "
                                   "row, which context parallelism splits over ranks; set it to 1")

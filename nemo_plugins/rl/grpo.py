@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -67,13 +66,19 @@ from nemo_plugins.model.forward import forward_only
 from nemo_plugins.parallel_ops import summed_logs
 from nemo_plugins.rl.grpo_loss import GRPOLossOptions, group_advantages, grpo_token_loss
 from nemo_plugins.rl.logprobs import micro_batches, sample_rows
-from nemo_plugins.rl.odpo import StepMetrics, check_odpo_layout, check_tokenizers
+from nemo_plugins.rl.online_stage import (
+    StepMetrics,
+    check_chat_vocab,
+    check_reference_tokenizer,
+    check_sampling_layout,
+    frozen_model,
+    run_summary,
+)
 from nemo_plugins.rl.rewards import RewardItem, Rewards, RewardSettings
 from nemo_plugins.rl.rollouts import response_text, sample_groups, tool_calls, tool_hook
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
-from nemo_plugins.train.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +196,6 @@ def my_share(items: Sequence, seed: int, n: int) -> tuple[list, list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------- the step
-class GRPOMetrics(StepMetrics):
-    """Rank 0 appends one JSON record per step to ``<out_dir>/grpo_metrics.jsonl``."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / STEP_METRICS
-
-
 @dataclass
 class GRPOStep:
     """``step(ddp, (prompts, seed, step)) -> mean loss per kept response token`` for the training loop."""
@@ -205,7 +203,7 @@ class GRPOStep:
     rewards: Rewards
     chat_format: ChatFormat
     stage: GRPOStage
-    metrics: GRPOMetrics
+    metrics: StepMetrics
     reference: torch.nn.Module | None = None  # the frozen start: only with loss.kl_beta > 0
 
     def __call__(self, ddp: torch.nn.Module, batch: tuple) -> float:
@@ -489,12 +487,10 @@ def run_grpo_stage(stage: GRPOStage, policy_source: ModelSource, reference_sourc
     stage's manifest (``checkpoint``: the trained policy); a finished stage with the same fingerprint is returned
     as it is."""
     started = time.monotonic()
-    check_odpo_layout(parallel)
-    check_tokenizers(reference_tokenizer_dir, tokenizer_dir)
+    check_sampling_layout(parallel, "GRPO")
+    check_reference_tokenizer(reference_tokenizer_dir, tokenizer_dir, "reference")
     config = source_config(policy_source)
-    if chat_format.vocab_size > config.vocab_size:
-        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
-                          f"vocabulary has {config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+    check_chat_vocab(chat_format, config)
     prompts = ChatPrompts(chat, stage.train.seed, cursor, stage.train.global_batch_size)
     facts, done = prepare_stage(stage.name, stage.train, stage.optimizer,
                                 stage_facts(stage, policy_source, reference_source, rewards_config, prompts, chat_format),
@@ -503,28 +499,20 @@ def run_grpo_stage(stage: GRPOStage, policy_source: ModelSource, reference_sourc
         return done
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
     initialize(parallel, stage.train.seed)
-    reference = None
-    if stage.loss.kl_beta > 0:
-        _, reference = load_model(reference_source, parallel, dtype)
-        reference.eval()
-        reference.requires_grad_(False)
+    reference = frozen_model(reference_source, parallel, dtype) if stage.loss.kl_beta > 0 else None
     _, policy = load_model(policy_source, parallel, dtype, speed=stage.train.speed)
     rewards = make_rewards()
     use_per_token_loss(policy)
     stream, filter_counts = filtered_prompts(policy, rewards, chat_format, stage, prompts, cursor, Path(out_dir))
     evaluate = HeldoutPass(policy, rewards, chat_format, stage, prompts.heldout(stage.eval_prompts))
-    step = GRPOStep(rewards, chat_format, stage, GRPOMetrics(Path(out_dir)), reference)
+    step = GRPOStep(rewards, chat_format, stage, StepMetrics(Path(out_dir) / STEP_METRICS), reference)
     run = TrainingRun(policy, config, stage.train, stage.optimizer, Path(out_dir), tokenizer_dir, stage.name, facts)
     result = run.run(step, stream, evaluate, cursor)
-    evals = [r for r in MetricsLog.read(Path(out_dir) / "metrics.jsonl") if r["kind"] == "eval"]
-    steps = GRPOMetrics.read(Path(out_dir) / STEP_METRICS)
     manifest = {**(manifest_extra or {}), "stage": stage.name, "config": dataclasses.asdict(stage),
                 "policy_input": str(policy_source), "reference": str(reference_source), "rewards": rewards_config,
                 "model_config": config.to_dict(), **result,
                 "problem_filter": {k: v for k, v in filter_counts.items() if k != "dropped"} if filter_counts else None,
-                "eval_start": {k: v for k, v in evals[0].items() if k not in ("step", "kind")} if evals else None,
-                "step_means": {key: float(np.mean([r[key] for r in steps])) for key in steps[0] if key != "step"}
-                if steps else {},
+                **run_summary(Path(out_dir), Path(out_dir) / STEP_METRICS),
                 "wall_seconds": time.monotonic() - started}
     if dist.get_rank() == 0:
         write_manifest(out_dir, manifest)

@@ -23,7 +23,6 @@ the steps it repeats with the same values).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.chat_prompts import ChatPrompts, Prompt
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.thinking import strip_thinking
-from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device, initialize
@@ -53,11 +51,18 @@ from nemo_plugins.manifest import write_manifest
 from nemo_plugins.parallel_ops import summed_logs
 from nemo_plugins.rl.dpo_loss import DPOOptions, log_ratio_margin, soft_dpo_loss
 from nemo_plugins.rl.logprobs import frozen_sequence_logprobs, micro_batches, sample_rows, sequence_logprobs
+from nemo_plugins.rl.online_stage import (
+    StepMetrics,
+    check_chat_vocab,
+    check_reference_tokenizer,
+    check_sampling_layout,
+    frozen_model,
+    run_summary,
+)
 from nemo_plugins.rl.rollouts import sample_groups, tool_calls, tool_hook
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
-from nemo_plugins.train.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -168,24 +173,6 @@ def pair_labels(p: torch.Tensor, loops_a: torch.Tensor, loops_b: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------- the step
-class StepMetrics:
-    """Rank 0 appends one JSON record per step to ``<out_dir>/odpo_metrics.jsonl``."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / STEP_METRICS
-
-    def record(self, values: dict) -> None:
-        if dist.get_rank() == 0:
-            with self.path.open("a") as out:
-                out.write(json.dumps(values) + "\n")
-
-    @staticmethod
-    def read(path: Path) -> list[dict]:
-        """One record per step, the last written (a resumed run repeats the steps after its checkpoint)."""
-        by_step = {r["step"]: r for r in MetricsLog.read(path)}
-        return [by_step[s] for s in sorted(by_step)]
-
-
 @dataclass
 class ODPOStep:
     """``step(ddp, (prompts, seed, step)) -> mean loss per kept pair of the global batch`` for the training loop."""
@@ -322,22 +309,6 @@ class WinRate:
 
 
 # ----------------------------------------------------------------------------------------------- the stage
-def check_odpo_layout(parallel: ParallelConfig) -> None:
-    """The policy samples with the generation engine, which decodes one token per step on one pipeline stage."""
-    if parallel.pp > 1 or parallel.cp > 1 or parallel.sequence_parallel:
-        raise ConfigError(f"online DPO samples from the policy it trains, and the generation engine runs on one "
-                          f"pipeline stage without context or sequence parallelism: parallel.pp={parallel.pp}, "
-                          f"cp={parallel.cp}, sequence_parallel={parallel.sequence_parallel}; use tp (and data "
-                          "parallelism) only")
-
-
-def check_tokenizers(reference_dir: Path, policy_dir: Path) -> None:
-    """Log-ratios compare the same token ids under both models."""
-    if not same_tokenizer(reference_dir, policy_dir):
-        raise ConfigError(f"the ODPO reference's tokenizer ({reference_dir}) differs from the policy's ({policy_dir}): "
-                          "the reference must be the policy's starting model (stage.odpo.reference)")
-
-
 def stage_facts(stage: ODPOStage, policy_source: ModelSource, reference_source: ModelSource, judge: dict,
                 prompts: ChatPrompts, chat_format: ChatFormat) -> dict:
     """What an ODPO stage adds to the loop's fingerprint: loss and sampling settings, the models, the judge's
@@ -359,12 +330,10 @@ def run_odpo_stage(stage: ODPOStage, policy_source: ModelSource, reference_sourc
     stage's manifest (``checkpoint``: the trained policy); a finished stage with the same fingerprint is returned
     as it is."""
     started = time.monotonic()
-    check_odpo_layout(parallel)
-    check_tokenizers(reference_tokenizer_dir, tokenizer_dir)
+    check_sampling_layout(parallel, "online DPO")
+    check_reference_tokenizer(reference_tokenizer_dir, tokenizer_dir, "stage.odpo.reference")
     config = source_config(policy_source)
-    if chat_format.vocab_size > config.vocab_size:
-        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
-                          f"vocabulary has {config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+    check_chat_vocab(chat_format, config)
     prompts = ChatPrompts(chat, stage.train.seed, cursor, stage.train.global_batch_size)
     facts, done = prepare_stage(stage.name, stage.train, stage.optimizer,
                                 stage_facts(stage, policy_source, reference_source, judge_config, prompts, chat_format),
@@ -373,24 +342,17 @@ def run_odpo_stage(stage: ODPOStage, policy_source: ModelSource, reference_sourc
         return done
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
     initialize(parallel, stage.train.seed)
-    _, reference = load_model(reference_source, parallel, dtype)
-    reference.eval()
-    reference.requires_grad_(False)
+    reference = frozen_model(reference_source, parallel, dtype)
     _, policy = load_model(policy_source, parallel, dtype, speed=stage.train.speed)
     judge = make_judge()
     use_per_token_loss(policy)
     evaluate = WinRate(policy, reference, judge, chat_format, stage, prompts.heldout(stage.eval_prompts))
-    step = ODPOStep(reference, judge, chat_format, stage, StepMetrics(Path(out_dir)))
+    step = ODPOStep(reference, judge, chat_format, stage, StepMetrics(Path(out_dir) / STEP_METRICS))
     run = TrainingRun(policy, config, stage.train, stage.optimizer, Path(out_dir), tokenizer_dir, stage.name, facts)
     result = run.run(step, prompts, evaluate, cursor)
-    evals = [r for r in MetricsLog.read(Path(out_dir) / "metrics.jsonl") if r["kind"] == "eval"]
-    steps = StepMetrics.read(Path(out_dir) / STEP_METRICS)
     manifest = {**(manifest_extra or {}), "stage": stage.name, "config": dataclasses.asdict(stage),
                 "policy_input": str(policy_source), "reference": str(reference_source), "judge": judge_config,
-                "model_config": config.to_dict(), **result,
-                "eval_start": {k: v for k, v in evals[0].items() if k not in ("step", "kind")} if evals else None,
-                "step_means": {key: float(np.mean([r[key] for r in steps])) for key in steps[0] if key != "step"}
-                if steps else {},
+                "model_config": config.to_dict(), **result, **run_summary(Path(out_dir), Path(out_dir) / STEP_METRICS),
                 "wall_seconds": time.monotonic() - started}
     if dist.get_rank() == 0:
         write_manifest(out_dir, manifest)
