@@ -25,14 +25,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
-from nemo_plugins.data.chat import load_chat_format
-from nemo_plugins.data.chat_mix import build_chat_mix
-from nemo_plugins.data.mix import cursor_from_manifest, source_specs
+from nemo_plugins.data.mix import cursor_from_manifest
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, checked, typed
 from nemo_plugins.output_lock import output_lock
 from nemo_plugins.rl.grpo import GRPOStage, run_grpo_stage
 from nemo_plugins.rl.rewards import Rewards, build_rewards
+from recipes._chat_data import load_chat_data
 from recipes._entry import hydra_entry
 
 
@@ -55,8 +54,7 @@ def run(cfg: DictConfig) -> dict:
     reference = ModelSource.parse(cfg.reference) if cfg.reference else policy
     initialize(parallel, stage.train.seed)
     policy_tokenizer = tokenizer_dir(policy)
-    chat_format = load_chat_format(cfg.chat_data.format, policy_tokenizer)
-    chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir, cfg.chat_data.heldout_fraction)
+    chat_format, chat = load_chat_data(cfg, policy_tokenizer)
     cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
 
     def make_rewards() -> Rewards:
