@@ -48,7 +48,7 @@ def test_demo_and_ministral3_configs_validate():
     stages = [stage for _, stage in demo.order()]
     assert stages.count("pwrm") == 1 and demo.order()[4:6] == [("child_14b_like", "pwrm"), ("child_14b_like", "odpo")]
     assert [c for c, s in demo.order() if s == "odpo"] == [c.name for c in demo.children]
-    assert demo.pwrm_init == "first_child" and paper.pwrm_init == "parent" and paper.pwrm_pairs_from_policy
+    assert demo.pwrm_init == "parent" and paper.pwrm_init == "parent" and paper.pwrm_pairs_from_policy
     assert not paper.layout("odpo").sequence_parallel and paper.layout("pwrm").cp == 1
     with pytest.raises(ConfigError, match="online-DPO ablations need posttrain=true"):
         build_plan(_compose("posttrain=false", "ablations=[odpo_labels]"))
@@ -122,7 +122,7 @@ TINY = [
     "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
     "stage.sft_kd.train.seq_len=256", "stage.sft_kd.train.train_tokens=2048", "stage.sft_kd.train.save_interval=1",
     "stage.sft_kd.train.eval_rows_per_source=2", "stage.sft_kd.optimizer.lr=3e-3", "stage.sft_kd.sample.max_new_tokens=4",
-    "pairs.counts={arithmetic: 8, code: 0, loops: 8, format: 8}",
+    "pairs.counts={arithmetic: 8, code: 0, loops: 8, format: 8}", "pwrm_init=first_child",
     "stage.pwrm.train.seq_len=512", "stage.pwrm.train.global_batch_size=8", "stage.pwrm.train.micro_batch_size=4",
     "stage.pwrm.train.train_tokens=8192", "stage.pwrm.train.save_interval=1",
     "stage.odpo.train.seq_len=128", "stage.odpo.train.global_batch_size=2", "stage.odpo.train.train_tokens=768",

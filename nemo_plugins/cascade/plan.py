@@ -3,9 +3,9 @@
 Post-training (``posttrain=true``) adds the Instruct branch per child: ``sft_kd`` -> ``odpo``, with the pairwise
 reward model (``pwrm``) trained ONCE, right after the first child's SFT, and shared by every child's online DPO.
 In the stage order the PWRM is listed under the first child (``until=<first child>/pwrm``), its directory is
-``<run>/pwrm/``. ``pwrm_init`` says what it starts from: ``first_child`` (the first, largest child's SFT model:
-the policies' family and tokenizer, about a third of the demo parent's compute per token, which the PWRM pays in
-training and in every ODPO judging call) or ``parent``; ``pwrm_pairs_from_policy`` makes the first child's SFT
+``<run>/pwrm/``. ``pwrm_init`` says what it starts from: ``parent`` (the strongest model at hand) or
+``first_child`` (the first, largest child's SFT model: the policies' family and tokenizer, cheaper per token in
+training and in every ODPO judging call); ``pwrm_pairs_from_policy`` makes the first child's SFT
 model answer the pair prompts (``data/pairwise.EngineSampler``: the PWRM then sees the policies' distribution,
 at the cost of sampling every pair prompt).
 """
@@ -57,7 +57,7 @@ class CascadePlan:
     sft: SFTStage | None = None  # None: base models only (posttrain=false)
     pwrm: PWRMStage | None = None  # set with sft and odpo (posttrain=true)
     odpo: ODPOStage | None = None
-    pwrm_init: str = "first_child"  # first_child | parent: what the PWRM starts from
+    pwrm_init: str = "parent"  # parent | first_child: what the PWRM starts from
     pwrm_pairs_from_policy: bool = False  # the first child's SFT model answers the pair prompts
 
     def __post_init__(self) -> None:
