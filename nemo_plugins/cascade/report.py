@@ -82,7 +82,8 @@ def _pwrm_section(pwrm: dict, out_dir: Path) -> list[str]:
              f"| held-out accuracy | {before['accuracy']:.3f} | {after['accuracy']:.3f} |",
              f"| position bias (mean p(first) - 1/2) | {before['position_bias']:.3f} | {after['position_bias']:.3f} |",
              "", f"Accuracy by kind after training: {by_kind}.", "",
-             f"Temperature calibration: tau = {cal['tau']:.3g} fitted on {cal['fit_pairs']} held-out pairs (each order a sample), measured "
+             f"Temperature calibration: tau = {cal['tau']:.3g} fitted on {cal['fit_pairs']} held-out pairs "
+             "(on the order-averaged margin), measured "
              f"on {cal['test_pairs']} other held-out pairs:", "",
              "| | before calibration (tau = 1) | after calibration |", "|---|---:|---:|",
              f"| NLL | {cal['nll_before']:.4f} | {cal['nll_after']:.4f} |",
