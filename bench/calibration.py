@@ -2,16 +2,16 @@
 
 Goal <= 1.2 for the pass that gathers every statistic (layers, hidden moments, FFN scores); the recipe's
 default re-calibration runs one cheaper pass per statistic, printed too.
-    python bench/calibration.py [--tokens 4096] [--seq-len 512]
+    PYTHONPATH=. python bench/calibration.py [--tokens 4096] [--seq-len 512]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench.forward_throughput import timed
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.tokenizer import load_tokenizer
@@ -19,16 +19,6 @@ from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
 from nemo_plugins.logs import setup_logging
 from nemo_plugins.model.forward import forward_only
 from nemo_plugins.prune.calibration import calibrate
-
-
-def timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
