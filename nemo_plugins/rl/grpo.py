@@ -50,7 +50,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_plugins.convert.sources import ModelSource, load_model, source_config
+from nemo_plugins.convert.sources import ModelSource, load_model
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.chat_prompts import ChatPrompts, Prompt
@@ -68,9 +68,7 @@ from nemo_plugins.rl.grpo_loss import GRPOLossOptions, group_advantages, grpo_to
 from nemo_plugins.rl.logprobs import micro_batches, sample_rows
 from nemo_plugins.rl.online_stage import (
     StepMetrics,
-    check_chat_vocab,
-    check_reference_tokenizer,
-    check_sampling_layout,
+    checked_policy,
     frozen_model,
     run_summary,
 )
@@ -487,10 +485,8 @@ def run_grpo_stage(stage: GRPOStage, policy_source: ModelSource, reference_sourc
     stage's manifest (``checkpoint``: the trained policy); a finished stage with the same fingerprint is returned
     as it is."""
     started = time.monotonic()
-    check_sampling_layout(parallel, "GRPO")
-    check_reference_tokenizer(reference_tokenizer_dir, tokenizer_dir, "reference")
-    config = source_config(policy_source)
-    check_chat_vocab(chat_format, config)
+    config = checked_policy("GRPO", "reference", parallel, policy_source, chat_format, tokenizer_dir,
+                            reference_tokenizer_dir)
     prompts = ChatPrompts(chat, stage.train.seed, cursor, stage.train.global_batch_size)
     facts, done = prepare_stage(stage.name, stage.train, stage.optimizer,
                                 stage_facts(stage, policy_source, reference_source, rewards_config, prompts, chat_format),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nemo_plugins.convert.sources import ModelSource, load_model
+from nemo_plugins.convert.sources import ModelSource, load_model, source_config
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distributed import ParallelConfig
@@ -30,18 +30,29 @@ def check_sampling_layout(parallel: ParallelConfig, stage: str) -> None:
                           "parallelism) only")
 
 
-def check_reference_tokenizer(reference_dir: Path, policy_dir: Path, key: str) -> None:
+def _check_reference_tokenizer(reference_dir: Path, policy_dir: Path, key: str) -> None:
     """Log-ratios compare the same token ids under both models."""
     if not same_tokenizer(reference_dir, policy_dir):
         raise ConfigError(f"the reference's tokenizer ({reference_dir}) differs from the policy's ({policy_dir}): "
                           f"the reference must be the policy's starting model ({key})")
 
 
-def check_chat_vocab(chat_format: ChatFormat, config: MistralConfig) -> None:
+def _check_chat_vocab(chat_format: ChatFormat, config: MistralConfig) -> None:
     """A format whose control ids lie past the model's vocabulary would index outside its embedding."""
     if chat_format.vocab_size > config.vocab_size:
         raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
                           f"vocabulary has {config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+
+
+def checked_policy(stage: str, reference_key: str, parallel: ParallelConfig, policy_source: ModelSource,
+                   chat_format: ChatFormat, tokenizer_dir: Path, reference_tokenizer_dir: Path) -> MistralConfig:
+    """The policy's config once the stage's inputs fit together: a layout the engine samples in, a reference with
+    the policy's tokenizer, a chat format inside its vocabulary. Nothing is loaded before these pass."""
+    check_sampling_layout(parallel, stage)
+    _check_reference_tokenizer(reference_tokenizer_dir, tokenizer_dir, reference_key)
+    config = source_config(policy_source)
+    _check_chat_vocab(chat_format, config)
+    return config
 
 
 def frozen_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype) -> torch.nn.Module:
