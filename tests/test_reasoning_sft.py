@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
-from nemo_plugins.data.mix import SourceSpec
+from nemo_plugins.data.chat_prompts import ChatPrompts
+from nemo_plugins.data.mix import Cursor, SourceSpec
 from nemo_plugins.data.reasoning_sources import reasoning_math
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.rl.filters import FilterSettings
@@ -144,3 +145,26 @@ def test_the_recipe_trains_on_think_block_data_and_reports_the_filter_counts(tmp
     assert manifest["chat_data"]["math"]["filtered"] == {}, "the generated traces pass the filters"
     evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals[-1]["student_ppl"] < 0.8 * evals[0]["student_ppl"], "SFT must lower the held-out perplexity"
+
+
+def test_prompts_of_a_screened_mix_are_the_kept_records_with_the_ids_they_were_rendered_with(chatml, tmp_path):
+    """GRPO / online DPO read prompts from a screened mix: conversation k is the k-th KEPT line (the dropped lines
+    are skipped, not miscounted as 'the files changed'), its ids the rendered ones (system prompt first)."""
+    records, verdicts = planted_records()
+    path = tmp_path / "reasoning.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    mix = build_chat_mix(chatml, [SourceSpec("reasoning", [str(path)])], tmp_path / "cache", 0.25,
+                         screen=SFTScreen(SYSTEM, FilterSettings()))
+    kept = [r for i, r in enumerate(records) if i not in verdicts]
+    prompts = ChatPrompts(mix, 0, Cursor(), 1)
+    read, cursor = [], Cursor()
+    for _ in range(mix.train_end["reasoning"]):
+        (prompt,), _, _, cursor = prompts.next_rows(cursor, 1, 4096)
+        read.append(prompt)
+    read += prompts.heldout(8)
+    assert len(read) == len(kept) == 8
+    for prompt, record in zip(read, kept):
+        assert prompt.messages == record["messages"][:1]
+        system = [{"role": "system", "content": SYSTEM}]
+        rendered = chatml.encode([*system, *record["messages"]])
+        assert list(prompt.ids) == list(rendered.tokens[: rendered.assistant_mask.index(1)])

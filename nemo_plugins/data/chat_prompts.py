@@ -25,8 +25,10 @@ class Prompt:
 class ChatPrompts:
     """The chat mix's training conversations as prompts, one per row, in the mix's weighted round robin; the
     cursor advances one conversation per prompt. Conversation k of a source is the k-th non-empty line of the
-    JSONL files its token file was rendered from (``chat_mix.encode_jsonl`` renders every line, in order), so the
-    judge gets the messages and the policy the very ids SFT trained on."""
+    JSONL files its token file was rendered from (``chat_mix.encode_jsonl`` renders every line, in order) that
+    the stage's screen kept (its ``dropped_lines`` are skipped), so the judge gets the messages and the policy the
+    very ids SFT trained on. A screened record's messages are the record's own: the policy's ids carry the
+    screen's system prompt, the judge reads the user's conversation without it."""
 
     def __init__(self, mix: ChatMix, seed: int, start: Cursor, per_step: int) -> None:
         self.mix = mix
@@ -79,17 +81,22 @@ class ChatPrompts:
 
     def _line(self, source, k: int) -> str:
         if source.name not in self._lines:
-            found = []
-            for path in source.data.file.metadata["files"]:
+            metadata = source.data.file.metadata
+            dropped = set(metadata.get("dropped_lines", ()))
+            found, index = [], 0
+            for path in metadata["files"]:
                 with open(path, "rb") as lines:
                     offset = 0
                     for line in lines:
                         if line.strip():
-                            found.append((path, offset))
+                            if index not in dropped:
+                                found.append((path, offset))
+                            index += 1
                         offset += len(line)
             if len(found) != len(source.data):
-                raise DataError(f"source {source.name!r}: {len(found)} lines in its files but {len(source.data)} "
-                                "rendered conversations: the files changed after rendering; remove the chat cache")
+                raise DataError(f"source {source.name!r}: {len(found)} lines in its files (less the {len(dropped)} its "
+                                f"screen dropped) but {len(source.data)} rendered conversations: the files changed "
+                                "after rendering; remove the chat cache")
             self._lines[source.name] = found
         path, offset = self._lines[source.name][k]
         with open(path, "rb") as lines:
