@@ -9,7 +9,11 @@ The same overrides as the run it prepares (it composes the cascade's config), so
 run opens: same tokenizer (model.source), same sources, same cache directory, same key. Each source is cut into
 ``parts`` pieces of about equal bytes, tokenised by ``workers`` spawned processes into part files, and merged in
 document order: the store is the same bytes for any number of parts, workers or array tasks. Conversations
-(``chat``) are rendered by this process alone. A run whose data config says ``require_prebuilt: true`` refuses to
+(``chat``) are rendered by this process alone, screened exactly as the stage that reads them screens them:
+``chat_data`` by ``stage.sft_kd``'s filters and system prompt (so ``recipes.sft stage@stage.sft_kd=reasoning_sft``
+finds its files), and with ``reasoning=true`` the cascade's ``reasoning_data`` by ``stage.reasoning_sft``'s and its
+``problem_data`` with that stage's system prompt alone. (Rendering unscreened files and refusing them in the stage
+would leave the cluster path, ``require_prebuilt: true``, with no way to build what the stage opens.) A run whose data config says ``require_prebuilt: true`` refuses to
 start without these files and prints this command with its own overrides (``prebuilt_by``).
 """
 
@@ -24,17 +28,35 @@ from omegaconf import DictConfig
 
 from nemo_plugins.convert.sources import ModelSource, source_config, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
-from nemo_plugins.data.chat_mix import build_chat_mix
+from nemo_plugins.data.chat_mix import RecordScreen, build_chat_mix
 from nemo_plugins.data.mix import source_specs
 from nemo_plugins.data.token_store import BuildOptions, TokenFile, build_token_file
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.errors import ConfigError, checked
+from nemo_plugins.rl.sft_kd import SFTStage
 from recipes._entry import hydra_entry
 
 logger = logging.getLogger(__name__)
 
 # the override keys that decide which token files a run opens (the rest: layouts, stages, outputs, do not)
-DATA_KEYS = ("cascade", "model", "data", "chat_data", "posttrain")
+DATA_KEYS = ("cascade", "model", "data", "chat_data", "posttrain", "reasoning", "reasoning_data", "problem_data")
+# the stages whose screen (filters, system prompt) is part of the chat token files' key
+SCREEN_STAGES = ("stage.sft_kd", "stage.reasoning_sft")
+SCREEN_SETTINGS = ("filters", "system_prompt")
+
+
+def data_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that decide which token files a run opens: data, model and cascade keys, and the choice or the
+    screen settings of a stage that screens its conversations."""
+    kept = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        stage = key.removeprefix("stage@")
+        screens = any(stage == s or any(stage.startswith(f"{s}.{name}") for name in SCREEN_SETTINGS)
+                      for s in SCREEN_STAGES)
+        if screens or key.replace("@", ".").split(".")[0] in DATA_KEYS:
+            kept.append(override)
+    return kept
 
 
 def prebuilt_by(cfg: DictConfig, group: str = "data") -> str | None:
@@ -42,8 +64,7 @@ def prebuilt_by(cfg: DictConfig, group: str = "data") -> str | None:
     that data config says ``require_prebuilt: true``; None when the run may build them on first use."""
     if not checked(cfg[group].require_prebuilt, bool, f"{group}.require_prebuilt"):
         return None
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    kept = [o for o in overrides if o.lstrip("+~").replace("@", ".").replace("=", ".").split(".")[0] in DATA_KEYS]
+    kept = data_overrides(list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
     if group == "chat_data" or "posttrain" not in cfg:  # a cascade renders its chat data as posttrain says
         kept.append(f"chat={str(group == 'chat_data').lower()}")
     command = shlex.join(["python", "-m", "recipes.tokenize", *kept])
@@ -74,13 +95,31 @@ def run(cfg: DictConfig) -> dict:
             print(f"{spec.name}: {built[spec.name]['tokens']:,} tokens at {result.prefix}; this run: {work}")
         else:
             print(f"{spec.name}: shard {options.shard} of the parts of {result.prefix}: {work}")
-    if checked(cfg.chat, bool, "chat") and options.shard is None:
-        chat_format = load_chat_format(cfg.chat_data.format, tok_dir)
-        chat = build_chat_mix(chat_format, source_specs(cfg.chat_data.sources), cfg.chat_data.cache_dir,
-                              cfg.chat_data.heldout_fraction)
-        for s in chat.sources:
-            built[f"chat:{s.name}"] = {"prefix": str(s.data.file.prefix), "tokens": len(s.data.file)}
-            print(f"chat {s.name}: {len(s.data):,} conversations, {len(s.data.file):,} tokens at {s.data.file.prefix}")
+    if options.shard is None:
+        for group, screen in chat_groups(cfg):
+            built.update(render_chat(cfg, group, screen, tok_dir))
+    return built
+
+
+def chat_groups(cfg: DictConfig) -> list[tuple[str, RecordScreen | None]]:
+    """The chat-data groups this run renders, each with the screen of the stage that reads it."""
+    groups = []
+    if checked(cfg.chat, bool, "chat"):
+        groups.append(("chat_data", SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd").data_screen()))
+    if checked(cfg.get("reasoning", False), bool, "reasoning"):
+        reasoning = SFTStage.from_config(cfg.stage.reasoning_sft, "stage.reasoning_sft")
+        groups += [("reasoning_data", reasoning.data_screen()), ("problem_data", reasoning.prompt_screen())]
+    return groups
+
+
+def render_chat(cfg: DictConfig, group: str, screen: RecordScreen | None, tok_dir) -> dict:
+    data = cfg[group]
+    chat = build_chat_mix(load_chat_format(data.format, tok_dir), source_specs(data.sources), data.cache_dir,
+                          data.heldout_fraction, screen=screen)
+    built = {}
+    for s in chat.sources:
+        built[f"{group}:{s.name}"] = {"prefix": str(s.data.file.prefix), "tokens": len(s.data.file)}
+        print(f"{group} {s.name}: {len(s.data):,} conversations, {len(s.data.file):,} tokens at {s.data.file.prefix}")
     return built
 
 

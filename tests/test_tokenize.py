@@ -236,3 +236,42 @@ def test_a_stage_without_its_prebuilt_store_prints_the_command_that_builds_it(tm
     job_tokenizer = load_tokenizer(tokenizer_dir(ModelSource.parse(f"megatron:{models / 'teacher'}")))
     opened = tokenize_to_file(job_tokenizer, [str(corpus)], tmp_path / "tokens", "c", prebuilt_by="must not build")
     assert opened.metadata["documents"] == len(naive_documents(corpus))
+
+
+def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tmp_path):
+    """``recipes.sft stage@stage.sft_kd=reasoning_sft chat_data.require_prebuilt=true`` opens the files rendered
+    with the stage's filters and system prompt: the command it prints keeps the overrides that decide the screen,
+    and that command renders exactly those files (and the cascade's reasoning mixes with reasoning=true)."""
+    from nemo_plugins.rl.sft_kd import SFTStage
+    from recipes._chat_data import load_chat_data
+    from recipes.tokenize import data_overrides
+    from recipes.tokenize import run as tokenize
+
+    small = ["data@chat_data=reasoning_demo", f"chat_data.cache_dir={tmp_path / 'chat'}",
+             "chat_data.sources=[{name: reasoning_math, paths: ['builtin:reasoning_math?count=40'], weight: 1.0}]"]
+    screen = ["stage@stage.sft_kd=reasoning_sft", "stage.sft_kd.filters.max_repetition=0.4"]
+    assert data_overrides([*small, *screen, "stage.sft_kd.optimizer.lr=1", "student=x", "+stage.reasoning_sft.name=r"]) \
+        == [*small, *screen]
+    corpus = make_corpus(tmp_path / "corpus")
+    text = [f"data.sources=[{{name: c, paths: ['{corpus / 'a.jsonl'}'], weight: 1.0}}]", f"data.cache_dir={tmp_path / 'tok'}"]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        built = tokenize(compose("tokenize", overrides=["model.source=embedded:smollm2", *small, *screen, *text,
+                                                        "chat=true", "posttrain=false"]))
+        sft = compose("sft", overrides=[*small, *screen, "chat_data.require_prebuilt=true"])
+    stage = SFTStage.from_config(sft.stage.sft_kd, "stage.sft_kd")
+    _, chat = load_chat_data(sft, tokenizer_dir(ModelSource.parse("embedded:smollm2")), stage.data_screen())
+    assert str(chat.sources[0].data.file.prefix) == built["chat_data:reasoning_math"]["prefix"]
+    assert chat.sources[0].data.file.metadata["screen"] == stage.data_screen().fingerprint()
+
+    reasoning = [f"reasoning_data.cache_dir={tmp_path / 'r'}", f"problem_data.cache_dir={tmp_path / 'r'}",
+                 *(f"{g}.sources=[{{name: reasoning_math, paths: ['builtin:reasoning_math?count=40'], weight: 1.0}}]"
+                   for g in ("reasoning_data", "problem_data"))]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("tokenize", overrides=["model.source=embedded:smollm2", *text, *reasoning, "chat=false",
+                                             "reasoning=true"])
+    built = tokenize(cfg)
+    stage = SFTStage.from_config(cfg.stage.reasoning_sft, "stage.reasoning_sft")
+    screens = {group: json.loads(Path(built[f"{group}:reasoning_math"]["prefix"] + ".json").read_text()).get("screen")
+               for group in ("reasoning_data", "problem_data")}
+    assert screens == {"reasoning_data": stage.data_screen().fingerprint(),
+                       "problem_data": stage.prompt_screen().fingerprint()}
