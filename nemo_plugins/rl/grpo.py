@@ -170,7 +170,7 @@ def graded(rewards: Rewards, chat_format: ChatFormat, prompts: Sequence[Prompt],
         dist.broadcast(values, parallel_state.get_tensor_model_parallel_src_rank(),
                        group=parallel_state.get_tensor_model_parallel_group())
         values = values.cpu()
-    return values.reshape(len(groups), -1)
+    return values.reshape(len(groups), len(groups[0]) if groups else 0)  # a DP rank may have no prompt with room
 
 
 def response_counts(responses: Sequence[Response]) -> list[float]:
