@@ -2,6 +2,7 @@
 after a SIGKILL, and refuses a teacher with another tokenizer."""
 
 import json
+import math
 import random
 import shutil
 import signal
@@ -21,7 +22,7 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.generation.torch_engine import check_layout, generation_layout
 from nemo_plugins.model.builder import build_model
-from nemo_plugins.rl.sft_kd import check_tokenizers
+from nemo_plugins.rl.sft_kd import PlainSFTStep, check_tokenizers, heldout_nll
 from nemo_plugins.train.config import TrainSettings
 from nemo_plugins.train.metrics import MetricsLog
 from nemo_plugins.train.optimizer import wrap_for_training
@@ -116,3 +117,44 @@ def test_samples_and_exports_load_in_a_layout_the_generation_engine_runs(trainin
     assert layout.tp == training.tp
     check_layout(types.SimpleNamespace(pipeline_model_parallel_size=layout.pp, context_parallel_size=layout.cp,
                                        sequence_parallel=layout.sequence_parallel))
+
+
+def test_plain_sft_is_the_masked_cross_entropy_of_the_assistant_tokens_without_a_teacher():
+    """kl.ce_weight = 1: the step and the held-out numbers against a naive full-logit cross-entropy over the masked
+    targets of the whole batch (two micro-batches with unequal target counts weigh every target alike)."""
+    torch.manual_seed(0)
+    student = build_model(tiny_config(hidden_size=32), ParallelConfig())
+    train = TrainSettings(seq_len=16, micro_batch_size=2, global_batch_size=4, train_tokens=64)
+    tokens = torch.randint(0, 128, (4, 16))
+    positions = torch.arange(16).expand(4, -1).contiguous()
+    target_mask = (torch.rand(4, 16) < 0.4).float()
+    with torch.no_grad():
+        mask = target_mask.clone()
+        mask[:, -1] = 0  # the last position has no next token
+        assert mask[:2].sum() != mask[2:].sum(), "the micro-batches must differ in target count"
+        logits = student(tokens, positions).float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), tokens[:, 1:].reshape(-1), reduction="none")
+        expected = float((nll * mask[:, :-1].reshape(-1)).sum() / mask.sum())
+    heldout = heldout_nll(student, tokens, positions, target_mask, micro_batch_size=3)
+    assert heldout["loss"] == pytest.approx(expected, rel=1e-5) and heldout["tokens"] == int(mask.sum())
+    assert heldout["student_ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+    use_per_token_loss(student)
+    ddp, _ = wrap_for_training(student)
+    assert PlainSFTStep(train)(ddp, (tokens, positions, target_mask)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_plain_sft_neither_loads_nor_runs_a_teacher(checkpoints, tmp_path):
+    """With kl.ce_weight = 1 the teacher's logits would be multiplied by 0: a teacher with a tokenizer but no
+    config or weights is never opened, and the manifest says there was none."""
+    out = tmp_path / "plain"
+    shutil.copytree(checkpoints / "student" / "tokenizer", tmp_path / "no_teacher_here" / "tokenizer")
+    command = [*_command(checkpoints, out)[:-1], "stage.sft_kd.kl.ce_weight=1.0", f"output_dir={out}",
+               f"stage.sft_kd.teacher=megatron:{tmp_path / 'no_teacher_here'}",
+               f"stage.sft_kd.train.train_tokens={2 * 1024}"]
+    done = subprocess.run(command, env=recipe_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert manifest["teacher"] is None and manifest["steps"] == 2 and "kl" not in evals[0]
+    assert evals[-1]["loss"] < evals[0]["loss"], "cross-entropy on the assistant tokens goes down"
