@@ -5,11 +5,13 @@ resume of the recipe."""
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat_prompts import ChatPrompts
@@ -27,7 +29,7 @@ from nemo_plugins.rl.grpo import (
 from nemo_plugins.rl.online_stage import StepMetrics
 from nemo_plugins.rl.rollouts import sample_groups
 from nemo_plugins.train.metrics import MetricsLog
-from tests import test_odpo
+from tests import distributed_worker, grpo_worker, test_odpo
 from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
 
 # the tiny student, its end-of-turn row planted so that some 12-token responses stop early; the chat mix of
@@ -187,7 +189,10 @@ def test_rows_align_the_engines_log_probs_with_the_trainers_targets(root, chat):
 
 
 def _command(root, out_dir, steps, filter_samples=2):
+    """The recipe with problem filtering and a KL term to a reference other than the policy (the student, without
+    the planted end-of-turn row): the reference is loaded, and the KL is > 0 from the first step."""
     return [sys.executable, "-m", "recipes.grpo", "model=tiny", f"policy=megatron:{root / 'policy'}",
+            f"reference=megatron:{root / 'student'}", "stage.grpo.loss.kl_beta=0.05",
             "rewards={_target_: tests.test_grpo.SortingReward}", f"chat_data.cache_dir={root / 'chat'}",
             "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=100'], weight: 1.0}]",
             "chat_data.heldout_fraction=0.2", "stage.grpo.train.seq_len=92", "stage.grpo.train.micro_batch_size=1",
@@ -199,7 +204,7 @@ def _command(root, out_dir, steps, filter_samples=2):
 
 
 @pytest.mark.slow
-def test_a_sigkilled_grpo_run_resumes_bit_identically(root, chat, tmp_path):
+def test_a_sigkilled_grpo_run_with_a_kl_term_resumes_bit_identically(root, chat, tmp_path):
     steps, env = 4, recipe_env()
     reference = tmp_path / "uninterrupted"
     subprocess.run(_command(root, reference, steps), check=True, env=env, capture_output=True)
@@ -209,7 +214,10 @@ def test_a_sigkilled_grpo_run_resumes_bit_identically(root, chat, tmp_path):
     assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
     subprocess.run(_command(root, interrupted, steps), check=True, env=env, capture_output=True)
     assert train_records(interrupted) == train_records(reference), f"killed after step {kill_after + 1}"
-    assert StepMetrics.read(interrupted / STEP_METRICS) == StepMetrics.read(reference / STEP_METRICS)
+    steps_metrics = StepMetrics.read(reference / STEP_METRICS)
+    assert StepMetrics.read(interrupted / STEP_METRICS) == steps_metrics
+    trained = [r for r in steps_metrics if r["trained_tokens"] > 0]
+    assert trained and all(r["kl"] > 1e-6 for r in trained), "the KL to the reference is in the loss and the metrics"
     evals = [r for r in MetricsLog.read(reference / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r for r in MetricsLog.read(interrupted / "metrics.jsonl") if r["kind"] == "eval"] == evals
     resumed, manifest = (json.loads((d / "manifest.json").read_text()) for d in (interrupted, reference))
@@ -219,3 +227,49 @@ def test_a_sigkilled_grpo_run_resumes_bit_identically(root, chat, tmp_path):
     assert counts["screened"] == counts["kept"] + counts["always_solved"] + counts["never_solved"] + counts["no_room"]
     assert counts["kept"] >= 2 * steps and counts["always_solved"] > 0 and counts["never_solved"] > 0
     assert sum(manifest["cursor_end"]["rows"].values()) > 2 * steps, "screened-out problems are passed over"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _trained_problems(log, ranks, heldout: set[str]) -> list[set[str]]:
+    """Per rank, the questions its reward graded outside the held-out evaluation."""
+    return [{json.loads(line) for line in open(f"{log}.rank{rank}")} - heldout for rank in ranks]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_two_ranks_train_like_one(root, chat, tmp_path, tp):
+    """One step on two gloo processes against one process on the same problems and seeds. TP=2: the same
+    problems graded, the same rewards, loss and gradient norm. DP=2: each rank samples its own half of the step's
+    problems (disjoint, together the single run's), and the update is the average over both ranks' tokens: the
+    same rewards, loss (token-level over the global batch) and gradient norm as one process over all of them."""
+    chat_format, mix = chat
+    stage = _stage(1, train={"seq_len": 400, "micro_batch_size": 1, "global_batch_size": 4, "train_tokens": 400 * 4,
+                             "save_interval": 0, "seed": 3}, eval_prompts=2)  # every prompt fits: no rank idle
+    source = ModelSource.parse(f"megatron:{root / 'policy'}")
+    tok = tokenizer_dir(source)
+    single, two = tmp_path / "single", tmp_path / "two"
+    run_grpo_stage(stage, source, source, {"rewards": "short"}, lambda: grpo_worker.GradedProblems(f"{single}.graded"),
+                   mix, chat_format, tok, tok, Cursor(), single, ParallelConfig())
+    mp.spawn(distributed_worker.run, nprocs=2, join=True,
+             args=(2, _port(), grpo_worker.grpo_stage, (str(root), stage, str(two), f"{two}.graded", tp)))
+    (one,), (both,) = StepMetrics.read(single / STEP_METRICS), StepMetrics.read(two / STEP_METRICS)
+    assert one["kept_groups"] > 0 and one["skipped_prompts"] == 0, "the step must train on every problem's group"
+    for key in ("reward", "kept_groups", "zero_advantage_groups", "skipped_prompts", "trained_tokens"):
+        assert both[key] == one[key], key
+    assert both["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+    (norm_one,), (norm_two,) = ([r["grad_norm"] for r in train_records(d)] for d in (single, two))
+    assert norm_two == pytest.approx(norm_one, rel=1e-4)
+    heldout = {p.messages[-1]["content"] for p in ChatPrompts(mix, 0, Cursor(), 4).heldout(2)}
+    (alone,), (rank0, rank1) = (_trained_problems(f"{single}.graded", [0], heldout),
+                                _trained_problems(f"{two}.graded", [0, 1], heldout))
+    if tp == 2:
+        assert rank0 == rank1 == alone, "every TP rank grades the same responses"
+    else:
+        assert rank0 and rank1 and not rank0 & rank1, "each DP rank samples its own problems"
+        assert rank0 | rank1 == alone
