@@ -154,9 +154,7 @@ class TorchEngine:
                 return
             if len(keep) < len(rows):
                 rows, pad = [rows[i] for i in keep], pad[keep]
-                index = torch.tensor(keep, device=device())
-                for layer, (key, value) in context.key_value_memory_dict.items():
-                    context.key_value_memory_dict[layer] = (key[:, index], value[:, index])
+                self._compact(context, keep)
             tokens = torch.tensor([[r.response.token_ids[r.fed]] for r in rows], device=device())
             positions = torch.tensor([[len(r.request.prompt_ids) + r.fed] for r in rows], device=device())
             for row in rows:
@@ -221,6 +219,17 @@ class TorchEngine:
             context.key_value_memory_dict[attention.layer_number] = (
                 torch.empty(shape, dtype=dtype, device=device()), torch.empty(shape, dtype=dtype, device=device()))
         return context
+
+    @staticmethod
+    def _compact(context: StaticInferenceContext, keep: list[int]) -> None:
+        """Move the cache rows of the requests still running to the front of each layer's buffers, in place: only
+        the filled slots are copied (gathering whole buffers copied every unfilled slot too, in a new allocation,
+        each time a row finished: 4 of 116 s of a 32-row decode) and the buffers become views of their first rows."""
+        filled, index = context.sequence_len_offset, torch.tensor(keep, device=device())
+        for layer, (key, value) in context.key_value_memory_dict.items():
+            for buffer in (key, value):
+                buffer[:filled, : len(keep)] = buffer[:filled, index]
+            context.key_value_memory_dict[layer] = (key[:, : len(keep)], value[:, : len(keep)])
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  context: StaticInferenceContext) -> torch.Tensor:
