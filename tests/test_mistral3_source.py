@@ -49,8 +49,25 @@ def mistral3_model(text: MistralConfig, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def save(model, path, original_format: bool = True, drop_outer_tie: bool = False):
+def image_tokenizer(vocab_size: int, image_ids: tuple[int, int, int] = (10, 12, 13)):
+    """A word-level tokenizer of ``vocab_size`` ids with ``[IMG]``/``[IMG_BREAK]``/``[IMG_END]`` at ``image_ids``
+    (Tekken's by default), as a released Mistral3 directory carries its tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(vocab_size)]
+    words[:3] = ["<unk>", "<s>", "</s>"]
+    for token, index in zip(("[IMG]", "[IMG_BREAK]", "[IMG_END]"), image_ids):
+        words[index] = token
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", additional_special_tokens=["[IMG]", "[IMG_BREAK]",
+                                                                                         "[IMG_END]"])
+
+
+def save(model, path, original_format: bool = True, drop_outer_tie: bool = False, image_ids=(10, 12, 13)):
     model.save_pretrained(path, save_original_format=original_format)
+    image_tokenizer(model.config.text_config.vocab_size, image_ids).save_pretrained(path)
     if drop_outer_tie:  # the released 24B config.json has no outer tie_word_embeddings
         raw = json.loads((path / "config.json").read_text())
         raw.pop("tie_word_embeddings")
@@ -113,7 +130,8 @@ def test_an_earlier_export_with_the_vision_part_aside_converts_to_mistral3(tmp_p
     reader = hf_io.HFReader(src)
     hf_io.write_streamed(((n, reader.read(n)) for n in reader.names()),
                          {n: (reader.shape(n), torch.float32) for n in reader.names()}, source_config(
-                             ModelSource.parse(f"hf:{src}")), aside, multimodal=reader.multimodal)
+                             ModelSource.parse(f"hf:{src}")), aside, extra_files=tokenizer_files(src),
+                         multimodal=reader.multimodal)
     assert (aside / hf_io.MULTIMODAL_NAME).is_file()
     out = tmp_path / "out"
     convert.run(convert.parse_args(["--src", f"hf:{aside}", "--to-hf", str(out), "--max-shard-gb", str(20_000 / 2**30)]))
@@ -165,34 +183,3 @@ def test_the_parent_preset_is_the_released_24b_text_model():
 
     preset = OmegaConf.load(f"{CONF_DIR}/model/mistral_small_3_1_24b.yaml")
     assert declared_architecture(preset.architecture) == MistralConfig.from_hf(MISTRAL_SMALL_3_1)
-
-
-@pytest.mark.slow
-def test_the_cascade_prunes_and_distils_from_a_mistral3_parent(tmp_path):
-    """The paper's parent is a Mistral3ForConditionalGeneration directory: the cascade reads its text model by slices
-    for pruning and as the teacher, from the layout transformers writes by default."""
-    import os
-    import subprocess
-    import sys
-
-    from nemo_plugins.convert import megatron_checkpoint
-    from nemo_plugins.train.metrics import MetricsLog
-    from tests.test_cascade import TINY
-
-    src = save(mistral3_model(tiny_config(vocab_size=49_152, num_layers=4)), tmp_path / "m3", drop_outer_tie=True)
-    assert any(name.startswith("language_model.model.") for name in stored_names(src))
-    for name, file in tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2"))).items():
-        (src / name).write_bytes(file.read_bytes())
-    out = tmp_path / "run"
-    overrides = [o for o in TINY if not o.startswith("ablations=")]
-    done = subprocess.run([sys.executable, "-m", "recipes.cascade", f"model.source=hf:{src}", *overrides,
-                           "until=a/distill_short", "posttrain=false", f"output_dir={out}"],
-                          env={**os.environ, "PYTHONPATH": os.getcwd(), "CASCADE_CACHE_DIR": str(tmp_path / "cache")},
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    child = megatron_checkpoint.read_config(out / "a" / "prune" / "megatron")
-    assert (child.num_layers, child.hidden_size, child.ffn_hidden_size, child.tie_embeddings) == (3, 40, 80, True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out / "a" / "prune" / "hf")
-    assert model.config.hidden_size == 40
-    trained = [r for r in MetricsLog.read(out / "a" / "distill_short" / "metrics.jsonl") if r["kind"] == "train"]
-    assert trained and all(torch.isfinite(torch.tensor(r["loss"])) for r in trained)

@@ -42,6 +42,7 @@ from nemo_plugins.prune.stage import CalibrationData, PruneEval, prune_stage_con
 from nemo_plugins.rl.odpo import run_odpo_stage
 from nemo_plugins.rl.pwrm import load_judge, run_pwrm_stage
 from nemo_plugins.rl.sft_kd import run_sft_stage
+from nemo_plugins.vision.checkpoint import export_mistral3, load_source_model, source_vision
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +154,16 @@ def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: 
     from it) and write it as a Hugging Face directory; returns the model."""
     layout = generation_layout(plan.layout(stage))
     initialize(layout, inputs.seed)
-    config, model = load_model(megatron_source(checkpoint), layout, inputs.dtype)
+    source = megatron_source(checkpoint)
+    config, model = load_source_model(source, layout, inputs.dtype)
     # streamed to rank 0 tensor by tensor; the runner owns the export folder: a rerun after a kill before the
-    # sample replaces its own export
-    export_hf(model, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
+    # sample replaces its own export. A vision-language child is a Mistral3 directory (the parent's encoder, its
+    # own projector)
+    vision = source_vision(source)
+    if vision is not None:
+        export_mistral3(model, config, vision, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
+    else:
+        export_hf(model, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
     return model
 
 

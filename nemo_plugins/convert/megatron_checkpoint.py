@@ -47,7 +47,8 @@ def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Pat
             (tmp / TOKENIZER_DIR).mkdir()
             for name, path in tokenizer_files(tokenizer_dir).items():
                 shutil.copy(path, tmp / TOKENIZER_DIR / name)
-        for name, values in (json_files or {}).items():
+        # a model may carry files of its own (a vision-language model: its vision_config.json)
+        for name, values in {**getattr(model, "checkpoint_files", dict)(), **(json_files or {})}.items():
             (tmp / name).write_text(json.dumps(values, indent=2) + "\n")
     dist.barrier()
     for name, values in (rank_json_files or {}).items():

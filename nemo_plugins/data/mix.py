@@ -11,6 +11,11 @@ the token files' keys), and a cursor from another mix is refused (its offsets wo
 Because every row is ``seq_len`` tokens of one source and the round robin only ever skips exhausted sources, the
 rows a mix can still supply are known exactly without reading it (``rows_left``), so a stage checks its budget
 before the first step.
+
+Sources of ``kind: interleaved`` (image-text JSONL, ``interleaved.py``) are token files like the others plus an image
+index; a mix holding one hands out each row's images (``RowImage``) and a target mask without image-token targets
+beside the tokens. Their held-out tail is reserved like any source's but the held-out evaluation reads text sources
+only (it runs without images).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nemo_plugins.data.interleaved import ImageIndex, ImageInputs, interleaved_file, text_target_mask
 from nemo_plugins.data.token_store import TokenFile, tokenize_to_file
 from nemo_plugins.errors import ConfigError, DataError, typed
 from nemo_plugins.manifest import changed_keys, describe_changes, read_json
@@ -43,20 +49,30 @@ class Cursor:
         return sum(self.offsets.values())
 
 
+SOURCE_KINDS = ("text", "interleaved")
+
+
 @dataclass(frozen=True)
 class MixSource:
     name: str
     file: TokenFile
     weight: float
+    images: ImageIndex | None = None  # an interleaved source's images
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One corpus of the mix: files / directories / jsonl (``stdlib:`` = this Python's standard library)."""
+    """One corpus of the mix: files / directories / jsonl (``stdlib:`` = this Python's standard library);
+    ``kind: interleaved`` for image-text JSONL (``data/interleaved.py``)."""
 
     name: str
     paths: list[str]
     weight: float = 1.0
+    kind: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(f"data source {self.name!r}: kind={self.kind!r} must be one of {SOURCE_KINDS}")
 
 
 def source_specs(node) -> list[SourceSpec]:
@@ -96,14 +112,22 @@ def check_data_budget(data, cursor: Cursor, rows: int, seq_len: int, budget_key:
 
 
 def build_mix(tokenizer, sources: list[SourceSpec], cache_dir: str, heldout_fraction: float,
-              prebuilt_by: str | None = None) -> "DataMix":
+              prebuilt_by: str | None = None, images: ImageInputs | None = None) -> "DataMix":
     """Tokenise every source once into a cached token file (rank 0 builds, the other ranks wait) and mix them.
     ``prebuilt_by``: the command that builds the token files offline (``python -m recipes.tokenize ...``); when
-    given, a missing file is a ``DataError`` naming it instead of a build inside the job."""
+    given, a missing file is a ``DataError`` naming it instead of a build inside the job. ``images``: the model's
+    image settings, needed by interleaved sources."""
     if not sources:
         raise ConfigError("data.sources is empty")
-    return DataMix([MixSource(s.name, tokenize_to_file(tokenizer, list(s.paths), cache_dir, s.name, prebuilt_by),
-                              s.weight) for s in sources], heldout_fraction)
+    mixed = []
+    for s in sources:
+        if s.kind == "interleaved":
+            file, index = interleaved_file(tokenizer, list(s.paths), cache_dir, s.name, images, prebuilt_by)
+            mixed.append(MixSource(s.name, file, s.weight, index))
+        else:
+            mixed.append(MixSource(s.name, tokenize_to_file(tokenizer, list(s.paths), cache_dir, s.name, prebuilt_by),
+                                   s.weight))
+    return DataMix(mixed, heldout_fraction, images)
 
 
 def check_sources(weights: dict[str, float], heldout_fraction: float, count: int) -> None:
@@ -125,9 +149,10 @@ def round_robin_order(cursor: Cursor, name: str, weight: float) -> tuple[float, 
 
 
 class DataMix:
-    def __init__(self, sources: list[MixSource], heldout_fraction: float = 0.02) -> None:
+    def __init__(self, sources: list[MixSource], heldout_fraction: float = 0.02, images: ImageInputs | None = None) -> None:
         check_sources({s.name: s.weight for s in sources}, heldout_fraction, len(sources))
         self.sources = sources
+        self.images = images if any(s.images is not None for s in sources) else None
         self.heldout_fraction = heldout_fraction
         self.train_end = {s.name: int(len(s.file) * (1.0 - heldout_fraction)) for s in sources}
 
@@ -143,7 +168,8 @@ class DataMix:
     def identity(self) -> dict:
         """What a cursor's offsets refer to: per source its weight, token count and token-file key."""
         return {"kind": "text", "heldout_fraction": self.heldout_fraction,
-                "sources": {s.name: {"weight": s.weight, "tokens": len(s.file), "key": s.file.metadata.get("key")}
+                "sources": {s.name: {"weight": s.weight, "tokens": len(s.file), "key": s.file.metadata.get("key"),
+                                     **({"images": len(s.images)} if s.images is not None else {})}
                             for s in self.sources}}
 
     def rows_left(self, cursor: Cursor, seq_len: int, limit: int | None = None) -> int:
@@ -156,23 +182,31 @@ class DataMix:
         """Training-split tokens not yet read: an upper bound of what stages of any row length can still read."""
         return sum(max(0, self.train_end[s.name] - cursor.offsets.get(s.name, 0)) for s in self.sources)
 
-    def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, Cursor]:
-        """``rows`` training rows of ``seq_len`` tokens with per-document positions, and the advanced cursor."""
+    def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple:
+        """``rows`` training rows of ``seq_len`` tokens with per-document positions, and the advanced cursor; a mix
+        with images also gives, before the cursor, the text-target mask and each row's ``RowImage`` list."""
         cursor = Cursor.from_dict(cursor.to_dict())
         tokens = np.empty((rows, seq_len), dtype=np.int64)
         positions = np.empty((rows, seq_len), dtype=np.int64)
+        row_images = []
         for r in range(rows):
             source = self._pick(cursor, seq_len)
             start = cursor.offsets.get(source.name, 0)
             tokens[r], positions[r] = _row(source.file, start, seq_len)
+            row_images.append(source.images.row_images(start, start + seq_len) if source.images is not None else [])
             cursor.offsets[source.name] = start + seq_len
             cursor.rows[source.name] = cursor.rows.get(source.name, 0) + 1
-        return torch.from_numpy(tokens), torch.from_numpy(positions), cursor
+        tokens_t, positions_t = torch.from_numpy(tokens), torch.from_numpy(positions)
+        if self.images is None:
+            return tokens_t, positions_t, cursor
+        return tokens_t, positions_t, text_target_mask(tokens_t, self.images.vision), row_images, cursor
 
     def heldout_rows(self, seq_len: int, max_rows_per_source: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation rows from the held-out tail of every source (never part of training)."""
         rows = []
         for s in self.sources:
+            if s.images is not None:  # evaluated without images: its tail stays reserved, unread
+                continue
             start = self.train_end[s.name]
             for i in range(max_rows_per_source):
                 begin = start + i * seq_len

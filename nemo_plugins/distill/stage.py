@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nemo_plugins.convert.sources import ModelSource, load_model, source_config
+from nemo_plugins.convert.sources import ModelSource, source_config
 from nemo_plugins.data.mix import Cursor, DataMix, check_data_budget
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.distill.context import ContextExtension
@@ -38,6 +38,7 @@ from nemo_plugins.manifest import write_manifest
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.facts import RunFacts, check_stage_dir, run_fingerprint
+from nemo_plugins.vision.checkpoint import load_source_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,15 @@ def check_teacher_student(teacher: MistralConfig, student: MistralConfig) -> Non
     if teacher.vocab_size != student.vocab_size:
         raise ConfigError(f"teacher vocabulary {teacher.vocab_size} != student vocabulary {student.vocab_size}: "
                           "logit distillation needs the same tokenizer")
+
+
+def check_image_models(data, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """Rows with images need a vision-language teacher and student (both embed the images)."""
+    if getattr(data, "images", None) is not None:
+        text_only = [name for name, model in (("teacher", teacher), ("student", student)) if not hasattr(model, "vision")]
+        if text_only:
+            raise ConfigError(f"the data mix has interleaved image-text sources but the {' and '.join(text_only)} "
+                              "has no vision part: distil from and into Mistral3 (vision-language) checkpoints")
 
 
 def long_context_windows(tokenizer, stage: DistillStage, multiple: int) -> tuple[torch.Tensor, dict]:
@@ -153,8 +163,11 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     if stage.long_eval is not None:  # a DataError before anything is loaded
         windows = long_context_windows(tokenizer, stage, sequence_multiple(parallel.tp, parallel.cp,
                                                                            parallel.sequence_parallel))
-    _, teacher_model = load_model(teacher_source, parallel, dtype)
-    _, student = load_model(student_source, parallel, dtype, config=s_config, speed=stage.train.speed)
+    # vision-language sources load with encoder and projector: the teacher with its own, the student with the one
+    # it trains (the encoder frozen: requires_grad=False, so the optimizer holds no state for it)
+    _, teacher_model = load_source_model(teacher_source, parallel, dtype)
+    _, student = load_source_model(student_source, parallel, dtype, config=s_config, speed=stage.train.speed)
+    check_image_models(mix, teacher_model, student)
     teacher = Teacher(teacher_model)
     long_context = {}
     if windows is not None:

@@ -2,7 +2,9 @@
 student forward/backward through megatron's pipeline schedules with the fused forward-KL loss.
 
 A batch is ``(tokens, positions)`` or ``(tokens, positions, target_mask)``; the mask (a chat mix's assistant
-tokens) narrows the loss to those targets, which is all that separates SFT-KD from pretraining distillation.
+tokens) narrows the loss to those targets, which is all that separates SFT-KD from pretraining distillation. A mix
+with images adds each row's images last, ``(tokens, positions, text_target_mask, row_images)``: student and teacher
+get the micro-batch's images, and the mask keeps image tokens out of the KL.
 
 Normalisation: the gradient is the mean over every target token of the global batch, whatever the number of
 targets in each micro-batch, DP rank and CP rank (SFT masks make them unequal). Each micro-batch's loss function
@@ -41,8 +43,20 @@ def split_micro_batches(batch: tuple, train: TrainSettings) -> list[dict[str, to
     dp_rank = parallel_state.get_data_parallel_rank()
     mine = slice(dp_rank * rows_per_rank, (dp_rank + 1) * rows_per_rank)
     tokens, positions, *target_mask = batch
+    row_images = target_mask.pop() if target_mask and isinstance(target_mask[-1], list) else None
     parts = [t[mine].split(train.micro_batch_size) for t in (tokens, positions, *target_mask)]
-    return [local_batch(*rows) for rows in zip(*parts)]
+    micro = [local_batch(*rows) for rows in zip(*parts)]
+    if row_images is not None:  # a mix with images: each micro-batch's images, row by row
+        mine_images = row_images[mine]
+        for i, part in enumerate(micro):
+            rows = mine_images[i * train.micro_batch_size:(i + 1) * train.micro_batch_size]
+            part["images"] = [image for row in rows for image in row]
+    return micro
+
+
+def model_inputs(micro_batch: dict) -> dict:
+    """The model's keyword inputs besides tokens and positions: the micro-batch's images, when its mix has them."""
+    return {"images": micro_batch["images"]} if "images" in micro_batch else {}
 
 
 def use_per_token_loss(model: torch.nn.Module) -> None:
@@ -70,12 +84,13 @@ class DistillationStep:
         student = ddp.module
         require_per_token_loss(student, "target token")
         micro = split_micro_batches(batch, self.train)
-        teacher_out = self.teacher.run([(b["tokens"], b["positions"]) for b in micro])
+        teacher_out = self.teacher.run([(b["tokens"], b["positions"], model_inputs(b)) for b in micro])
         kl, sequence_parallel, group = self.kl, student.config.sequence_parallel, tp_group()
 
         def forward_step(data_iterator, chunk):
             index, micro_batch = next(data_iterator)
-            hidden = chunk(micro_batch["tokens"], micro_batch["positions"], return_hidden=True)
+            hidden = chunk(micro_batch["tokens"], micro_batch["positions"], return_hidden=True,
+                           **model_inputs(micro_batch))
 
             def loss_func(output):
                 labels = micro_batch["labels"].reshape(-1) if kl.ce_weight > 0 else None

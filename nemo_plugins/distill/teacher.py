@@ -26,15 +26,16 @@ class Teacher:
         self.sequence_parallel = model.config.sequence_parallel
 
     @torch.no_grad()
-    def run(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[FusedTeacher]:
+    def run(self, micro_batches: list[tuple]) -> list[FusedTeacher]:
         """One ``FusedTeacher`` per ``(tokens, positions)`` micro-batch (this rank's CP part, all of one shape) on
-        the last pipeline stage; an empty list elsewhere."""
+        the last pipeline stage; an empty list elsewhere. A third item is the model's other keyword inputs (a
+        vision-language teacher's ``images``)."""
         tokens = micro_batches[0][0]
         sequence_parallel = self.sequence_parallel
 
         def forward_step(data_iterator, chunk):
-            mb_tokens, mb_positions = next(data_iterator)
-            hidden = chunk(mb_tokens, mb_positions, return_hidden=True)
+            mb_tokens, mb_positions, *inputs = next(data_iterator)
+            hidden = chunk(mb_tokens, mb_positions, return_hidden=True, **(inputs[0] if inputs else {}))
 
             def keep_hidden(output):
                 return torch.zeros((), device=output.device), {"hidden": flatten_tokens(full_sequence(output, sequence_parallel))}

@@ -1,4 +1,8 @@
-"""One pruning stage (Algorithm 2) from a model source to artefacts: megatron checkpoint, HF dir, report."""
+"""One pruning stage (Algorithm 2) from a model source to artefacts: megatron checkpoint, HF dir, report.
+
+A vision-language parent (Mistral3) prunes its language model only: the child keeps the parent's frozen encoder bit
+for bit and gets a fresh projector sized for its hidden size (``vision.checkpoint.vision_child``); its checkpoint
+carries both and its HF export is a Mistral3 directory."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from nemo_plugins.prune.megatron_calibrator import megatron_calibrator, model_fr
 from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget, prune
 from nemo_plugins.prune.report import write_report
 from nemo_plugins.prune.shards import read_slice
+from nemo_plugins.vision.checkpoint import export_mistral3, source_vision, vision_child
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,9 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
     report["perplexity"] = {"parent": before.to_dict(), "child": after.to_dict(), "eval_paths": list(evaluation.paths)}
 
     out_dir = Path(out_dir)
+    vision = source_vision(parent)
+    if vision is not None:
+        child_model = vision_child(child_model, child.config, parent, parallel, dtype)
     # the stage owns these folders: a rerun after a kill (no manifest yet) replaces its own earlier outputs
     megatron_checkpoint.save_model(child_model, child.config, out_dir / MEGATRON_DIR, tokenizer_dir=tok_dir, overwrite=True)
     manifest = {**(manifest_extra or {}), "stage": "prune", "parent": str(parent),
@@ -90,7 +98,11 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
                 "parameters": {"parent": config.num_parameters(), "child": child.config.num_parameters()},
                 "perplexity": report["perplexity"], "checkpoint": str(out_dir / MEGATRON_DIR),
                 "wall_seconds": time.monotonic() - started}
-    export_hf(child_model, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir), overwrite=True)
+    if vision is not None:
+        export_mistral3(child_model, child.config, vision, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir),
+                        overwrite=True)
+    else:
+        export_hf(child_model, child.config, out_dir / HF_DIR, extra_files=tokenizer_files(tok_dir), overwrite=True)
     if dist.get_rank() == 0:
         write_report(report, out_dir)
         write_manifest(out_dir, manifest)

@@ -3,8 +3,11 @@
 In: an ``hf:`` Mistral3ForConditionalGeneration directory (or an earlier export that kept the vision part aside in
 ``multimodal.safetensors``) gives the text model through the usual per-rank slice loading and the encoder and
 projector whole (``hf_io.Multimodal.read``); a ``megatron:`` checkpoint written by ``save_megatron`` carries both in
-its dist-checkpointing shards (replicated tensors) and its ``vision_config.json``. A child takes the parent's encoder
-and a fresh projector (``fresh_projector=True``).
+its dist-checkpointing shards (replicated tensors) and its ``vision_config.json`` (written by the model itself, so
+training checkpoints carry it too). The image token ids come from the source's tokenizer and must agree with the
+config's ``image_token_index``. ``load_source_model`` is the one loader the stages call: a vision-language model
+when the source has a vision part, the text model otherwise. A pruned child (``vision_child``) takes its parent's
+encoder bit for bit and a fresh projector sized for its own hidden size.
 
 Out: ``export_mistral3`` writes the layout transformers releases and loads (``language_model.model.*``,
 ``language_model.lm_head.*``, ``vision_tower.*``, ``multi_modal_projector.*``) with a Mistral3 config.json. The text
@@ -19,31 +22,50 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.mapping import hf_layout, hf_shape
 from nemo_plugins.convert.model_io import export_dtype, iter_hf_tensors
-from nemo_plugins.convert.sources import HF_TENSOR_KINDS, KINDS, ModelSource, multimodal_part, source_config
+from nemo_plugins.convert.sources import (
+    HF_TENSOR_KINDS,
+    KINDS,
+    ModelSource,
+    load_model,
+    multimodal_part,
+    source_config,
+    tokenizer_dir,
+)
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import CheckpointError, ConfigError
 from nemo_plugins.manifest import read_json
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.fast_path import SpeedOptions
-from nemo_plugins.vision.config import VisionConfig
+from nemo_plugins.vision.config import VISION_CONFIG_NAME, VisionConfig, check_token_ids, token_ids
 from nemo_plugins.vision.model import ENCODER, PROJECTOR, MistralVisionLanguageModel, build_vision_language_model
 from nemo_plugins.vision.projector import build_projector
 
-VISION_CONFIG_NAME = "vision_config.json"
 TEXT_PREFIX = "language_model."  # a CausalLM name under it is the released Mistral3 name
 
 
 def source_vision(source: ModelSource) -> VisionConfig | None:
-    """The vision part a source declares, or None for a text-only model."""
+    """The vision part a source declares, or None for a text-only model; its image token ids are its tokenizer's."""
     if source.kind == "megatron":
         path = Path(source.location) / VISION_CONFIG_NAME
-        return VisionConfig(**read_json(path)) if path.is_file() else None
+        if not path.is_file():
+            return None
+        vision = VisionConfig(**read_json(path))  # its ids were read from the tokenizer when it was first loaded
+        if (Path(source.location) / megatron_checkpoint.TOKENIZER_DIR).is_dir():
+            check_token_ids(vision, token_ids(tokenizer_dir(source), str(source)), str(source))
+        return vision
     multimodal = multimodal_part(source)
-    return None if multimodal is None else VisionConfig.from_hf(multimodal.config)
+    if multimodal is None:
+        return None
+    ids = token_ids(tokenizer_dir(source), str(source))
+    vision = VisionConfig.from_hf(multimodal.config, image_break_token_id=ids["image_break_token_id"],
+                                  image_end_token_id=ids["image_end_token_id"])
+    check_token_ids(vision, ids, str(source))
+    return vision
 
 
 def _load_module(module: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str, where: str) -> None:
@@ -86,13 +108,15 @@ def reset_projector(model: MistralVisionLanguageModel, text: MistralConfig) -> N
 
 def load_vision_language_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
                                fresh_projector: bool = False, speed: SpeedOptions | None = None,
+                               config: MistralConfig | None = None,
                                ) -> tuple[MistralConfig, VisionConfig, MistralVisionLanguageModel]:
-    """Build this rank's chunk and fill text, encoder and (unless ``fresh_projector``) projector from ``source``."""
+    """Build this rank's chunk and fill text, encoder and (unless ``fresh_projector``) projector from ``source``;
+    ``config`` replaces the text config where a stage changes what does not touch weight shapes (``load_model``)."""
     vision = source_vision(source)
     if vision is None:
         raise ConfigError(f"model.source={source} has no vision part (not a Mistral3ForConditionalGeneration "
                           f"directory, nor a megatron checkpoint with {VISION_CONFIG_NAME})")
-    text = source_config(source)
+    text = config or source_config(source)
     model = build_vision_language_model(text, vision, parallel, dtype, speed)
     KINDS[source.kind].load_weights(model, source, text)  # megatron: the vision tensors are in the same shards
     if source.kind in HF_TENSOR_KINDS:
@@ -100,6 +124,44 @@ def load_vision_language_model(source: ModelSource, parallel: ParallelConfig, dt
     if fresh_projector:
         reset_projector(model, text)
     return text, vision, model
+
+
+def load_source_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
+                      config: MistralConfig | None = None,
+                      speed: SpeedOptions | None = None) -> tuple[MistralConfig, torch.nn.Module]:
+    """``load_model`` for every stage: with the encoder and the source's own projector when it has a vision part
+    (a text-only source gives exactly ``load_model``'s model)."""
+    if source_vision(source) is None:
+        return load_model(source, parallel, dtype, config=config, speed=speed)
+    text, _, model = load_vision_language_model(source, parallel, dtype, speed=speed, config=config)
+    return text, model
+
+
+def _load_encoder(model: MistralVisionLanguageModel, source: ModelSource) -> None:
+    """Only ``vision_tower.*`` of ``source`` into ``model`` (the projectors of parent and child differ in shape)."""
+    if not model.pre_process:
+        return
+    if source.kind in HF_TENSOR_KINDS:
+        load_vision_weights(model, multimodal_part(source).read(), str(source), with_projector=False)
+        return
+    prefix = f"{ENCODER}."
+    wanted = {k: v for k, v in model.sharded_state_dict().items() if k.startswith(prefix)}
+    weights = Path(source.location) / megatron_checkpoint.WEIGHTS_DIR
+    loaded = dist_checkpointing.load(wanted, str(weights))
+    _load_module(model.vision_tower, loaded, prefix, str(source))
+
+
+def vision_child(text_model: torch.nn.Module, text: MistralConfig, parent: ModelSource, parallel: ParallelConfig,
+                 dtype: torch.dtype = torch.float32) -> MistralVisionLanguageModel:
+    """The pruned language model ``text_model`` joined to ``parent``'s encoder (bit for bit) and a freshly
+    initialised, seeded projector from the encoder's hidden size to ``text``'s (the parent's is discarded)."""
+    model = build_vision_language_model(text, source_vision(parent), parallel, dtype)
+    missing, unexpected = model.load_state_dict(text_model.state_dict(), strict=False)
+    stray = [k for k in missing if not k.startswith(model.non_text_prefixes)] + list(unexpected)
+    if stray:
+        raise CheckpointError(f"the pruned text model does not fit its vision-language model: {stray[:5]}")
+    _load_encoder(model, parent)
+    return model.eval()
 
 
 def save_megatron(model: MistralVisionLanguageModel, text: MistralConfig, vision: VisionConfig, out_dir: str | Path,

@@ -3,18 +3,22 @@
 The encoder's own shape stays the Hugging Face ``vision_config`` mapping (it is handed to transformers'
 ``PixtralVisionConfig`` as is, so nothing of it can disagree with the released checkpoint); what the combined model
 needs besides it (image token ids, the patch merge, which encoder layer feeds the projector) is typed here and
-checked on construction. ``[IMG]`` = 10, ``[IMG_BREAK]`` = 12, ``[IMG_END]`` = 13 are Tekken's ids (mistral-common).
+checked on construction. The ids default to Tekken's (``[IMG]`` = 10, ``[IMG_BREAK]`` = 12, ``[IMG_END]`` = 13,
+mistral-common) only for configs built by hand; a checkpoint's ids are read from its tokenizer (``token_ids``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 
 MISTRAL3 = "Mistral3ForConditionalGeneration"
+VISION_CONFIG_NAME = "vision_config.json"  # beside a megatron checkpoint's config.json: the model is vision-language
+IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 REQUIRED_VISION_KEYS = ("hidden_size", "patch_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -87,3 +91,29 @@ class VisionConfig:
                 "image_break_token_id": self.image_break_token_id, "image_end_token_id": self.image_end_token_id,
                 "spatial_merge_size": self.spatial_merge_size, "vision_feature_layer": self.vision_feature_layer,
                 "projector_hidden_act": self.projector_hidden_act, "projector_bias": self.projector_bias}
+
+
+def token_ids(tokenizer_dir: str | Path, where: str) -> dict[str, int]:
+    """``image_token_id`` / ``image_break_token_id`` / ``image_end_token_id`` as the tokenizer in ``tokenizer_dir``
+    spells ``[IMG]`` / ``[IMG_BREAK]`` / ``[IMG_END]``: the ids text is tokenised with, never assumed."""
+    from nemo_plugins.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer_dir).get_vocab()
+    missing = [token for token in IMAGE_TOKENS if token not in vocab]
+    if missing:
+        raise ConfigError(f"{where}: the tokenizer in {tokenizer_dir} has no {missing} token(s); a vision-language "
+                          "model needs the tokenizer it was trained with (Tekken's image tokens)")
+    return dict(zip(("image_token_id", "image_break_token_id", "image_end_token_id"),
+                    (int(vocab[token]) for token in IMAGE_TOKENS)))
+
+
+def check_token_ids(vision: VisionConfig, tokenizer_ids: dict[str, int], where: str) -> None:
+    """The ids a config records must be the tokenizer's: features placed at another id would land on text."""
+    recorded = {"image_token_id": vision.image_token_id, "image_break_token_id": vision.image_break_token_id,
+                "image_end_token_id": vision.image_end_token_id}
+    wrong = [f"{key.replace('_id', '')}: config {recorded[key]} vs tokenizer {tokenizer_ids[key]} ({token})"
+             for key, token in zip(recorded, IMAGE_TOKENS) if recorded[key] != tokenizer_ids[key]]
+    if wrong:
+        raise ConfigError(f"{where}: image token ids disagree between the model config (image_token_index / "
+                          f"{VISION_CONFIG_NAME}) and its tokenizer: {'; '.join(wrong)}; use the tokenizer the "
+                          "checkpoint was released with")

@@ -29,18 +29,18 @@ from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.model.builder import MistralGPTModel, build_model
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.fast_path import SpeedOptions
-from nemo_plugins.vision.config import VisionConfig
+from nemo_plugins.vision.config import VISION_CONFIG_NAME, VisionConfig
 from nemo_plugins.vision.encoder import build_encoder, encode
 from nemo_plugins.vision.projector import build_projector, project
-from nemo_plugins.vision.tokens import check_image_count
+from nemo_plugins.vision.tokens import RowImage, check_image_count, row_features
 
 ENCODER = "vision_tower"
 PROJECTOR = "multi_modal_projector"
 
 
 class MistralVisionLanguageModel(MistralGPTModel):
-    """A MistralGPTModel whose ``forward`` also takes ``images``: ``[3, H, W]`` preprocessed pixel tensors of the
-    micro-batch, in the order their ``[IMG]`` runs appear row by row."""
+    """A MistralGPTModel whose ``forward`` also takes ``images``: ``[3, H, W]`` preprocessed pixel tensors (or
+    ``RowImage`` of packed rows) of the micro-batch, in the order their ``[IMG]`` runs appear row by row."""
 
     non_text_prefixes = (f"{ENCODER}.", f"{PROJECTOR}.")
 
@@ -50,6 +50,11 @@ class MistralVisionLanguageModel(MistralGPTModel):
         if self.pre_process:
             self.vision_tower = build_encoder(vision, self.config.params_dtype)
             self.multi_modal_projector = build_projector(vision, text, self.config.params_dtype)
+
+    def checkpoint_files(self) -> dict[str, dict]:
+        """JSON files every megatron checkpoint of this model carries (training ones included): the vision config
+        marks the checkpoint as vision-language, so every later stage loads it with its encoder and projector."""
+        return {VISION_CONFIG_NAME: self.vision.to_dict()}
 
     def train(self, mode: bool = True) -> "MistralVisionLanguageModel":
         """The encoder stays in eval mode whatever the model's mode: it is frozen."""
@@ -70,13 +75,16 @@ class MistralVisionLanguageModel(MistralGPTModel):
                                 "were given with it: every [IMG] needs its image")
         return super().forward(input_ids, position_ids, attention_mask, labels, return_hidden, **kwargs)
 
-    def image_features(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """``[image tokens, hidden]``: frozen encoder, then the projector (the only part with gradients)."""
-        features = encode(self.vision_tower, images, self.vision.vision_feature_layer)
-        return project(self.multi_modal_projector, features, [(p.shape[1], p.shape[2]) for p in images])
+    def image_features(self, images: list[torch.Tensor | RowImage]) -> torch.Tensor:
+        """``[image tokens, hidden]``: frozen encoder, then the projector (the only part with gradients); a
+        ``RowImage`` keeps only its features inside the row."""
+        pixels = [image.pixels if isinstance(image, RowImage) else image for image in images]
+        features = encode(self.vision_tower, pixels, self.vision.vision_feature_layer)
+        projected = project(self.multi_modal_projector, features, [(p.shape[1], p.shape[2]) for p in pixels])
+        return row_features(projected, images, self.vision)
 
     def embed_with_images(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                          images: list[torch.Tensor]) -> torch.Tensor:
+                          images: list[torch.Tensor | RowImage]) -> torch.Tensor:
         """Megatron's embedding output ``[s, b, h]`` (sequence-sharded under SP) with image features at ``[IMG]``."""
         if parallel_state.get_context_parallel_world_size() > 1:
             raise ConfigError("parallel.cp > 1 with images: context parallelism splits rows before image positions "

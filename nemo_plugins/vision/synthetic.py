@@ -3,11 +3,14 @@
 Each image is a coloured shape (circle / square / triangle in one of four colours) at a random position and size on a
 noisy grey background, with a black digit drawn on it; its caption is the generator's own ``(colour, shape, digit)``,
 so labels are exact. Splits are drawn from independent seeds: a held-out split shares no image with the training one.
+``write_interleaved`` saves a split as PNG files plus an interleaved image-text JSONL (``data/interleaved.py``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -53,3 +56,19 @@ def make_split(count: int, seed: int, size: int) -> list[Sample]:
         caption = tuple(str(words[int(rng.integers(len(words)))]) for words in FIELDS)
         samples.append(Sample(render(*caption, rng, size), caption))  # type: ignore[arg-type]
     return samples
+
+
+def write_interleaved(out_dir: str | Path, count: int, seed: int, size: int) -> Path:
+    """``count`` generated images as PNGs under ``out_dir/images`` and ``out_dir/captions.jsonl``, one document per
+    image: a sentence, the image, its caption and a sentence after it (text follows the image, as in web data)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with open(out / "captions.jsonl", "w", encoding="utf-8") as jsonl:
+        for i, sample in enumerate(make_split(count, seed, size)):
+            name = f"images/{i:05d}.png"
+            sample.image.save(out / name)
+            colour, shape, digit = sample.caption
+            parts = [{"text": "Here is a picture."}, {"image": name},
+                     {"text": f" It shows a {colour} {shape} with the digit {digit} on it."}]
+            jsonl.write(json.dumps({"parts": parts}) + "\n")
+    return out / "captions.jsonl"

@@ -7,6 +7,8 @@ that tell the model where rows and images end. Losses never target any of the th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from nemo_plugins.errors import DataError
@@ -51,3 +53,25 @@ def check_image_count(tokens: torch.Tensor, features: int, vision: VisionConfig,
     if found != features:
         raise DataError(f"{where}: {found} [IMG] token(s) (id {vision.image_token_id}) in the text but the images "
                         f"give {features} image token(s): every [IMG] needs its image and every image its tokens")
+
+
+@dataclass(frozen=True)
+class RowImage:
+    """An image as a packed row holds it: all its pixels (the encoder sees the whole image) and the ``count`` of its
+    ``[IMG]`` features from ``first`` on that fall inside the row (a row may cut an image's layout at either end)."""
+
+    pixels: torch.Tensor
+    first: int
+    count: int
+
+
+def row_features(features: torch.Tensor, images: list[torch.Tensor | RowImage], vision: VisionConfig) -> torch.Tensor:
+    """The projected features ``[image tokens, h]`` of whole images, narrowed to what each ``RowImage`` keeps."""
+    kept, start = [], 0
+    for image in images:
+        pixels = image.pixels if isinstance(image, RowImage) else image
+        total = (pixels.shape[1] // vision.token_pixels) * (pixels.shape[2] // vision.token_pixels)
+        first, count = (image.first, image.count) if isinstance(image, RowImage) else (0, total)
+        kept.append(features[start + first: start + first + count])
+        start += total
+    return torch.cat(kept)
