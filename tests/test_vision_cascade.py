@@ -1,0 +1,152 @@
+"""The cascade on a tiny multimodal parent: a random Mistral3ForConditionalGeneration built and saved by transformers
+(with a tokenizer carrying the image tokens), pruned into two children that keep its encoder bit for bit and get
+fresh projectors, distilled through the one megatron training loop, exported as Mistral3 directories that
+transformers loads and runs on an image + text prompt with our logits."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from nemo_plugins.cascade.runner import CascadeInputs, run_cascade
+from nemo_plugins.convert.sources import ModelSource, hf_dir
+from nemo_plugins.data.interleaved import ImageInputs
+from nemo_plugins.data.mix import SourceSpec, build_mix, source_specs
+from nemo_plugins.data.tokenizer import load_tokenizer
+from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.errors import typed
+from nemo_plugins.model.config import MistralConfig
+from nemo_plugins.prune.pipeline import PruneOptions
+from nemo_plugins.prune.stage import CalibrationData, PruneEval
+from nemo_plugins.vision.checkpoint import load_vision_language_model, source_vision
+from nemo_plugins.vision.config import IMAGE_TOKENS
+from nemo_plugins.vision.images import ImageProcessing
+from nemo_plugins.vision.projector import build_projector
+from nemo_plugins.vision.synthetic import write_interleaved
+from recipes._entry import CONF_DIR
+from recipes.cascade import build_plan
+from tests.conftest import tiny_config
+from tests.test_mistral3_source import VISION
+from tests.test_vision import TOKEN_PIXELS, our_logits, transformers_logits
+
+SMOLLM2_VOCAB = 49_152
+CHILDREN = {"a": (3, 40, 80), "b": (2, 32, 64)}
+BASE = [
+    "model.architecture=null", "posttrain=false",
+    "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0}]",
+    "cascade.children=[" + ",".join(f"{{name: {n}, num_layers: {l}, hidden_size: {h}, ffn_hidden_size: {f}, "
+                                     "tie_embeddings: true}" for n, (l, h, f) in CHILDREN.items()) + "]",
+    "stage.prune.calibration.tokens=256", "stage.prune.calibration.seq_len=64",
+    "stage.prune.eval.seq_len=64", "stage.prune.eval.max_windows=2",
+    "stage.distill_short.train.seq_len=64", "stage.distill_short.train.train_tokens=512",
+    "stage.distill_short.optimizer.lr=3e-3",
+    "stage.distill_long.train.seq_len=128", "stage.distill_long.train.train_tokens=256",
+    "stage.distill_long.context.original_context=64", "stage.distill_long.context.yarn_factor=2.0",
+    "stage.distill_long.long_eval.passkey_lengths=[64,128]", "stage.distill_long.long_eval.paths=['stdlib:json']",
+    "report.sample_tokens=4",
+]
+
+
+def mistral3_parent(path: Path, text: MistralConfig) -> Path:
+    """A random Mistral3 directory saved by transformers, with SmolLM2's tokenizer plus the three image tokens
+    (ids 49152..49154: the config's image_token_index is the tokenizer's [IMG])."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir(ModelSource.parse("embedded:smollm2"))))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
+    text_config = {k: v for k, v in text.to_hf().items() if k not in ("architectures", "torch_dtype")}
+    config = transformers.Mistral3Config(text_config=text_config, vision_config=dict(VISION),
+                                         tie_word_embeddings=text.tie_embeddings,
+                                         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+    torch.manual_seed(0)
+    model = transformers.Mistral3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def cascade_inputs(cfg, captions: Path) -> tuple:
+    """The recipe's inputs, with the text source and an interleaved source of generated captioned images."""
+    plan = build_plan(cfg)
+    parent = ModelSource.parse(cfg.model.source)
+    tok_dir = hf_dir(parent)
+    tokenizer = load_tokenizer(tok_dir)
+    stage = cfg.stage.prune
+    vision = source_vision(parent)
+    sources = [*source_specs(cfg.data.sources), SourceSpec("captions", [str(captions)], 1.0, "interleaved")]
+    mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction,
+                    images=ImageInputs(vision, ImageProcessing(vision.token_pixels)))
+    inputs = CascadeInputs(parent=parent, mix=mix, tokenizer=tokenizer, tokenizer_dir=tok_dir,
+                           prune_options=typed(PruneOptions, stage.options, "stage.prune.options"),
+                           calibration=typed(CalibrationData, stage.calibration, "stage.prune.calibration"),
+                           prune_eval=typed(PruneEval, stage.eval, "stage.prune.eval"), out_dir=Path(cfg.output_dir),
+                           dtype=torch.float32, sample_prompt=cfg.report.sample_prompt,
+                           sample_tokens=cfg.report.sample_tokens, seed=plan.short.train.seed,
+                           resolved_config=OmegaConf.to_yaml(cfg, resolve=True))
+    return inputs, plan
+
+
+def compose_tiny(parent: Path, out_dir: Path, *extra: str):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("cascade", overrides=[*BASE, f"model.source=hf:{parent}", f"output_dir={out_dir}",
+                                             f"data.cache_dir={out_dir / 'cache'}", *extra])
+
+
+def image_prompt(vision):
+    """An image of 2 x 1 tokens between text ids (clear of the image ids)."""
+    from nemo_plugins.vision.tokens import interleave
+
+    pixels = torch.randn(3, 2 * TOKEN_PIXELS, TOKEN_PIXELS, generator=torch.Generator().manual_seed(3))
+    ids, images = interleave([[1, 200, 201], pixels, [300, 301, 302]], vision)
+    return torch.tensor([ids]), images
+
+
+@pytest.fixture(scope="module")
+def multimodal_parent(tmp_path_factory):
+    text = tiny_config(vocab_size=SMOLLM2_VOCAB + 8, tie_embeddings=True, num_layers=4)
+    return mistral3_parent(tmp_path_factory.mktemp("m3parent") / "hf", text)
+
+
+@pytest.mark.slow
+def test_tiny_multimodal_cascade_keeps_the_encoder_and_trains_a_projector_per_child(multimodal_parent, tmp_path):
+    cfg = compose_tiny(multimodal_parent, tmp_path / "run")
+    inputs, plan = cascade_inputs(cfg, write_interleaved(tmp_path / "captions", 64, seed=0, size=2 * TOKEN_PIXELS))
+    results = run_cascade(inputs, plan)
+    parent_tensors = load_file(str(multimodal_parent / "model.safetensors"))
+    encoder = {k: v for k, v in parent_tensors.items() if k.startswith("vision_tower.")}
+    parent_source = ModelSource.parse(f"hf:{multimodal_parent}")
+    vision = source_vision(parent_source)
+    assert vision.image_token_id == SMOLLM2_VOCAB and vision.image_end_token_id == SMOLLM2_VOCAB + 2
+    for name, (_, hidden, _) in CHILDREN.items():
+        done = results[name]
+        # prune: the child's checkpoint is vision-language, its projector the fresh seeded one for its hidden size
+        pruned = ModelSource("megatron", done["prune"]["checkpoint"])
+        child_text, _, pruned_model = load_vision_language_model(pruned, ParallelConfig())
+        fresh = build_projector(vision, child_text)
+        assert all(torch.equal(t, fresh.state_dict()[n])
+                   for n, t in pruned_model.multi_modal_projector.state_dict().items())
+        assert pruned_model.multi_modal_projector.linear_1.in_features == VISION["hidden_size"]
+        assert pruned_model.multi_modal_projector.linear_2.out_features == hidden
+        # distillation read image rows and moved the projector (its gradients come from them), never the encoder
+        assert done["distill_short"]["cursor_end"]["rows"]["captions"] > 0
+        short = ModelSource("megatron", done["distill_short"]["checkpoint"])
+        _, _, trained = load_vision_language_model(short, ParallelConfig())
+        assert not torch.equal(trained.multi_modal_projector.linear_1.weight,
+                               pruned_model.multi_modal_projector.linear_1.weight)
+        assert all(torch.equal(t, encoder[f"vision_tower.{n}"]) for n, t in trained.vision_tower.state_dict().items())
+        # export: a Mistral3 directory with the parent's encoder bit for bit and the child's own projector
+        exported_dir = Path(done["export"]["hf_dir"])
+        exported = load_file(str(exported_dir / "model.safetensors"))
+        assert all(torch.equal(exported[k], t) for k, t in encoder.items())
+        assert exported["multi_modal_projector.linear_2.weight"].shape[0] == hidden
+        reference = transformers.Mistral3ForConditionalGeneration.from_pretrained(exported_dir, dtype=torch.float32)
+        reference.eval()
+        _, child_vision, ours = load_vision_language_model(ModelSource.parse(f"hf:{exported_dir}"), ParallelConfig())
+        tokens, images = image_prompt(child_vision)
+        torch.testing.assert_close(our_logits(ours, tokens, images), transformers_logits(reference, tokens, images),
+                                   atol=1e-4, rtol=0)
