@@ -5,10 +5,11 @@ and one change at a time: random / drop-last layers, magnitude channel slicing i
 token-normalised) PCA statistics, random FFN channels, one calibration pass, and for the tied child the
 ways of forming the single embedding matrix (the default keeps the output matrix) where the parent is untied (a
 tied parent has one matrix: every way gives it back). Each child is pruned straight from the parent to the shape
-``conf/cascade/demo.yaml`` gives it (the cascade prunes each from the one before; this table compares methods).
+``conf/cascade/demo.yaml`` gives it (the cascade prunes each from the one before; this table compares methods),
+with the demo's calibration tokens and held-out windows unless told otherwise.
 Variants that reach the same model before a calibration pass share that pass (``shared_passes``): the table is
 the same as with one calibrator per variant, from 12 calibration passes per child instead of 19.
-    python bench/prune_ablation.py [--calibration-tokens 8192] [--eval-windows 8] > table.md
+    python bench/prune_ablation.py [--calibration-tokens 4096] [--eval-windows 4] > table.md
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def shared_passes(calibrate: Calibrator, cache: dict[tuple, CalibrationStats], k
 
 
 def main() -> None:
+    demo = OmegaConf.load(ROOT / "conf/cascade/demo.yaml")
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--calibration-tokens", type=int, default=demo.stage.prune.calibration.tokens)
+    parser.add_argument("--eval-windows", type=int, default=demo.stage.prune.eval.max_windows)
     parser.add_argument("--children", nargs="*", help="only these demo children (default: all)")
     parser.add_argument("--variants", nargs="*", help="only these rows (default: all)")
     args = parser.parse_args()
@@ -82,8 +84,7 @@ def main() -> None:
     parallel = ParallelConfig()
     initialize(parallel)
     stage = OmegaConf.load(ROOT / "conf/stage/prune.yaml")
-    children = [c for c in OmegaConf.load(ROOT / "conf/cascade/demo.yaml").cascade.children
-                if not args.children or c.name in args.children]
+    children = [c for c in demo.cascade.children if not args.children or c.name in args.children]
     source = ModelSource.parse("embedded:smollm2")
     config, tensors = read_model_state(source, parallel)
     parent = ModelState(config, tensors)
