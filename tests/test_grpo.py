@@ -17,7 +17,7 @@ from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat_prompts import ChatPrompts
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError, DataError, typed
 from nemo_plugins.rl.grpo import (
     STEP_METRICS,
     FilteredPrompts,
@@ -60,8 +60,14 @@ class SortingReward(ShortReward):
 
 
 class ConstantReward:
+    value = 0.5
+
     def __call__(self, items):
-        return [0.5] * len(items)
+        return [self.value] * len(items)
+
+
+class NothingSolved(ConstantReward):
+    value = 0.0
 
 
 def _stage(steps: int, **changes) -> GRPOStage:
@@ -161,6 +167,19 @@ def test_zero_advantage_groups_are_dropped_and_counted_and_nothing_moves(root, c
     _, after = load_model(ModelSource.parse(f"megatron:{manifest['checkpoint']}"), ParallelConfig())
     for (name, a), b in zip(before.named_parameters(), after.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_problem_filtering_stops_when_the_policy_solves_none_of_what_the_stage_needs(root, chat, tmp_path):
+    """Screening as many problems as the stage trains on without keeping one is an error naming the counts, not
+    a pass over the whole mix."""
+    chat_format, mix = chat
+    source = ModelSource.parse(f"megatron:{root / 'policy'}")
+    tok = tokenizer_dir(source)
+    stage = _stage(1, train={"seq_len": 400, "micro_batch_size": 1, "global_batch_size": 4, "train_tokens": 400 * 4,
+                             "seed": 3}, sampling={"group_size": 2, "max_new_tokens": 4}, problem_filter={"samples": 2})
+    with pytest.raises(DataError, match=r"kept none of the first 4 problems \(0 always solved, 4 never solved in 2"):
+        run_grpo_stage(stage, source, source, {"rewards": "none"}, NothingSolved, mix, chat_format, tok, tok, Cursor(),
+                       tmp_path / "grpo", ParallelConfig())
 
 
 def test_rows_align_the_engines_log_probs_with_the_trainers_targets(root, chat):

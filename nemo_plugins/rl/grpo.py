@@ -20,7 +20,10 @@ would need the loop to step the optimizer more than once per step: left out.
 
 Problem filtering (``problem_filter.samples`` = k > 0): before training, the starting policy answers each
 upcoming training problem k times; problems it always solves (every reward >= ``solved_at``) or never solves
-(every reward 0) are dropped, counted in the manifest, and skipped by the training stream. Enough problems are
+(every reward 0) are dropped, counted in the manifest, and skipped by the training stream. Screening as many
+problems as the stage needs without keeping one stops with a DataError: the data gives that policy no signal, and
+screening on would sample k answers to every problem of the mix (what kept a bench run of the parent on problems
+it never solves "generating" for tens of minutes before its first step). Enough problems are
 screened for the stage's steps; the result is saved in the stage's folder (``problem_filter.json``) and read
 back by a resumed run.
 
@@ -414,6 +417,12 @@ def screen_problems(policy: torch.nn.Module, rewards: Rewards, chat_format: Chat
         logger.info("problem filter: %d screened, %d kept (%d needed), %d always solved, %d never solved, %d without "
                     "room", counts["screened"], counts["kept"], needed, counts["always_solved"], counts["never_solved"],
                     counts["no_room"])
+        if counts["kept"] == 0 and counts["screened"] >= needed:
+            raise DataError(f"problem filtering kept none of the first {counts['screened']:.0f} problems "
+                            f"({counts['always_solved']:.0f} always solved, {counts['never_solved']:.0f} never solved in "
+                            f"{stage.problem_filter.samples} answers each): the policy gets no signal from this data, and "
+                            "screening on would read the whole mix; choose problems it sometimes solves, or turn "
+                            "problem_filter.samples off")
     counts["dropped"] = sorted(dropped)
     return counts
 
