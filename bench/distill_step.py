@@ -7,7 +7,7 @@ directory so transformers loads exactly the same weights. The plain loop is what
 forward (no grad), student forward, full-vocabulary ``log_softmax`` KL (forward, mean per token), backward,
 ``torch.optim.AdamW``. Rows are whole documents (plain causal attention on both sides). Repetitions of the two
 sides alternate, so a machine shared with other work slows both alike; the medians are reported.
-    PYTHONPATH=. python bench/distill_step.py [--seq-len 512] [--batch 2] [--repeats 5]
+    PYTHONPATH=. python bench/distill_step.py [--seq-len 512] [--batch 2] [--repeats 5] [--clock wall]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from bench.forward_throughput import alternate
+from bench.forward_throughput import CLOCKS, alternate
 from nemo_plugins.convert.model_io import export_hf
 from nemo_plugins.convert.sources import ModelSource, hf_dir, load_model
 from nemo_plugins.distill.kl_loss import KLOptions
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
     args = parser.parse_args()
     setup_logging()
     parallel = ParallelConfig()
@@ -88,15 +89,16 @@ def main() -> None:
         return loss
 
     steps = alternate({"ours": our_step,
-                       "plain": lambda: plain_kd_step(hf_teacher, hf_student, plain_optimizer, tokens)}, args.repeats)
+                       "plain": lambda: plain_kd_step(hf_teacher, hf_student, plain_optimizer, tokens)}, args.repeats,
+                      CLOCKS[args.clock])
     ddp.eval()
     with torch.no_grad():
         forwards = alternate({"ours": lambda: teacher(tokens, positions), "plain": lambda: hf_teacher(tokens).logits},
-                             args.repeats)
+                             args.repeats, CLOCKS[args.clock])
     n = tokens.numel()
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {where}, fp32, batch {args.batch} x {args.seq_len} tokens, medians of {args.repeats} alternated "
-          f"repetitions; student {student_config.num_layers}L/{student_config.hidden_size}h/"
+          f"repetitions ({args.clock} clock); student {student_config.num_layers}L/{student_config.hidden_size}h/"
           f"{student_config.ffn_hidden_size}f tied, teacher SmolLM2-135M")
     print("| measurement | ours (megatron-core) tokens/s | transformers + PyTorch tokens/s | ratio ours / theirs |")
     print("|---|---:|---:|---:|")
