@@ -144,11 +144,12 @@ def prepare_stage(name: str, train: TrainSettings, optimizer: OptimizerSettings,
 def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: ModelSource, mix: DataMix, tokenizer,
               tokenizer_dir: Path, cursor: Cursor, out_dir: Path, parallel: ParallelConfig,
               manifest_extra: dict | None = None, resume_with_changes: bool = False,
-              before_work: Callable[[], None] | None = None) -> dict:
+              before_work: Callable[[], None] | None = None, heldout_cache: Path | None = None) -> dict:
     """Train ``student_source`` against ``teacher_source`` from ``cursor``; returns the stage's manifest.
 
     The student's newest checkpoint (``manifest["checkpoint"]``) is the stage's output model. ``before_work`` runs
     once the checks have passed, before anything is loaded or written (the cascade records its config there).
+    ``heldout_cache``: a directory the run's stages share for the teacher's held-out pass (``distill/heldout.py``).
     """
     started = time.monotonic()
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
@@ -173,7 +174,7 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     if windows is not None:
         long_context["before"] = long_context_eval(student, tokenizer, stage, windows)
     result = train_with_distillation(student, s_config, teacher, mix, stage.train, stage.optimizer, stage.kl, out_dir,
-                                     cursor, tokenizer_dir, stage.name, facts)
+                                     cursor, tokenizer_dir, stage.name, facts, str(teacher_source), heldout_cache)
     if windows is not None:
         long_context["after"] = long_context_eval(student, tokenizer, stage, windows)
     if dist.get_rank() == 0 and long_context:

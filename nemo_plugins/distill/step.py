@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_plugins.data.batches import local_batch
 from nemo_plugins.data.mix import Cursor
-from nemo_plugins.distill.heldout import evaluate_heldout
+from nemo_plugins.distill.heldout import TeacherHeldout, evaluate_heldout, heldout_set
 from nemo_plugins.distill.kl_loss import KLOptions, fused_kl_loss
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.model.config import MistralConfig
@@ -118,16 +118,18 @@ class DistillationStep:
 def train_with_distillation(student: torch.nn.Module, student_config: MistralConfig, teacher: Teacher, data: DataStream,
                             train: TrainSettings, optimizer: OptimizerSettings, kl: KLOptions, out_dir: Path,
                             cursor: Cursor, tokenizer_dir: Path | None = None, name: str = "distill",
-                            facts: RunFacts | None = None) -> dict:
+                            facts: RunFacts | None = None, teacher_identity: str = "",
+                            heldout_cache: Path | None = None) -> dict:
     """The training loop with the distillation step, evaluated on ``data``'s held-out rows (KL and both
-    perplexities; assistant tokens only when the data is a chat mix). ``facts``: the stage's fingerprint (see
-    ``train/facts.py``). Returns the loop's result."""
-    heldout = data.heldout_rows(train.seq_len, train.eval_rows_per_source)
-    tokens, positions, *target_mask = heldout
+    perplexities, pooled and per source; assistant tokens only when the data is a chat mix). ``facts``: the stage's
+    fingerprint (see ``train/facts.py``). The teacher's held-out pass runs once per stage, or once per run when
+    ``heldout_cache`` (a directory shared by the run's stages) is given; ``teacher_identity`` (its model source)
+    is part of that cache's key. Returns the loop's result."""
+    heldout = heldout_set(data, train.seq_len, train.eval_rows_per_source)
+    teacher_heldout = TeacherHeldout(teacher, teacher_identity, heldout_cache)
 
     def evaluate() -> dict:
-        return evaluate_heldout(student, teacher, tokens, positions, train.micro_batch_size, kl.chunk_tokens,
-                                target_mask[0] if target_mask else None)
+        return evaluate_heldout(student, teacher_heldout, heldout, train.micro_batch_size, kl.chunk_tokens)
 
     use_per_token_loss(student)
     run = TrainingRun(student, student_config, train, optimizer, Path(out_dir), tokenizer_dir, name, facts or RunFacts())
