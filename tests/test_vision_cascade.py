@@ -14,19 +14,16 @@ from safetensors.torch import load_file
 
 from nemo_plugins.cascade.runner import CascadeInputs, run_cascade
 from nemo_plugins.convert.sources import ModelSource, hf_dir
-from nemo_plugins.data.interleaved import ImageInputs
-from nemo_plugins.data.mix import SourceSpec, build_mix, source_specs
+from nemo_plugins.data.mix import build_mix, source_specs
 from nemo_plugins.data.tokenizer import load_tokenizer
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import typed
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval
-from nemo_plugins.vision.checkpoint import load_vision_language_model, source_vision
+from nemo_plugins.vision.checkpoint import image_inputs, load_vision_language_model, source_vision
 from nemo_plugins.vision.config import IMAGE_TOKENS
-from nemo_plugins.vision.images import ImageProcessing
 from nemo_plugins.vision.projector import build_projector
-from nemo_plugins.vision.synthetic import write_interleaved
 from recipes._entry import CONF_DIR
 from recipes.cascade import build_plan
 from tests.conftest import tiny_config
@@ -37,7 +34,8 @@ SMOLLM2_VOCAB = 49_152
 CHILDREN = {"a": (3, 40, 80), "b": (2, 32, 64)}
 BASE = [
     "model.architecture=null", "posttrain=false",
-    "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0}]",
+    "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0},"
+    "{name: captions, kind: interleaved, paths: ['builtin:captions?count=64&seed=0&size=56'], weight: 1.0}]",
     "cascade.children=[" + ",".join(f"{{name: {n}, num_layers: {l}, hidden_size: {h}, ffn_hidden_size: {f}, "
                                      "tie_embeddings: true}" for n, (l, h, f) in CHILDREN.items()) + "]",
     "stage.prune.calibration.tokens=256", "stage.prune.calibration.seq_len=64",
@@ -70,17 +68,15 @@ def mistral3_parent(path: Path, text: MistralConfig) -> Path:
     return path
 
 
-def cascade_inputs(cfg, captions: Path) -> tuple:
-    """The recipe's inputs, with the text source and an interleaved source of generated captioned images."""
+def cascade_inputs(cfg) -> tuple:
+    """The recipe's inputs (``recipes/cascade.py``), the mix built with the parent's image settings."""
     plan = build_plan(cfg)
     parent = ModelSource.parse(cfg.model.source)
     tok_dir = hf_dir(parent)
     tokenizer = load_tokenizer(tok_dir)
     stage = cfg.stage.prune
-    vision = source_vision(parent)
-    sources = [*source_specs(cfg.data.sources), SourceSpec("captions", [str(captions)], 1.0, "interleaved")]
-    mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction,
-                    images=ImageInputs(vision, ImageProcessing(vision.token_pixels)))
+    mix = build_mix(tokenizer, source_specs(cfg.data.sources), cfg.data.cache_dir, cfg.data.heldout_fraction,
+                    images=image_inputs(parent))
     inputs = CascadeInputs(parent=parent, mix=mix, tokenizer=tokenizer, tokenizer_dir=tok_dir,
                            prune_options=typed(PruneOptions, stage.options, "stage.prune.options"),
                            calibration=typed(CalibrationData, stage.calibration, "stage.prune.calibration"),
@@ -115,7 +111,8 @@ def multimodal_parent(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_multimodal_cascade_keeps_the_encoder_and_trains_a_projector_per_child(multimodal_parent, tmp_path):
     cfg = compose_tiny(multimodal_parent, tmp_path / "run")
-    inputs, plan = cascade_inputs(cfg, write_interleaved(tmp_path / "captions", 64, seed=0, size=2 * TOKEN_PIXELS))
+    assert 56 == 2 * TOKEN_PIXELS  # the generated images are 2 x 2 image tokens
+    inputs, plan = cascade_inputs(cfg)
     results = run_cascade(inputs, plan)
     parent_tensors = load_file(str(multimodal_parent / "model.safetensors"))
     encoder = {k: v for k, v in parent_tensors.items() if k.startswith("vision_tower.")}

@@ -1,7 +1,9 @@
 """Interleaved image-text documents as a source of the single-pass mix (``kind: interleaved``).
 
 Format: a ``.jsonl`` file, one document per line, ``{"parts": [{"text": "..."}, {"image": "pics/0.png"}, ...]}``;
-image paths are relative to the JSONL file (or absolute). Parts keep their order: each image becomes its
+image paths are relative to the JSONL file (or absolute); ``builtin:captions?count=N&seed=S&size=P`` is a generated
+set (``vision/synthetic.py``: shapes, colours, digits drawn with Pillow, captions from the generator), written once
+under the cache directory. Parts keep their order: each image becomes its
 ``[IMG]``/``[IMG_BREAK]``/``[IMG_END]`` layout (``vision/tokens.py``) at its place between the text tokens, so the
 text after an image follows it as in the document.
 
@@ -46,6 +48,7 @@ from nemo_plugins.vision.images import ImageProcessing, open_image, preprocess
 from nemo_plugins.vision.tokens import RowImage, image_token_mask, image_tokens
 
 IMAGES_SUFFIX = ".images.json"
+BUILTIN_CAPTIONS = "builtin:captions"
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,26 @@ class ImageIndex:
         return found
 
 
+def materialize_captions(raw: str, cache_dir: str | Path) -> str:
+    """``builtin:captions?count=N&seed=S&size=P`` written once as PNGs + JSONL under ``cache_dir``; its JSONL path."""
+    from urllib.parse import parse_qsl
+
+    from nemo_plugins.vision.synthetic import write_interleaved
+
+    options = {"count": 256, "seed": 0, "size": 64}
+    for key, value in parse_qsl(raw.removeprefix(BUILTIN_CAPTIONS).removeprefix("?")):
+        if key not in options or not value.isdigit() or int(value) < (key != "seed"):
+            raise ConfigError(f"{raw}: options are count, size (positive integers) and seed (>= 0), got "
+                              f"{key}={value!r}")
+        options[key] = int(value)
+    out = Path(cache_dir) / "builtin" / "captions-{count}-{seed}-{size}".format(**options)
+    if not (out / "captions.jsonl").is_file():
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        write_interleaved(partial, **options)
+        os.replace(partial, out)
+    return str(out / "captions.jsonl")
+
+
 def interleaved_file(tokenizer, paths: list[str], cache_dir: str | Path, name: str, images: ImageInputs | None,
                      prebuilt_by: str | None = None) -> tuple[TokenFile, ImageIndex]:
     """The cached token file and image index of an interleaved source (built once by rank 0, like text sources)."""
@@ -176,8 +199,9 @@ def interleaved_file(tokenizer, paths: list[str], cache_dir: str | Path, name: s
                           "Mistral3 (vision-language) parent, or drop the source")
 
     def locate():
-        prefix, key = store_prefix(tokenizer, paths, cache_dir, f"{name}-{images.key()}")
-        return prefix, lambda: build_interleaved_file(tokenizer, paths, prefix, key, images)
+        files = [materialize_captions(p, cache_dir) if p.startswith(BUILTIN_CAPTIONS) else p for p in paths]
+        prefix, key = store_prefix(tokenizer, files, cache_dir, f"{name}-{images.key()}")
+        return prefix, lambda: build_interleaved_file(tokenizer, files, prefix, key, images)
 
     file = TokenFile(built_once(locate, f"interleaved token file of source {name!r}", prebuilt_by))
     return file, ImageIndex(file, images)

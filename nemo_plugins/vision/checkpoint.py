@@ -36,12 +36,14 @@ from nemo_plugins.convert.sources import (
     source_config,
     tokenizer_dir,
 )
+from nemo_plugins.data.interleaved import ImageInputs
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import CheckpointError, ConfigError
 from nemo_plugins.manifest import read_json
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.fast_path import SpeedOptions
 from nemo_plugins.vision.config import VISION_CONFIG_NAME, VisionConfig, check_token_ids, token_ids
+from nemo_plugins.vision.images import ImageProcessing
 from nemo_plugins.vision.model import ENCODER, PROJECTOR, MistralVisionLanguageModel, build_vision_language_model
 from nemo_plugins.vision.projector import build_projector
 
@@ -104,6 +106,19 @@ def reset_projector(model: MistralVisionLanguageModel, text: MistralConfig) -> N
     if model.pre_process:
         fresh = build_projector(model.vision, text, model.config.params_dtype)
         model.multi_modal_projector.load_state_dict(fresh.state_dict())
+
+
+def image_inputs(source: ModelSource, max_input_side: int | None = None) -> ImageInputs | None:
+    """What interleaved data sources need from the model (``data.interleaved``): its vision config and its
+    processor settings (an HF directory's preprocessor config, else Pixtral's defaults); None for a text model."""
+    vision = source_vision(source)
+    if vision is None:
+        return None
+    changes = {} if max_input_side is None else {"max_input_side": max_input_side}
+    model_dir = Path(source.location) if source.kind == "hf" else None
+    processing = (ImageProcessing.from_model_dir(model_dir, vision.token_pixels, **changes) if model_dir is not None
+                  else ImageProcessing(vision.token_pixels, **changes))
+    return ImageInputs(vision, processing)
 
 
 def load_vision_language_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
