@@ -1,6 +1,7 @@
 """Held-out evaluation per source equals a naive per-source recomputation, pooled figures stay the pooled ones, and
 the teacher's held-out pass is computed once: cached in memory and on disk, recomputed for another teacher or rows."""
 
+import json
 import math
 
 import numpy as np
@@ -103,3 +104,27 @@ def test_teacher_pass_is_cached_on_disk_for_the_next_child_and_recomputed_for_a_
     after = evaluate_heldout(student, changed, heldout, 2)
     assert changed.computed == 1 and after["teacher_ppl"] != before["teacher_ppl"]
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_report_has_a_row_per_child_and_source_and_the_parent_per_source(tmp_path):
+    from nemo_plugins.cascade.report import _per_source_section
+
+    def evals(stage_dir, records):
+        stage_dir.mkdir(parents=True)
+        (stage_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "kind": "eval", **r}) + "\n"
+                                                         for i, r in enumerate(records)))
+
+    def record(code_ppl, prose_ppl, kl):
+        return {"kl": kl, "student_ppl": 1.0, "teacher_ppl": 1.0, "tokens": 20,
+                **{f"{s}/{k}": v for s, ppl, t in (("code", code_ppl, 4.0), ("prose", prose_ppl, 9.0))
+                   for k, v in (("student_ppl", ppl), ("teacher_ppl", t), ("kl", kl), ("tokens", 10))}}
+
+    evals(tmp_path / "a" / "distill_short", [record(300.0, 500.0, 3.0), record(30.0, 60.0, 1.5)])
+    evals(tmp_path / "a" / "distill_long", [record(29.0, 59.0, 1.4), record(25.0, 55.0, 1.2)])
+    evals(tmp_path / "b" / "distill_short", [{"kl": 1.0, "student_ppl": 2.0, "teacher_ppl": 1.0, "tokens": 20}] * 2)
+    lines = _per_source_section({"a": {"distill_short": {}, "distill_long": {}}, "b": {"distill_short": {}}}, tmp_path)
+    assert "| a | code | 10 | 300.00 | 30.00 | 3.000 -> 1.500 | 25.00 |" in lines
+    assert "| a | prose | 10 | 500.00 | 60.00 | 3.000 -> 1.500 | 55.00 |" in lines
+    assert "| parent (teacher) | prose | | 9.00 | 9.00 | | 9.00 |" in lines
+    assert not any(line.startswith("| b |") for line in lines), "a run evaluated without sources has no rows"
+    assert _per_source_section({"b": {"distill_short": {}}}, tmp_path) == []

@@ -138,6 +138,39 @@ def _instruct_section(results: dict[str, dict], out_dir: Path) -> list[str]:
     return lines
 
 
+def _sources(record: dict) -> list[str]:
+    """The mix's sources an evaluation record has figures for (``<source>/student_ppl``), in its order."""
+    return [key[: -len("/student_ppl")] for key in record if key.endswith("/student_ppl")]
+
+
+def _per_source_section(results: dict[str, dict], out_dir: Path) -> list[str]:
+    """Held-out perplexity and KL per source of the mix (each source's own held-out split): code and prose move
+    differently under distillation, which the pooled table hides. Empty for runs evaluated before per-source
+    figures existed."""
+    lines = ["### Held-out perplexity per source", "",
+             "Each source's own held-out split at the stage's context; KL(teacher || student) in nats per token.", "",
+             "| model | source | tokens | after prune | after distill_short | KL (start -> end) | after distill_long |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    parent: dict[str, tuple[float, float | None]] = {}
+    for child, stages in results.items():
+        if "distill_short" not in stages:
+            continue
+        first, last = stage_evals(out_dir / child / "distill_short")
+        long_last = stage_evals(out_dir / child / "distill_long")[1] if "distill_long" in stages else {}
+        for source in _sources(first):
+            key = f"{source}/student_ppl"
+            long_ppl = _fmt(long_last[key]) if key in long_last else "-"
+            lines.append(f"| {child} | {source} | {first[f'{source}/tokens']:,} | {_fmt(first[key])} | {_fmt(last[key])} | "
+                         f"{first[f'{source}/kl']:.3f} -> {last[f'{source}/kl']:.3f} | {long_ppl} |")
+            parent[source] = (first[f"{source}/teacher_ppl"], long_last.get(f"{source}/teacher_ppl"))
+    if not parent:
+        return []
+    for source, (short, long) in parent.items():
+        lines.append(f"| parent (teacher) | {source} | | {_fmt(short)} | {_fmt(short)} | | "
+                     f"{_fmt(long) if long is not None else '-'} |")
+    return lines + [""]
+
+
 def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig, name: str,
                  ablation_tables: list[str] | None = None, parent_long_context: dict | None = None) -> Path:
     out_dir = Path(out_dir)
@@ -171,6 +204,7 @@ def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig,
     for child, stages in results.items():
         ppl = stages["prune"]["perplexity"]
         lines.append(f"| {child} | {_fmt(ppl['parent']['perplexity'])} | {_fmt(ppl['child']['perplexity'])} |")
+    lines += [""] + _per_source_section(results, out_dir)
 
     lines += ["", "## Tokens, compute and wall time per stage", "",
               "FLOPs: 6 x student parameters x tokens (training) + 2 x teacher parameters x tokens (teacher forward).", "",
