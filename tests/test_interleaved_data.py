@@ -191,3 +191,7 @@ def test_the_projector_trains_in_megatrons_ddp_and_optimizer_and_the_encoder_sta
     assert all(not torch.equal(t, projector_before[n]) for n, t in student.multi_modal_projector.state_dict().items()
                if n.endswith("weight"))
     assert all(torch.equal(t, encoder_before[n]) for n, t in student.vision_tower.state_dict().items())
+    # the plain megatron optimizer (CPU) keeps Adam state per model parameter: the projector's, never the encoder's
+    with_state = {id(p) for opt in getattr(optimizer, "chained_optimizers", [optimizer]) for p in opt.optimizer.state}
+    assert all(id(p) in with_state for p in student.multi_modal_projector.parameters())
+    assert not any(id(p) in with_state for p in student.vision_tower.parameters())
