@@ -97,7 +97,7 @@ def test_rows_cutting_an_image_keep_exactly_the_features_of_their_img_tokens(tok
         for start in range(len(stream) - length + 1):
             end = start + length
             row = index.row_images(start, end)
-            held = [(a, b) for a, b in spans if a < end and b > start]
+            held = [(a, b) for a, b in spans if bool(is_img[max(a, start):min(b, end)].any())]
             assert len(row) == len(held)
             whole = [global_index[a:b][is_img[a:b]] for a, b in held]  # what the projector gives for whole images
             features = torch.cat(whole).float()[:, None] if whole else torch.zeros(0, 1)

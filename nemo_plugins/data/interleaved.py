@@ -153,20 +153,22 @@ class ImageIndex:
         return len(self.records)
 
     def row_images(self, start: int, end: int) -> list[RowImage]:
-        """The images whose layout overlaps tokens ``[start, end)``, each with its ``[IMG]`` features in the row."""
+        """The images with ``[IMG]`` tokens in ``[start, end)``, each with the range of its features in the row."""
         image_id = self.images.vision.image_token_id
         first = int(np.searchsorted(self.offsets + self.lengths, start, side="right"))
         found = []
         for i in range(first, int(np.searchsorted(self.offsets, end, side="left"))):
             record, offset, length = self.records[i], int(self.offsets[i]), int(self.lengths[i])
+            layout = np.asarray(self.file.tokens[offset: offset + length])
+            skipped = int((layout[: max(0, start - offset)] == image_id).sum())
+            inside = int((layout[max(0, start - offset): end - offset] == image_id).sum())
+            if not inside:  # only a cut image's [IMG_BREAK] / [IMG_END] in the row: no feature to place
+                continue
             pixels = preprocess(open_image(record["path"], record["where"], self.images.processing),
                                 self.images.processing)
             if list(pixels.shape[1:]) != record["size"]:
                 raise DataError(f"{record['where']}: image {record['path']} changed since it was tokenised "
                                 f"({list(pixels.shape[1:])} px, recorded {record['size']}): rebuild the token file")
-            layout = np.asarray(self.file.tokens[offset: offset + length])
-            skipped = int((layout[: max(0, start - offset)] == image_id).sum())
-            inside = int((layout[max(0, start - offset): end - offset] == image_id).sum())
             found.append(RowImage(pixels, skipped, inside))
         return found
 
