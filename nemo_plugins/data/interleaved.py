@@ -34,14 +34,7 @@ import numpy as np
 import torch
 
 from nemo_plugins.data.text_files import resolve
-from nemo_plugins.data.token_store import (
-    TokenFile,
-    _partial_names,
-    built_once,
-    sibling,
-    store_prefix,
-    write_token_file,
-)
+from nemo_plugins.data.token_store import TokenFile, built_once, sibling, store_prefix, write_token_file
 from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.vision.config import VisionConfig
 from nemo_plugins.vision.images import ImageProcessing, open_image, preprocess
@@ -129,7 +122,8 @@ def tokenize_interleaved(tokenizer, paths: list[str], images: ImageInputs) -> tu
 def build_interleaved_file(tokenizer, paths: list[str], prefix: Path, key: str, images: ImageInputs) -> None:
     """Tokenise and write the side record first, the token file (whose ``.json`` marks it built) last."""
     documents, records = tokenize_interleaved(tokenizer, paths, images)
-    partial = _partial_names(prefix)[".json"].with_suffix(".images")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    partial = prefix.with_name(f".{prefix.name}{IMAGES_SUFFIX}.{os.getpid()}.partial")
     partial.write_text(json.dumps(records))
     os.replace(partial, sibling(prefix, IMAGES_SUFFIX))
     write_token_file(documents, prefix, len(tokenizer), tokenizer.eos_token_id,
