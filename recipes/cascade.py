@@ -5,6 +5,7 @@
     python -m recipes.cascade ablations=[kl_ce_mix,random_init]
     python -m recipes.cascade posttrain=false                 # base models only (no Instruct branch)
     python -m recipes.cascade pwrm_init=parent pwrm_pairs_from_policy=true
+    python -m recipes.cascade reasoning=true                  # + the Reasoning branch per child
     torchrun ... -m recipes.cascade cascade=ministral3 until=ministral3_14b/distill_short   (see slurm/)
 
 Running the same command again skips finished stages and resumes an interrupted one; a stage finished or
@@ -15,6 +16,13 @@ With ``posttrain=true`` (the default) every child also gets the Instruct branch:
 (``stage.sft_kd``), then online DPO (``stage.odpo``) judged by one pairwise reward model (``stage.pwrm``, pairs
 from ``pairs``) trained after the first child's SFT (nemo_plugins/cascade/plan.py: ``pwrm_init``,
 ``pwrm_pairs_from_policy``).
+
+With ``reasoning=true`` every child also gets the Reasoning branch from its long-context base: ``stage.reasoning_sft``
+on ``reasoning_data`` (screened by the stage's filters and system prompt), GRPO ``stage.grpo_stem`` (on the
+``grpo_stem_sources`` of ``problem_data``) and ``stage.grpo_general`` (all of them; rubric items answered by
+``rubric_judge``), then ``stage.odpo_reasoning`` judged by the same PWRM (trained after the first child's first SFT
+stage, whichever branch it belongs to). The problems are rendered with the reasoning system prompt, the one the
+reasoning SFT trained with.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from nemo_plugins.convert.sources import (
     source_config,
     tokenizer_dir,
 )
+from nemo_plugins.data.chat import load_chat_format
+from nemo_plugins.data.chat_mix import build_chat_mix
 from nemo_plugins.data.mix import build_mix, source_specs
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.distill.stage import DistillStage
@@ -43,6 +53,7 @@ from nemo_plugins.errors import ConfigError, checked, torch_dtype, typed
 from nemo_plugins.output_lock import output_lock
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval
+from nemo_plugins.rl.grpo import GRPOStage
 from nemo_plugins.rl.odpo import ODPOStage
 from nemo_plugins.rl.pwrm import PWRMStage
 from nemo_plugins.rl.sft_kd import SFTStage
@@ -60,9 +71,12 @@ def build_plan(cfg: DictConfig) -> CascadePlan:
                                   f"cascade.stage_parallel.{name}")
                       for name, layout in OmegaConf.to_container(cfg.cascade.stage_parallel, resolve=True).items()}
     posttrain = checked(cfg.posttrain, bool, "posttrain")
-    if posttrain and cfg.pairs.sample_from:
+    reasoning = checked(cfg.reasoning, bool, "reasoning")
+    if (posttrain or reasoning) and cfg.pairs.sample_from:
         raise ConfigError(f"pairs.sample_from={cfg.pairs.sample_from}: in the cascade the pair answers come from the "
                           "first child's SFT model; set pwrm_pairs_from_policy=true and pairs.sample_from=null")
+    if reasoning:
+        check_reasoning_data(cfg, posttrain)
     return CascadePlan(
         children=children,
         short=scale_tokens(DistillStage.from_config(cfg.stage.distill_short, "stage.distill_short"), cfg.token_scale),
@@ -72,11 +86,52 @@ def build_plan(cfg: DictConfig) -> CascadePlan:
         until=parse_until(cfg.until),
         ablations=tuple(cfg.ablations or ()),
         sft=scale_tokens(SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd"), cfg.token_scale) if posttrain else None,
-        pwrm=PWRMStage.from_config(cfg.stage.pwrm, "stage.pwrm") if posttrain else None,
+        pwrm=PWRMStage.from_config(cfg.stage.pwrm, "stage.pwrm") if posttrain or reasoning else None,
         odpo=ODPOStage.from_config(cfg.stage.odpo, "stage.odpo") if posttrain else None,
         pwrm_init=checked(cfg.pwrm_init, str, "pwrm_init"),
         pwrm_pairs_from_policy=checked(cfg.pwrm_pairs_from_policy, bool, "pwrm_pairs_from_policy"),
+        **(reasoning_stages(cfg) if reasoning else {}),
     )
+
+
+def reasoning_stages(cfg: DictConfig) -> dict:
+    """The Reasoning branch's part of the plan (``reasoning=true``)."""
+    return {
+        "reasoning_sft": scale_tokens(SFTStage.from_config(cfg.stage.reasoning_sft, "stage.reasoning_sft"), cfg.token_scale),
+        "grpo_stem": GRPOStage.from_config(cfg.stage.grpo_stem, "stage.grpo_stem"),
+        "grpo_general": GRPOStage.from_config(cfg.stage.grpo_general, "stage.grpo_general"),
+        "odpo_reasoning": ODPOStage.from_config(cfg.stage.odpo_reasoning, "stage.odpo_reasoning"),
+        "grpo_stem_sources": tuple(str(name) for name in cfg.grpo_stem_sources or ()),
+        "rubric_judge": checked(cfg.rubric_judge, str, "rubric_judge"),
+    }
+
+
+def check_reasoning_data(cfg: DictConfig, posttrain: bool) -> None:
+    """The STEM sources are problem sources, and every chat mix the run reads renders in one format (the runner
+    samples and trains every branch with one chat format)."""
+    problem_sources = [s["name"] for s in cfg.problem_data.sources]
+    unknown = sorted(set(cfg.grpo_stem_sources or []) - set(problem_sources))
+    if unknown:
+        raise ConfigError(f"grpo_stem_sources names {unknown}, which are not sources of problem_data "
+                          f"({', '.join(problem_sources)})")
+    groups = ["reasoning_data", "problem_data"] + (["chat_data"] if posttrain else [])
+    formats = {group: str(cfg[group].format) for group in groups}
+    if len(set(formats.values())) > 1:
+        raise ConfigError(f"the chat mixes render in different formats ({formats}): give them one format (e.g. "
+                          + " ".join(f"{group}.format={formats[groups[-1]]}" for group in groups[:-1]) + ")")
+
+
+def reasoning_data(cfg: DictConfig, plan: CascadePlan, tok_dir) -> tuple:
+    """The reasoning SFT mix (screened as its stage screens it) and the problem mix (with the reasoning system
+    prompt only: no filter drops a problem), rendered once and cached."""
+    chat_format = load_chat_format(cfg.reasoning_data.format, tok_dir)
+    mixes = []
+    for group, screen in (("reasoning_data", plan.reasoning_sft.data_screen()),
+                          ("problem_data", plan.reasoning_sft.prompt_screen())):
+        data = cfg[group]
+        mixes.append(build_chat_mix(chat_format, source_specs(data.sources), data.cache_dir, data.heldout_fraction,
+                                    prebuilt_by(cfg, group), screen))
+    return chat_format, *mixes
 
 
 def pair_data(cfg: DictConfig) -> PairData:
@@ -110,14 +165,18 @@ def run(cfg: DictConfig) -> dict:
     tok_dir = tokenizer_dir(parent)
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, parent_config)
-    chat_format, chat = load_chat_data(cfg, tok_dir) if plan.sft is not None else (None, None)
+    chat_format, chat = load_chat_data(cfg, tok_dir, plan.sft.data_screen()) if plan.sft is not None else (None, None)
+    reasoning_chat = problems = None
+    if plan.reasoning_sft is not None:
+        chat_format, reasoning_chat, problems = reasoning_data(cfg, plan, tok_dir)
     inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction,
                                                          prebuilt_by(cfg)),
                            tokenizer=tokenizer, tokenizer_dir=tok_dir, prune_options=prune_options,
                            calibration=calibration, prune_eval=prune_eval, out_dir=out_dir, dtype=dtype,
                            sample_prompt=cfg.report.sample_prompt, sample_tokens=cfg.report.sample_tokens,
                            seed=plan.short.train.seed, chat_format=chat_format, chat=chat,
-                           pairs=pair_data(cfg) if plan.sft is not None else None,
+                           pairs=pair_data(cfg) if plan.pwrm is not None else None,
+                           reasoning_chat=reasoning_chat, problems=problems,
                            resolved_config=OmegaConf.to_yaml(cfg, resolve=True),
                            resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
     with output_lock(out_dir):

@@ -85,6 +85,48 @@ def test_invalid_values_are_rejected_before_any_work(override, message):
         build_plan(_compose(override))
 
 
+def test_the_reasoning_branch_in_the_plan():
+    both = build_plan(_compose("reasoning=true"))
+    first = [stage for child, stage in both.order() if child == "child_14b_like"]
+    assert first[3:] == ["sft_kd", "pwrm", "odpo", "reasoning_sft", "grpo_stem", "grpo_general", "odpo_reasoning"]
+    assert [stage for child, stage in both.order() if child == "child_3b_like"][3:] == [
+        "sft_kd", "odpo", "reasoning_sft", "grpo_stem", "grpo_general", "odpo_reasoning"]
+    alone = build_plan(_compose("reasoning=true", "posttrain=false"))
+    assert [s for c, s in alone.order() if c == "child_14b_like"][3:5] == ["reasoning_sft", "pwrm"], \
+        "without Instruct the PWRM follows the first reasoning SFT"
+    assert alone.sft is None and alone.odpo is None and alone.pwrm is not None
+    assert [s for _, s in alone.order()].count("pwrm") == 1
+    assert alone.grpo_stem_sources == ("reasoning_math", "reasoning_code") and alone.rubric_judge == "parent"
+    assert alone.odpo_reasoning.sampling.strip_thinking and alone.reasoning_sft.kl.ce_weight == 1.0
+    demo = {s: alone.training_stage(s).train for s in ("reasoning_sft", "grpo_stem", "grpo_general", "odpo_reasoning")}
+    assert {s: t.steps for s, t in demo.items()} == {"reasoning_sft": 4, "grpo_stem": 2, "grpo_general": 1,
+                                                     "odpo_reasoning": 1}
+    assert alone.grpo_stem.sampling.group_size == 4 and alone.grpo_stem.sampling.max_new_tokens <= 96
+    assert build_plan(_compose()).reasoning_sft is None, "the README's main command: Instruct only"
+    paper = build_plan(_compose("cascade=ministral3", "reasoning=true", "reasoning_data.format=tekken",
+                                "problem_data.format=tekken"))
+    assert paper.layout("grpo_stem") == paper.layout("odpo") and paper.layout("reasoning_sft") == paper.layout("sft_kd")
+    assert paper.grpo_general.sampling.max_new_tokens == 81_920
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["stage.odpo_reasoning.sampling.strip_thinking=false"], "stage.odpo_reasoning.sampling.strip_thinking=false"),
+    (["grpo_stem_sources=[]"], "grpo_stem_sources is empty"),
+    (["grpo_stem_sources=[reasoning_math,poems]"], r"grpo_stem_sources names \['poems'\]"),
+    (["rubric_judge=hub:mistral"], "hub"),
+    (["+cascade.stage_parallel.grpo_stem={pp: 2}"], r"stage_parallel.grpo_stem .*GRPO \(STEM\) samples from the policy"),
+    (["posttrain=false", "+cascade.stage_parallel.odpo={cp: 2}", "+cascade.stage_parallel.grpo_stem={}",
+      "+cascade.stage_parallel.grpo_general={}"], r"stage_parallel.odpo \(the layout of odpo_reasoning\)"),
+    (["stage.grpo_general.sampling.max_new_tokens=4096"], "leaves no room for a prompt"),
+    (["until=child_14b_like/grpo_stme"], "until=child_14b_like/grpo_stme is not a stage"),
+    (["reasoning_data.format=tekken"], "reasoning_data.format=hf_template"),
+    (["+stage.grpo_stem.train.lr=1"], r"stage.grpo_stem.train.lr"),
+])
+def test_invalid_reasoning_settings_are_rejected_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_plan(_compose("reasoning=true", *overrides))
+
+
 def test_children_must_shrink_and_fit_the_parent():
     plan = build_plan(_compose())
     parent = tiny_config(num_layers=4, hidden_size=48, tie_embeddings=True)
@@ -226,3 +268,71 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
     _, stderr = _cascade(tiny_parent, reference, env, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL,
                          extra=["stage.distill_short.optimizer.lr=1e-3"]).communicate()
     assert "finished with a different stage config" in stderr
+
+
+REASONING = [
+    "posttrain=false", "reasoning=true", "ablations=[]",
+    "reasoning_data.sources=[{name: reasoning_math, paths: ['builtin:reasoning_math?count=80'], weight: 0.7},"
+    "{name: reasoning_code, paths: ['builtin:reasoning_code?count=40'], weight: 0.3}]",
+    "problem_data.sources=[{name: reasoning_math, paths: ['builtin:reasoning_math?count=80'], weight: 0.6},"
+    "{name: reasoning_code, paths: ['builtin:reasoning_code?count=40'], weight: 0.2},"
+    "{name: reasoning_rubric, paths: ['builtin:reasoning_rubric?count=40'], weight: 0.2}]",
+    "stage.reasoning_sft.train.seq_len=512", "stage.reasoning_sft.train.train_tokens=2048",
+    "stage.reasoning_sft.train.save_interval=1", "stage.reasoning_sft.train.eval_rows_per_source=1",
+    "stage.reasoning_sft.optimizer.lr=3e-3", "stage.reasoning_sft.sample.max_new_tokens=4",
+    *(f"stage.{stage}.{setting}" for stage, tokens in (("grpo_stem", 1024), ("grpo_general", 512))
+      for setting in ("train.seq_len=256", "train.global_batch_size=2", f"train.train_tokens={tokens}",
+                      "train.precision=float32", "train.save_interval=1", "train.eval_interval=0",
+                      "optimizer.lr=1e-3", "sampling.group_size=2", "sampling.max_new_tokens=8",
+                      "sampling.tools=false", "problem_filter.samples=0", "eval_prompts=2")),
+    "stage.odpo_reasoning.train.seq_len=256", "stage.odpo_reasoning.train.global_batch_size=2",
+    "stage.odpo_reasoning.train.train_tokens=512", "stage.odpo_reasoning.train.save_interval=1",
+    "stage.odpo_reasoning.optimizer.lr=1e-3", "stage.odpo_reasoning.sampling.max_new_tokens=6",
+    "stage.odpo_reasoning.sampling.truncation_is_loop=false", "stage.odpo_reasoning.sampling.tools=false",
+    "stage.odpo_reasoning.eval_prompts=2",
+]
+
+
+@pytest.mark.slow
+def test_tiny_cascade_with_the_reasoning_branch_runs_once_and_refuses_a_changed_setting(tiny_parent, tmp_path):
+    """Base + Reasoning (Instruct off): the PWRM is trained once, after child a's reasoning SFT; every reasoning
+    stage has its manifest and export; the SFT traces and the problems each run one cursor across the children."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "CASCADE_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    job = _cascade(tiny_parent, out, env, REASONING, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = job.communicate()
+    assert job.returncode == 0, stderr[-3000:]
+    stages = ("reasoning_sft", "reasoning_grpo_stem", "reasoning_grpo_general", "reasoning_odpo")
+    manifests = {child: [json.loads((out / child / s / "manifest.json").read_text()) for s in stages] for child in "ab"}
+    for child in "ab":
+        for stage in stages:
+            assert (out / child / stage / "hf" / "config.json").is_file(), (child, stage)
+        sft, stem, general, odpo = manifests[child]
+        assert "distill_long" in sft["input"] and not (out / child / "instruct_sft").exists(), "from the base"
+        assert stem["policy_input"] == f"megatron:{sft['checkpoint']}" and general["policy_input"] == \
+            f"megatron:{stem['checkpoint']}" and odpo["policy_input"] == f"megatron:{general['checkpoint']}"
+        assert stem["rewards"]["judge"] is None and general["rewards"]["judge"] == f"hf:{tiny_parent}"
+        assert odpo["config"]["sampling"]["strip_thinking"] and odpo["eval_start"]["win_rate"] == 0.5
+        rubric = [m["cursor_end"]["rows"].get("reasoning_rubric", 0) for m in (stem, general)]
+        assert stem["cursor_start"]["rows"].get("reasoning_rubric", 0) == rubric[0] < rubric[1], \
+            "STEM reads no rubric problem, General does"
+    a, b = manifests["a"], manifests["b"]
+    assert a[0]["cursor_start"] == {"offsets": {}, "rows": {}} and b[0]["cursor_start"] == a[0]["cursor_end"]
+    assert a[1]["cursor_start"] == {"offsets": {}, "rows": {}}
+    assert [m["cursor_start"] for m in a[2:] + b[1:]] == [m["cursor_end"] for m in a[1:] + b[1:3]], \
+        "one problem cursor: STEM, General, ODPO of a, then of b"
+    pwrm = json.loads((out / "pwrm" / "manifest.json").read_text())
+    assert pwrm["source"] == f"megatron:{a[0]['checkpoint']}", "the PWRM starts from the first reasoning SFT model"
+    assert all(m[3]["judge"]["pwrm"] == pwrm["checkpoint"] for m in (a, b))
+    assert sum(1 for _ in out.rglob("pwrm/manifest.json")) == 1
+    report = (out / "report.md").read_text()
+    for row in ("## Reasoning: SFT on chain-of-thought traces", "| a | grpo_stem | 2 | ", "| b | grpo_general | 1 | ",
+                "| a | 1 | 0.500 -> ", " reasoning chat tokens | 2 | ", " problem tokens | 2 | - | "):
+        assert row in report, row
+
+    before = _records(out)
+    assert _cascade(tiny_parent, out, env, REASONING, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+    assert _records(out) == before, "a rerun of a finished cascade redoes nothing"
+    _, stderr = _cascade(tiny_parent, out, env, [*REASONING, "stage.grpo_general.loss.eps_high=0.3"],
+                         stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL).communicate()
+    assert "reasoning_grpo_general was finished with a different stage config" in stderr

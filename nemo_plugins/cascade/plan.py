@@ -8,6 +8,14 @@ In the stage order the PWRM is listed under the first child (``until=<first chil
 training and in every ODPO judging call); ``pwrm_pairs_from_policy`` makes the first child's SFT
 model answer the pair prompts (``data/pairwise.EngineSampler``: the PWRM then sees the policies' distribution,
 at the cost of sampling every pair prompt).
+
+Reasoning (``reasoning=true``) adds the paper's Reasoning branch per child, also from the child's long-context base
+(not from Instruct): ``reasoning_sft`` -> ``grpo_stem`` -> ``grpo_general`` -> ``odpo_reasoning`` (online DPO with
+the thinking stripped before the judge reads). The GRPO stages read the problem mix (STEM: only the sources named
+by ``grpo_stem_sources``), the rubric items of ``grpo_general`` are judged by ``rubric_judge`` (``parent`` or a model
+source), and the reasoning ODPO is judged by the cascade's one PWRM: with the Instruct branch off, the PWRM is
+trained after the first child's first SFT stage, which is then ``reasoning_sft``. A reasoning stage without a layout
+of its own in ``stage_parallel`` runs in its Instruct counterpart's (``REASONING_LAYOUTS``).
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from nemo_plugins.convert.sources import ModelSource
 from nemo_plugins.distill.stage import DistillStage
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.pipeline import PruneTarget
+from nemo_plugins.rl.grpo import GRPOStage
 from nemo_plugins.rl.odpo import ODPOStage
 from nemo_plugins.rl.online_stage import check_sampling_layout
 from nemo_plugins.rl.pwrm import PWRMStage
@@ -27,7 +37,15 @@ from nemo_plugins.rl.sft_kd import SFTStage
 
 BASE_STAGES = ("prune", "distill_short", "distill_long")
 POSTTRAIN_STAGES = ("sft_kd", "pwrm", "odpo")
-STAGES = BASE_STAGES + POSTTRAIN_STAGES
+REASONING_STAGES = ("reasoning_sft", "grpo_stem", "grpo_general", "odpo_reasoning")
+STAGES = BASE_STAGES + POSTTRAIN_STAGES + REASONING_STAGES
+# the layout a reasoning stage runs in when stage_parallel names none for it: its Instruct counterpart's
+REASONING_LAYOUTS = {"reasoning_sft": "sft_kd", "grpo_stem": "odpo", "grpo_general": "odpo", "odpo_reasoning": "odpo"}
+# each reasoning stage's folder under <run>/<child>/
+REASONING_DIRS = {"reasoning_sft": "reasoning_sft", "grpo_stem": "reasoning_grpo_stem",
+                  "grpo_general": "reasoning_grpo_general", "odpo_reasoning": "reasoning_odpo"}
+SAMPLING_STAGES = {"odpo": "online DPO", "grpo_stem": "GRPO (STEM)", "grpo_general": "GRPO (General)",
+                   "odpo_reasoning": "reasoning online DPO"}
 PWRM_INITS = ("first_child", "parent")
 ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init", "odpo_labels", "odpo_beta_rescale", "odpo_loop_as_loser")
 
@@ -59,6 +77,12 @@ class CascadePlan:
     odpo: ODPOStage | None = None
     pwrm_init: str = "parent"  # parent | first_child: what the PWRM starts from
     pwrm_pairs_from_policy: bool = False  # the first child's SFT model answers the pair prompts
+    reasoning_sft: SFTStage | None = None  # None: no Reasoning branch (reasoning=false)
+    grpo_stem: GRPOStage | None = None  # set with reasoning_sft, grpo_general and odpo_reasoning
+    grpo_general: GRPOStage | None = None
+    odpo_reasoning: ODPOStage | None = None
+    grpo_stem_sources: tuple[str, ...] = ()  # the problem sources the STEM stage reads (General: all of them)
+    rubric_judge: str = "parent"  # parent | a model source: who answers grpo_general's rubric items
 
     def __post_init__(self) -> None:
         if not self.children:
@@ -80,31 +104,69 @@ class CascadePlan:
                               f"stage.distill_short.train.seq_len={self.short.train.seq_len} (YaRN extends the short context)")
         if self.odpo is None and any(a.startswith("odpo_") for a in self.ablations):
             raise ConfigError(f"ablations={list(self.ablations)}: the online-DPO ablations need posttrain=true")
-        if len({self.sft is None, self.pwrm is None, self.odpo is None}) > 1:
-            raise ConfigError("post-training needs all of stage.sft_kd, stage.pwrm and stage.odpo (posttrain=true) or none")
+        if (self.sft is None) != (self.odpo is None):
+            raise ConfigError("the Instruct branch needs both stage.sft_kd and stage.odpo (posttrain=true) or neither")
+        if (self.pwrm is None) != (self.odpo is None and self.odpo_reasoning is None):
+            raise ConfigError("stage.pwrm is needed exactly when a branch runs online DPO (posttrain=true or reasoning=true)")
         if self.pwrm_init not in PWRM_INITS:
             raise ConfigError(f"pwrm_init={self.pwrm_init!r}; allowed: {', '.join(PWRM_INITS)}")
-        if self.odpo is not None:
-            check_sampling_layout(self.layout("odpo"), "online DPO")
+        self._check_reasoning()
+        for stage, name in SAMPLING_STAGES.items():
+            if self.training_stage(stage) is not None:
+                try:
+                    check_sampling_layout(self.layout(stage), name)
+                except ConfigError as err:
+                    raise ConfigError(f"{self.layout_key(stage)} (the layout of {stage}): {err}") from None
+        if self.pwrm is not None:
             if self.layout("pwrm").cp > 1:
                 raise ConfigError(f"cascade.stage_parallel.pwrm.cp={self.layout('pwrm').cp}: the PWRM reads one position per "
                                   "row, which context parallelism splits over ranks; set it to 1")
 
+    def _check_reasoning(self) -> None:
+        stages = (self.reasoning_sft, self.grpo_stem, self.grpo_general, self.odpo_reasoning)
+        if any(s is None for s in stages):
+            if any(s is not None for s in stages):
+                raise ConfigError("the Reasoning branch needs all of stage.reasoning_sft, stage.grpo_stem, "
+                                  "stage.grpo_general and stage.odpo_reasoning (reasoning=true) or none")
+            return
+        if not self.odpo_reasoning.sampling.strip_thinking:
+            raise ConfigError("stage.odpo_reasoning.sampling.strip_thinking=false: the PWRM was trained on answers, "
+                              "not on thinking; set it to true (the paper strips the thinking before judging)")
+        if not self.grpo_stem_sources:
+            raise ConfigError("grpo_stem_sources is empty: name the problem sources of the STEM stage (verifiable "
+                              "rewards: math, code), e.g. [reasoning_math, reasoning_code]")
+        if self.rubric_judge != "parent":
+            ModelSource.parse(self.rubric_judge)
+
     def order(self) -> list[tuple[str, str]]:
-        """(child, stage) in the order they run; the PWRM once, under the first child, after its SFT."""
+        """(child, stage) in the order they run; the PWRM once, under the first child, after its first SFT stage
+        (Instruct's when that branch is on, else the Reasoning SFT)."""
         order = []
         for index, child in enumerate(self.children):
-            posttrain = () if self.sft is None else ("sft_kd", "pwrm", "odpo") if index == 0 else ("sft_kd", "odpo")
-            order += [(child.name, stage) for stage in BASE_STAGES + posttrain]
+            instruct = () if self.sft is None else ("sft_kd", "odpo")
+            reasoning = () if self.reasoning_sft is None else REASONING_STAGES
+            stages = list(BASE_STAGES + instruct + reasoning)
+            if index == 0 and self.pwrm is not None:
+                stages.insert(len(BASE_STAGES) + 1, "pwrm")
+            order += [(child.name, stage) for stage in stages]
         return order
 
-    def training_stage(self, stage: str) -> DistillStage | SFTStage | PWRMStage | ODPOStage:
-        """The settings of a training stage (every stage but prune)."""
+    def training_stage(self, stage: str) -> DistillStage | SFTStage | PWRMStage | ODPOStage | GRPOStage | None:
+        """The settings of a training stage (every stage but prune); None for a branch that is off."""
         return {"distill_short": self.short, "distill_long": self.long, "sft_kd": self.sft, "pwrm": self.pwrm,
-                "odpo": self.odpo}[stage]
+                "odpo": self.odpo, "reasoning_sft": self.reasoning_sft, "grpo_stem": self.grpo_stem,
+                "grpo_general": self.grpo_general, "odpo_reasoning": self.odpo_reasoning}[stage]
 
     def layout(self, stage: str) -> ParallelConfig:
-        return self.stage_parallel.get(stage, self.parallel)
+        fallback = self.stage_parallel.get(REASONING_LAYOUTS.get(stage, stage), self.parallel)
+        return self.stage_parallel.get(stage, fallback)
+
+    def layout_key(self, stage: str) -> str:
+        """The config key ``layout(stage)`` comes from (what to change)."""
+        for key in (stage, REASONING_LAYOUTS.get(stage)):
+            if key in self.stage_parallel:
+                return f"cascade.stage_parallel.{key}"
+        return "parallel"
 
     def child_configs(self, parent: MistralConfig) -> dict[str, MistralConfig]:
         """Each child's config, checked: it fits its parent's heads / TP and is strictly smaller than the model

@@ -10,12 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nemo_plugins.cascade.plan import REASONING_DIRS  # noqa: E402
 from nemo_plugins.model.config import MistralConfig  # noqa: E402
+from nemo_plugins.rl.online_stage import StepMetrics  # noqa: E402
 from nemo_plugins.train.metrics import MetricsLog  # noqa: E402
 
 PRUNE_PLOTS = ("layer_scores.png", "pca_explained.png", "ffn_scores.png")
 # what a post-training stage's cursor counts
-POSTTRAIN_READ = {"sft_kd": "chat tokens", "pwrm": "pair orderings", "odpo": "chat tokens (of the prompts' conversations)"}
+POSTTRAIN_READ = {"sft_kd": "chat tokens", "pwrm": "pair orderings", "odpo": "chat tokens (of the prompts' conversations)",
+                  "reasoning_sft": "reasoning chat tokens", "grpo_stem": "problem tokens",
+                  "grpo_general": "problem tokens", "odpo_reasoning": "problem tokens"}
+GRPO_STEP_METRICS = "grpo_metrics.jsonl"  # rl/grpo.py's per-step metrics (not imported: it loads megatron)
 
 
 def _curves(child: str, stages: dict, out_dir: Path) -> Path:
@@ -136,6 +141,84 @@ def _instruct_section(results: dict[str, dict], out_dir: Path) -> list[str]:
             lines += [f"**User:** {before['prompt']}", "", "Before SFT:", "```", before["response"], "```",
                       "After SFT:", "```", after["response"], "```", ""]
     return lines
+
+
+def _filter_counts(chat_data: dict) -> str:
+    """Records the reasoning SFT screen dropped, per filter (summed over sources and reasons)."""
+    counts: dict[str, int] = {}
+    for source in chat_data.values():
+        for name, reasons in source.get("filtered", {}).items():
+            counts[name] = counts.get(name, 0) + sum(reasons.values())
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "none"
+
+
+def _arrow(start: dict | None, end: dict, key: str) -> str:
+    return f"{(start or end)[key]:.3f} -> {end[key]:.3f}"
+
+
+def _reasoning_sft_rows(results: dict[str, dict], out_dir: Path) -> list[str]:
+    lines = ["| child | traces dropped by filter | dropped (too long) | tokens | held-out loss (start -> end) | "
+             "held-out ppl (start -> end) | Hugging Face export |", "|---|---|---:|---:|---|---|---|"]
+    for child, stages in results.items():
+        m = stages.get("reasoning_sft")
+        if m is None:
+            continue
+        first, last = stage_evals(out_dir / child / REASONING_DIRS["reasoning_sft"])
+        loss = "kl" if "kl" in first else "loss"
+        dropped = sum(source["dropped"] for source in m["chat_data"].values())
+        lines.append(f"| {child} | {_filter_counts(m['chat_data'])} | {dropped} | {m['tokens']:,} | "
+                     f"{loss} {first[loss]:.3f} -> {last[loss]:.3f} | {_fmt(first['student_ppl'])} -> "
+                     f"{_fmt(last['student_ppl'])} | `{out_dir / child / REASONING_DIRS['reasoning_sft'] / 'hf'}` |")
+    return lines + [""]
+
+
+def _grpo_rows(results: dict[str, dict], out_dir: Path) -> list[str]:
+    lines = ["| child | stage | steps | train reward (first -> last step) | held-out pass@1 (start -> end) | "
+             "held-out reward (start -> end) | truncation rate (train; held-out end) | zero-advantage groups | "
+             "problems filtered out |", "|---|---|---:|---|---|---|---|---:|---|"]
+    for child, stages in results.items():
+        for stage in ("grpo_stem", "grpo_general"):
+            m = stages.get(stage)
+            if m is None:
+                continue
+            steps = StepMetrics.read(out_dir / child / REASONING_DIRS[stage] / GRPO_STEP_METRICS)
+            zero = sum(r["zero_advantage_groups"] for r in steps)
+            groups = sum(r["zero_advantage_groups"] + r["kept_groups"] for r in steps)
+            screened = m.get("problem_filter")
+            filtered = (f"{screened['always_solved']:.0f} always / {screened['never_solved']:.0f} never solved of "
+                        f"{screened['screened']:.0f}") if screened else "off"
+            lines.append(f"| {child} | {stage} | {m['steps']} | {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} | "
+                         f"{_arrow(m['eval_start'], m['eval'], 'pass_at_1')} | {_arrow(m['eval_start'], m['eval'], 'reward')} | "
+                         f"{m['step_means'].get('truncation_rate', float('nan')):.3f}; {m['eval']['truncation_rate']:.3f} | "
+                         f"{zero:.0f} of {groups:.0f} | {filtered} |")
+    return lines + [""]
+
+
+def _reasoning_section(results: dict[str, dict], out_dir: Path) -> list[str]:
+    """The Reasoning branch per child: SFT filter counts and held-out loss, GRPO rewards / pass@1 / truncation,
+    the reasoning online DPO's win rate against its GRPO model."""
+    if not any("reasoning_sft" in stages for stages in results.values()):
+        return []
+    lines = ["## Reasoning: SFT on chain-of-thought traces", "",
+             "Traces the stage's filters dropped when the mix was rendered (per filter), and the held-out assistant "
+             "tokens (never trained on) before and after.", ""]
+    lines += _reasoning_sft_rows(results, out_dir)
+    lines += ["## Reasoning: GRPO (STEM, then General)", "",
+              "Train reward: the mean reward of the step's G samples per problem; held-out pass@1: one answer per held-out "
+              "problem at the evaluation temperature, graded by the same rewards; a zero-advantage group (all rewards "
+              "equal) has no signal and is dropped.", ""]
+    lines += _grpo_rows(results, out_dir)
+    lines += ["## Reasoning: online DPO (thinking stripped before the PWRM judges)", "",
+              "| child | steps | win rate vs GRPO model (start -> end) | loop rate (start -> end) | drop rate | "
+              "Hugging Face export |", "|---|---:|---|---|---:|---|"]
+    for child, stages in results.items():
+        m = stages.get("odpo_reasoning")
+        if m is not None:
+            lines.append(f"| {child} | {m['steps']} | {_arrow(m['eval_start'], m['eval'], 'win_rate')} | "
+                         f"{_arrow(m['eval_start'], m['eval'], 'loop_rate')} | "
+                         f"{m['step_means'].get('drop_rate', float('nan')):.3f} | "
+                         f"`{out_dir / child / REASONING_DIRS['odpo_reasoning'] / 'hf'}` |")
+    return lines + [""]
 
 
 def _sources(record: dict) -> list[str]:
@@ -265,6 +348,7 @@ def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig,
     if pwrm is not None:
         lines += _pwrm_section(pwrm, out_dir)
     lines += _odpo_section(results, out_dir)
+    lines += _reasoning_section(results, out_dir)
     for table in ablation_tables or []:
         lines += [table, ""]
     path = out_dir / "report.md"

@@ -7,6 +7,13 @@ The PWRM is trained once, after the first child's SFT (``plan.py`` says from wha
 child's ODPO (``<run>/<child>/instruct_odpo/``) loads it from that manifest. SFT and ODPO results are exported to
 Hugging Face (``<stage dir>/hf``).
 
+When the Reasoning branch is on, each child's long-context base also goes through it (``plan.py``): reasoning SFT
+on the screened reasoning mix (its own cursor, once across all children), then GRPO STEM on the problem mix's STEM
+sources, GRPO General on all of them (rubric items answered by ``plan.rubric_judge``) and online DPO with the
+thinking stripped, judged by the cascade's PWRM; the three read the problem mix with ONE cursor, once across all
+children (child 1 STEM, General, ODPO, child 2 STEM, ...). Their folders are ``<run>/<child>/reasoning_*/``
+(``REASONING_DIRS``), each exported to Hugging Face like the Instruct stages.
+
 Every stage writes ``<run>/<child>/<stage>/`` and, last, its ``manifest.json``: re-running skips stages that have
 one and resumes the one that does not from its newest checkpoint. Check first, write after: a stage finished (or
 checkpointed) with another fingerprint is refused before anything is written, the data is checked against what
@@ -24,11 +31,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nemo_plugins.cascade.plan import CascadePlan, ChildSpec
+from nemo_plugins.cascade.plan import REASONING_DIRS, CascadePlan, ChildSpec
 from nemo_plugins.convert.model_io import export_hf
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import ChatFormat, load_chat_format
 from nemo_plugins.data.chat_mix import ChatMix
+from nemo_plugins.data.chat_prompts import ChatPrompts
 from nemo_plugins.data.mix import Cursor, DataMix, check_data_budget
 from nemo_plugins.data.tokenizer import tokenizer_files
 from nemo_plugins.distill.stage import DistillStage, long_context_eval, run_stage
@@ -39,8 +47,11 @@ from nemo_plugins.generation.torch_engine import generation_layout
 from nemo_plugins.manifest import finished_stage, read_json, write_json_atomic
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval, prune_stage_config, run_prune_stage
+from nemo_plugins.rl.grpo import run_grpo_stage
 from nemo_plugins.rl.odpo import run_odpo_stage
 from nemo_plugins.rl.pwrm import load_judge, run_pwrm_stage
+from nemo_plugins.rl.rewards import Rewards, build_rewards
+from nemo_plugins.rl.rewards.rubric import load_judge as load_rubric_judge
 from nemo_plugins.rl.sft_kd import run_sft_stage
 from nemo_plugins.vision.checkpoint import export_mistral3, load_source_model, source_vision
 
@@ -74,7 +85,9 @@ class CascadeInputs:
     seed: int
     chat: ChatMix | None = None  # the SFT conversations, when post-training is on
     chat_format: ChatFormat | None = None
-    pairs: "PairData | None" = None  # the PWRM's pairs, when post-training is on
+    pairs: "PairData | None" = None  # the PWRM's pairs, when a branch runs online DPO
+    reasoning_chat: ChatMix | None = None  # the reasoning SFT mix (screened by its stage), when Reasoning is on
+    problems: ChatMix | None = None  # GRPO's and the reasoning ODPO's problem mix, when Reasoning is on
     resolved_config: str | None = None  # the run's config as YAML, written by the first step that does work
     resume_with_changes: bool = False
     config_recorded: bool = field(default=False, init=False)
@@ -117,10 +130,40 @@ def check_data_budget_of_cascade(inputs: CascadeInputs, plan: CascadePlan) -> No
         raise DataError(f"the cascade's distillation stages read {text} training tokens but the data mix's training "
                         f"split holds {available} (single pass, no repetition): add data or lower the stages' "
                         "train_tokens (or token_scale)")
-    sft = [s for _, s in stages if s == "sft_kd"]
-    if sft:
-        check_data_budget(inputs.chat, Cursor(), len(sft) * plan.sft.train.steps * plan.sft.train.global_batch_size,
-                          plan.sft.train.seq_len, "stage.sft_kd.train.train_tokens (or token_scale)")
+    for stage, chat in (("sft_kd", inputs.chat), ("reasoning_sft", inputs.reasoning_chat)):
+        runs = sum(1 for _, s in stages if s == stage)
+        if runs:
+            train = plan.training_stage(stage).train
+            check_data_budget(chat, Cursor(), runs * train.steps * train.global_batch_size, train.seq_len,
+                              f"stage.{stage}.train.train_tokens (or token_scale)")
+    check_problem_budget(inputs, plan, [s for _, s in stages])
+
+
+def _problems_read(plan: CascadePlan, stages: list[str], names: tuple[str, ...]) -> tuple[int, int]:
+    """(problems, longest row) the stages among ``names`` read, one per prompt (a lower bound for a filtered
+    GRPO stage: it screens more than it keeps)."""
+    specs = [plan.training_stage(s) for s in stages if s in names]
+    return sum(s.train.steps * s.train.global_batch_size for s in specs), max((s.train.seq_len for s in specs), default=0)
+
+
+def check_problem_budget(inputs: CascadeInputs, plan: CascadePlan, stages: list[str]) -> None:
+    """Before the first stage: the problem mix holds a prompt for every GRPO and reasoning-ODPO step of every child
+    up to ``until`` (one cursor, single pass), and its STEM sources one for every STEM step."""
+    if inputs.problems is None:
+        return
+    for mix, names, key in ((stem_problems(inputs, plan), ("grpo_stem",), "grpo_stem_sources"),
+                            (inputs.problems, ("grpo_stem", "grpo_general", "odpo_reasoning"), "problem_data.sources")):
+        needed, seq_len = _problems_read(plan, stages, names)
+        if needed:
+            check_data_budget(ChatPrompts(mix, 0, Cursor(), 1), Cursor(), needed, seq_len,
+                              f"the reasoning stages' train_tokens (or add problems to {key})")
+
+
+def stem_problems(inputs: CascadeInputs, plan: CascadePlan) -> ChatMix:
+    """The problem mix narrowed to ``plan.grpo_stem_sources`` (same token files: the one cursor stays valid)."""
+    problems = inputs.problems
+    return ChatMix([s for s in problems.sources if s.name in plan.grpo_stem_sources], problems.heldout_fraction,
+                   problems.pad_id)
 
 
 def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, parent: ModelSource, stage_dir: Path) -> dict:
@@ -195,15 +238,17 @@ def export_stage(inputs: CascadeInputs, plan: CascadePlan, done: dict, stage: st
 
 
 def sft_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, base: ModelSource, cursor: Cursor,
-              stage_dir: Path) -> dict:
-    """SFT with logit distillation of the child's long-context base, then its Hugging Face export."""
-    stage = plan.sft
+              stage_dir: Path, stage_name: str = "sft_kd") -> dict:
+    """SFT (with logit distillation unless the stage is plain) of the child's long-context base on the branch's
+    chat mix (``sft_kd``: Instruct; ``reasoning_sft``: Reasoning), then its Hugging Face export."""
+    stage = plan.training_stage(stage_name)
+    chat = inputs.chat if stage_name == "sft_kd" else inputs.reasoning_chat
     teacher = stage.teacher_source(inputs.parent)
-    done = run_sft_stage(stage, teacher, base, inputs.chat, inputs.chat_format, inputs.tokenizer_dir,
-                         tokenizer_dir(teacher), cursor, stage_dir, plan.layout("sft_kd"),
+    done = run_sft_stage(stage, teacher, base, chat, inputs.chat_format, inputs.tokenizer_dir,
+                         tokenizer_dir(teacher), cursor, stage_dir, plan.layout(stage_name),
                          manifest_extra={"child": child.name, "input": str(base)},
                          resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
-    export_stage(inputs, plan, done, "sft_kd", stage_dir)
+    export_stage(inputs, plan, done, stage_name, stage_dir)
     return done
 
 
@@ -222,20 +267,48 @@ def train_pwrm(inputs: CascadeInputs, plan: CascadePlan, first_sft: dict) -> dic
                           resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
 
 
-def odpo_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, sft: dict, pwrm: dict, cursor: Cursor,
-               stage_dir: Path) -> dict:
-    """Online DPO of the child's SFT model (also its frozen reference) judged by the cascade's PWRM, then its
-    Hugging Face export. The judge's fingerprint is the PWRM's checkpoint and temperature: a retrained PWRM is a
-    changed setting."""
-    policy = megatron_source(sft["checkpoint"])
+def odpo_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, start: dict, pwrm: dict, cursor: Cursor,
+               stage_dir: Path, stage_name: str = "odpo") -> dict:
+    """Online DPO of the branch's model so far (``start``'s checkpoint, also the frozen reference) judged by the
+    cascade's PWRM, then its Hugging Face export: ``odpo`` on the chat mix after Instruct SFT, ``odpo_reasoning``
+    on the problem mix after GRPO General. The judge's fingerprint is the PWRM's checkpoint and temperature: a
+    retrained PWRM is a changed setting."""
+    policy = megatron_source(start["checkpoint"])
     manifest = str(inputs.out_dir / PWRM / "manifest.json")
     judge = {"pwrm": pwrm["checkpoint"], "tau": pwrm["calibration"]["tau"]}
-    done = run_odpo_stage(plan.odpo, policy, policy, judge,
-                          lambda: load_judge(manifest, str(policy), plan.pwrm.score_micro_batch_size), inputs.chat,
+    chat = inputs.chat if stage_name == "odpo" else inputs.problems
+    done = run_odpo_stage(plan.training_stage(stage_name), policy, policy, judge,
+                          lambda: load_judge(manifest, str(policy), plan.pwrm.score_micro_batch_size), chat,
                           inputs.chat_format, inputs.tokenizer_dir, inputs.tokenizer_dir, cursor, stage_dir,
-                          plan.layout("odpo"), manifest_extra={"child": child.name, "input": str(policy)},
+                          plan.layout(stage_name), manifest_extra={"child": child.name, "input": str(policy)},
                           resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
-    export_stage(inputs, plan, done, "odpo", stage_dir)
+    export_stage(inputs, plan, done, stage_name, stage_dir)
+    return done
+
+
+def rubric_judge_source(inputs: CascadeInputs, plan: CascadePlan) -> ModelSource:
+    return inputs.parent if plan.rubric_judge == "parent" else ModelSource.parse(plan.rubric_judge)
+
+
+def grpo_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, start: dict, cursor: Cursor,
+               stage_name: str, stage_dir: Path) -> dict:
+    """GRPO of the branch's model so far (``start``'s checkpoint) on the problem mix (``grpo_stem``: its STEM
+    sources, verifiable rewards only; ``grpo_general``: every source, rubric items answered by the rubric judge),
+    then its Hugging Face export. The judge's source is part of the stage's fingerprint."""
+    stage = plan.training_stage(stage_name)
+    policy = megatron_source(start["checkpoint"])
+    judge = str(rubric_judge_source(inputs, plan)) if stage_name == "grpo_general" else None
+    problems = stem_problems(inputs, plan) if stage_name == "grpo_stem" else inputs.problems
+
+    def make_rewards() -> Rewards:
+        graders = None if judge is None else load_rubric_judge(judge, stage.rewards.rubric, inputs.dtype)
+        return build_rewards(stage.rewards, graders)
+
+    done = run_grpo_stage(stage, policy, policy, {"rewards": None, "judge": judge}, make_rewards, problems,
+                          inputs.chat_format, inputs.tokenizer_dir, inputs.tokenizer_dir, cursor, stage_dir,
+                          plan.layout(stage_name), manifest_extra={"child": child.name, "input": str(policy)},
+                          resume_with_changes=inputs.resume_with_changes, before_work=lambda: record_config(inputs))
+    export_stage(inputs, plan, done, stage_name, stage_dir)
     return done
 
 
@@ -257,13 +330,51 @@ def parent_long_context(inputs: CascadeInputs, plan: CascadePlan) -> dict | None
     return result
 
 
+@dataclass
+class BranchState:
+    """What the post-training branches carry from child to child: their data cursors and the one PWRM."""
+
+    chat: Cursor = field(default_factory=Cursor)  # the Instruct chat mix
+    reasoning: Cursor = field(default_factory=Cursor)  # the reasoning SFT mix
+    problems: Cursor = field(default_factory=Cursor)  # the problem mix (GRPO STEM, General, reasoning ODPO)
+    pwrm: dict | None = None  # the cascade's PWRM manifest, trained after the first child's first SFT stage
+
+
+def pwrm_after_sft(inputs: CascadeInputs, plan: CascadePlan, done: dict, sft: dict, state: BranchState) -> bool:
+    """Train the PWRM after the first SFT stage of the cascade (once); True when ``until`` stops the run there."""
+    if state.pwrm is not None:
+        return False
+    state.pwrm = done["pwrm"] = train_pwrm(inputs, plan, sft)
+    return plan.until is not None and plan.until[1] == "pwrm"
+
+
+def reasoning_branch(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, done: dict, state: BranchState) -> bool:
+    """The Reasoning branch of one child from its long-context base; True when ``until`` stops the run in it."""
+    child_dir = inputs.out_dir / child.name
+    done["reasoning_sft"] = sft_child(inputs, plan, child, megatron_source(done["distill_long"]["checkpoint"]),
+                                      state.reasoning, child_dir / REASONING_DIRS["reasoning_sft"], "reasoning_sft")
+    state.reasoning = Cursor.from_dict(done["reasoning_sft"]["cursor_end"])
+    if plan.until == (child.name, "reasoning_sft") or pwrm_after_sft(inputs, plan, done, done["reasoning_sft"], state):
+        return True
+    previous = done["reasoning_sft"]
+    for stage in ("grpo_stem", "grpo_general"):
+        previous = done[stage] = grpo_child(inputs, plan, child, previous, state.problems, stage,
+                                            child_dir / REASONING_DIRS[stage])
+        state.problems = Cursor.from_dict(previous["cursor_end"])
+        if plan.until == (child.name, stage):
+            return True
+    done["odpo_reasoning"] = odpo_child(inputs, plan, child, previous, state.pwrm, state.problems,
+                                        child_dir / REASONING_DIRS["odpo_reasoning"], "odpo_reasoning")
+    state.problems = Cursor.from_dict(done["odpo_reasoning"]["cursor_end"])
+    return plan.until == (child.name, "odpo_reasoning")
+
+
 def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
     """All stages in order (or up to ``plan.until``); returns every stage's manifest per child."""
     check_data_budget_of_cascade(inputs, plan)
     results: dict[str, dict] = {}
-    cursor, chat_cursor = Cursor(), Cursor()
+    cursor, state = Cursor(), BranchState()
     parent = inputs.parent
-    pwrm: dict | None = None  # the cascade's one PWRM (its manifest), trained after the first child's SFT
     for child in plan.children:
         child_dir = inputs.out_dir / child.name
         done: dict = {}
@@ -286,16 +397,15 @@ def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
             break
         if plan.sft is not None:
             done["sft_kd"] = sft_child(inputs, plan, child, megatron_source(done["distill_long"]["checkpoint"]),
-                                       chat_cursor, child_dir / INSTRUCT_SFT)
-            chat_cursor = Cursor.from_dict(done["sft_kd"]["cursor_end"])
-            if plan.until == (child.name, "sft_kd"):
+                                       state.chat, child_dir / INSTRUCT_SFT)
+            state.chat = Cursor.from_dict(done["sft_kd"]["cursor_end"])
+            if plan.until == (child.name, "sft_kd") or pwrm_after_sft(inputs, plan, done, done["sft_kd"], state):
                 break
-            if pwrm is None:
-                pwrm = done["pwrm"] = train_pwrm(inputs, plan, done["sft_kd"])
-                if plan.until == (child.name, "pwrm"):
-                    break
-            done["odpo"] = odpo_child(inputs, plan, child, done["sft_kd"], pwrm, chat_cursor, child_dir / INSTRUCT_ODPO)
-            chat_cursor = Cursor.from_dict(done["odpo"]["cursor_end"])
+            done["odpo"] = odpo_child(inputs, plan, child, done["sft_kd"], state.pwrm, state.chat,
+                                      child_dir / INSTRUCT_ODPO)
+            state.chat = Cursor.from_dict(done["odpo"]["cursor_end"])
             if plan.until == (child.name, "odpo"):
                 break
+        if plan.reasoning_sft is not None and reasoning_branch(inputs, plan, child, done, state):
+            break
     return results
