@@ -113,6 +113,8 @@ def tokenize_interleaved(tokenizer, paths: list[str], images: ImageInputs) -> tu
                 except json.JSONDecodeError as err:
                     raise DataError(f"{where}: not valid JSON ({err.msg})") from None
                 ids, found = _document(record, where, file.parent, tokenizer, images)
+                if not ids:  # the token file skips empty documents: so do the offsets
+                    continue
                 records += [{**r, "offset": offset + r["offset"]} for r in found]
                 documents.append(ids)
                 offset += len(ids) + 1
