@@ -336,3 +336,18 @@ def test_tiny_cascade_with_the_reasoning_branch_runs_once_and_refuses_a_changed_
     _, stderr = _cascade(tiny_parent, out, env, [*REASONING, "stage.grpo_general.loss.eps_high=0.3"],
                          stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL).communicate()
     assert "reasoning_grpo_general was finished with a different stage config" in stderr
+
+
+def test_the_instruct_report_row_of_a_plain_sft_stage_has_no_kl(tmp_path):
+    """A plain SFT stage (kl.ce_weight 1) runs no teacher: its evaluations hold loss and perplexity, no KL."""
+    from nemo_plugins.cascade.report import _instruct_section
+
+    stage_dir = tmp_path / "a" / "instruct_sft"
+    stage_dir.mkdir(parents=True)
+    evals = [{"step": s, "kind": "eval", "loss": loss, "student_ppl": ppl, "tokens": 9}
+             for s, loss, ppl in ((0, 3.0, 20.0), (4, 2.0, 7.5))]
+    (stage_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    manifest = {"teacher": None, "tokens": 1234, "chat_data": {"s": {"dropped": 1}},
+                "samples": {"before": [], "after": []}}
+    lines = _instruct_section({"a": {"sft_kd": manifest}}, tmp_path)
+    assert f"| a | `None` | 1,234 | - (plain SFT) | - | 20.00 | 7.50 | - | 1 | `{stage_dir / 'hf'}` |" in lines

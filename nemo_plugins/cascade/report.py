@@ -131,8 +131,10 @@ def _instruct_section(results: dict[str, dict], out_dir: Path) -> list[str]:
     for child, m in done.items():
         first, last = stage_evals(out_dir / child / "instruct_sft")
         dropped = sum(source["dropped"] for source in m["chat_data"].values())
-        lines.append(f"| {child} | `{m['teacher']}` | {m['tokens']:,} | {first['kl']:.3f} | {last['kl']:.3f} | "
-                     f"{_fmt(first['student_ppl'])} | {_fmt(last['student_ppl'])} | {_fmt(first['teacher_ppl'])} | "
+        kl = f"{first['kl']:.3f} | {last['kl']:.3f}" if "kl" in first else "- (plain SFT) | -"  # no teacher: no KL
+        teacher_ppl = _fmt(first["teacher_ppl"]) if "teacher_ppl" in first else "-"
+        lines.append(f"| {child} | `{m['teacher']}` | {m['tokens']:,} | {kl} | "
+                     f"{_fmt(first['student_ppl'])} | {_fmt(last['student_ppl'])} | {teacher_ppl} | "
                      f"{dropped} | `{out_dir / child / 'instruct_sft' / 'hf'}` |")
     lines.append("")
     for child, m in done.items():
