@@ -90,3 +90,23 @@ def test_fused_teacher_equals_dense_teacher_logits():
         grads.append(student.grad)
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_chunks_stay_under_the_allocator_block_limit_and_still_equal_the_naive_loss():
+    from nemo_plugins.distill.kl_loss import CPU_BLOCK_BYTES, chunk_rows
+
+    assert chunk_rows(256, 49152, torch.device("cpu")) == 128
+    assert chunk_rows(256, 49152, torch.device("cuda")) == 256, "GPUs keep the configured chunk"
+    assert chunk_rows(8, 50, torch.device("cpu")) == 8
+    vocab = CPU_BLOCK_BYTES // (4 * 7)  # 7 rows per chunk on the CPU although 1,000 are asked for
+    h, w, _, mask, labels = problem(tokens=23, vocab=50)
+    w = torch.randn(vocab, h.shape[1], generator=torch.Generator().manual_seed(1)) * 0.5
+    teacher = torch.randn(23, vocab, generator=torch.Generator().manual_seed(2))
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    fused = fused_kl_loss(h1, w1, teacher, mask, None, KLOptions(chunk_tokens=1000))
+    naive = naive_kl_loss(h2 @ w2.T, teacher, mask)
+    fused.backward()
+    naive.backward()
+    assert abs(fused.item() - naive.item()) <= 1e-4 * abs(naive.item())
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-5)
