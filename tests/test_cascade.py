@@ -228,6 +228,8 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
     assert all(m[0] == mixes[0][0] for m in mixes), "every ablation run starts from the same model and held-out data"
     short = [r for r in MetricsLog.read(reference / "a" / "distill_short" / "metrics.jsonl") if r["kind"] == "eval"]
     assert short[-1]["kl"] < short[0]["kl"]
+    cached = sorted((reference / "teacher_heldout").glob("*.pt"))
+    assert len(cached) == 2, f"one teacher held-out pass per row length (short, long), shared by both children: {cached}"
 
     pwrm = json.loads((reference / "pwrm" / "manifest.json").read_text())
     odpo = [json.loads((reference / child / "instruct_odpo" / "manifest.json").read_text()) for child in ("a", "b")]

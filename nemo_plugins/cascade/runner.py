@@ -65,6 +65,7 @@ INSTRUCT_SFT = "instruct_sft"
 INSTRUCT_ODPO = "instruct_odpo"
 PWRM = "pwrm"
 PARENT_LONG_CONTEXT = "parent_long_context.json"
+TEACHER_HELDOUT = "teacher_heldout"  # the parent's held-out pass, shared by every child's distillation stages
 
 
 @dataclass
@@ -189,7 +190,8 @@ def distill_child(inputs: CascadeInputs, plan: CascadePlan, stage: DistillStage,
 
     return run_stage(stage, inputs.parent, student, inputs.mix, inputs.tokenizer, inputs.tokenizer_dir, cursor, stage_dir,
                      parallel, manifest_extra={"child": child.name, "input": str(student)},
-                     resume_with_changes=inputs.resume_with_changes, before_work=start)
+                     resume_with_changes=inputs.resume_with_changes, before_work=start,
+                     heldout_cache=inputs.out_dir / TEACHER_HELDOUT)
 
 
 def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: str, hf_dir: Path):
