@@ -60,7 +60,7 @@ from nemo_plugins.rl.sft_kd import SFTStage
 from recipes._chat_data import load_chat_data
 from recipes._entry import hydra_entry
 from recipes.pwrm import load_pairs
-from recipes.tokenize import prebuilt_by
+from recipes.tokenize import mix_images, prebuilt_by
 
 
 def build_plan(cfg: DictConfig) -> CascadePlan:
@@ -170,7 +170,7 @@ def run(cfg: DictConfig) -> dict:
     if plan.reasoning_sft is not None:
         chat_format, reasoning_chat, problems = reasoning_data(cfg, plan, tok_dir)
     inputs = CascadeInputs(parent=parent, mix=build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction,
-                                                         prebuilt_by(cfg)),
+                                                         prebuilt_by(cfg), mix_images(cfg, parent)),
                            tokenizer=tokenizer, tokenizer_dir=tok_dir, prune_options=prune_options,
                            calibration=calibration, prune_eval=prune_eval, out_dir=out_dir, dtype=dtype,
                            sample_prompt=cfg.report.sample_prompt, sample_tokens=cfg.report.sample_tokens,

@@ -30,7 +30,7 @@ from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, checked, typed
 from nemo_plugins.output_lock import output_lock
 from recipes._entry import hydra_entry
-from recipes.tokenize import prebuilt_by
+from recipes.tokenize import mix_images, prebuilt_by
 
 
 def run(cfg: DictConfig) -> dict:
@@ -48,7 +48,8 @@ def run(cfg: DictConfig) -> dict:
     tok_dir = tokenizer_dir(teacher_source)
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, teacher_config)
-    mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction, prebuilt_by(cfg))
+    mix = build_mix(tokenizer, sources, cfg.data.cache_dir, cfg.data.heldout_fraction, prebuilt_by(cfg),
+                    mix_images(cfg, teacher_source))
     cursor = cursor_from_manifest(cfg.cursor, mix.identity())
     with output_lock(cfg.output_dir):
         return run_stage(stage, teacher_source, student_source, mix, tokenizer, tok_dir, cursor, Path(cfg.output_dir),

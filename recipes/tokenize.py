@@ -8,13 +8,16 @@
 The same overrides as the run it prepares (it composes the cascade's config), so it writes exactly the files the
 run opens: same tokenizer (model.source), same sources, same cache directory, same key. Each source is cut into
 ``parts`` pieces of about equal bytes, tokenised by ``workers`` spawned processes into part files, and merged in
-document order: the store is the same bytes for any number of parts, workers or array tasks. Conversations
-(``chat``) are rendered by this process alone, screened exactly as the stage that reads them screens them:
-``chat_data`` by ``stage.sft_kd``'s filters and system prompt (so ``recipes.sft stage@stage.sft_kd=reasoning_sft``
-finds its files), and with ``reasoning=true`` the cascade's ``reasoning_data`` by ``stage.reasoning_sft``'s and its
-``problem_data`` with that stage's system prompt alone. (Rendering unscreened files and refusing them in the stage
-would leave the cluster path, ``require_prebuilt: true``, with no way to build what the stage opens.) A run whose data config says ``require_prebuilt: true`` refuses to
-start without these files and prints this command with its own overrides (``prebuilt_by``).
+document order: the store is the same bytes for any number of parts, workers or array tasks. Interleaved
+image-text sources (``kind: interleaved``) are tokenised by this process alone, as the mix builds them (the token
+file and its images side file, ``data/interleaved.py``, with the parent's image settings and
+``data.max_image_side``); a text-only parent refuses them. Conversations (``chat``) are rendered by this process
+alone, screened exactly as the stage that reads them screens them: ``chat_data`` by ``stage.sft_kd``'s filters and
+system prompt (so ``recipes.sft stage@stage.sft_kd=reasoning_sft`` finds its files), and with ``reasoning=true``
+the cascade's ``reasoning_data`` by ``stage.reasoning_sft``'s and its ``problem_data`` with that stage's system
+prompt alone. (Rendering unscreened files and refusing them in the stage would leave the cluster path,
+``require_prebuilt: true``, with no way to build what the stage opens.) A run whose data config says
+``require_prebuilt: true`` refuses to start without these files and prints this command with its own overrides (``prebuilt_by``).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from omegaconf import DictConfig
 from nemo_plugins.convert.sources import ModelSource, source_config, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import RecordScreen, build_chat_mix
+from nemo_plugins.data.interleaved import ImageInputs, interleaved_file
 from nemo_plugins.data.mix import source_specs
 from nemo_plugins.data.token_store import BuildOptions, TokenFile, build_token_file
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
 from nemo_plugins.errors import ConfigError, checked
 from nemo_plugins.rl.sft_kd import SFTStage
+from nemo_plugins.vision.checkpoint import image_inputs
 from recipes._entry import hydra_entry
 
 logger = logging.getLogger(__name__)
@@ -71,6 +76,16 @@ def prebuilt_by(cfg: DictConfig, group: str = "data") -> str | None:
     return f"`{command} workers=<cpus>` (on Slurm: `sbatch slurm/tokenize.sbatch {shlex.join(kept)}`)"
 
 
+def mix_images(cfg: DictConfig, source: ModelSource) -> ImageInputs | None:
+    """The image settings ``data``'s interleaved sources are tokenised and read with: the model's (None for a
+    text-only model) with ``data.max_image_side``, the longest input side accepted before any resize."""
+    side = checked(cfg.data.max_image_side, int, "data.max_image_side")
+    if side < 1:
+        raise ConfigError(f"data.max_image_side={side} must be a positive number of pixels (the longest side an "
+                          "input image may have; larger ones are refused with file:line)")
+    return image_inputs(source, max_input_side=side)
+
+
 def run(cfg: DictConfig) -> dict:
     if not cfg.model.source:
         raise ConfigError("model.source is null: token files are keyed on the tokenizer of the model that reads "
@@ -82,7 +97,15 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, source_config(source))
     built = {}
-    for spec in source_specs(cfg.data.sources):
+    specs = source_specs(cfg.data.sources)
+    images = mix_images(cfg, source) if any(s.kind == "interleaved" for s in specs) else None
+    for spec in specs:
+        if spec.kind == "interleaved":
+            if options.shard is None:
+                built[spec.name] = build_interleaved(cfg, tokenizer, spec, images)
+            else:
+                print(f"{spec.name}: interleaved, tokenised by one process in the run without shard=")
+            continue
         started = time.perf_counter()
         result = build_token_file(tokenizer, list(spec.paths), cfg.data.cache_dir, spec.name, options)
         seconds = time.perf_counter() - started
@@ -99,6 +122,13 @@ def run(cfg: DictConfig) -> dict:
         for group, screen in chat_groups(cfg):
             built.update(render_chat(cfg, group, screen, tok_dir))
     return built
+
+
+def build_interleaved(cfg: DictConfig, tokenizer, spec, images: ImageInputs | None) -> dict:
+    """An interleaved source's token file and images side file, as ``build_mix`` opens them."""
+    file, index = interleaved_file(tokenizer, list(spec.paths), cfg.data.cache_dir, spec.name, images)
+    print(f"{spec.name}: {len(file):,} tokens, {len(index):,} images (interleaved) at {file.prefix}")
+    return {"prefix": str(file.prefix), "tokens": len(file), "images": len(index)}
 
 
 def chat_groups(cfg: DictConfig) -> list[tuple[str, RecordScreen | None]]:

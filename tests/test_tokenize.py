@@ -275,3 +275,23 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
                for group in ("reasoning_data", "problem_data")}
     assert screens == {"reasoning_data": stage.data_screen().fingerprint(),
                        "problem_data": stage.prompt_screen().fingerprint()}
+
+
+def _tokenize_interleaved(tmp_path, *overrides: str) -> dict:
+    from recipes.tokenize import run as tokenize
+
+    captions = "data.sources=[{name: captions, kind: interleaved, paths: ['builtin:captions?count=4&size=56'], weight: 1.0}]"
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return tokenize(compose("tokenize", overrides=[captions, f"data.cache_dir={tmp_path / 'tok'}", "posttrain=false",
+                                                       *overrides]))
+
+
+def test_interleaved_sources_need_a_vision_parent_and_a_valid_max_image_side(tmp_path):
+    """A text-only parent cannot tokenise image records (no text rows are built out of them), and the data config's
+    largest image side is checked by name; nothing is written either way."""
+    with pytest.raises(ConfigError, match=r"'captions' is interleaved \(images\) but the model has no vision part"):
+        _tokenize_interleaved(tmp_path, "model.source=embedded:smollm2")
+    for bad in ("0", "-5", "big"):
+        with pytest.raises(ConfigError, match=rf"data.max_image_side={bad}|data.max_image_side='{bad}'"):
+            _tokenize_interleaved(tmp_path, "model.source=embedded:smollm2", f"data.max_image_side={bad}")
+    assert not (tmp_path / "tok").exists()

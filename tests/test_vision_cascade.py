@@ -3,6 +3,9 @@
 fresh projectors, distilled through the one megatron training loop, exported as Mistral3 directories that
 transformers loads and runs on an image + text prompt with our logits."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from nemo_plugins.data.mix import build_mix, source_specs
 from nemo_plugins.data.tokenizer import load_tokenizer
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import typed
+from nemo_plugins.manifest import read_json
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.pipeline import PruneOptions
 from nemo_plugins.prune.stage import CalibrationData, PruneEval
@@ -26,6 +30,7 @@ from nemo_plugins.vision.config import IMAGE_TOKENS
 from nemo_plugins.vision.projector import build_projector
 from recipes._entry import CONF_DIR
 from recipes.cascade import build_plan
+from recipes.tokenize import run as tokenize
 from tests.conftest import tiny_config
 from tests.test_mistral3_source import VISION
 from tests.test_vision import TOKEN_PIXELS, our_logits, transformers_logits
@@ -147,3 +152,24 @@ def test_tiny_multimodal_cascade_keeps_the_encoder_and_trains_a_projector_per_ch
         tokens, images = image_prompt(child_vision)
         torch.testing.assert_close(our_logits(ours, tokens, images), transformers_logits(reference, tokens, images),
                                    atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenised_beforehand(multimodal_parent, tmp_path):
+    """``python -m recipes.tokenize`` then ``python -m recipes.cascade ... data.require_prebuilt=true`` with the
+    same overrides: the tokenize command writes the captions' token file and images side file exactly where the
+    cascade's mix opens them (it may not build any), and the first child's distill_short reads image rows."""
+    overrides = [*BASE, f"model.source=hf:{multimodal_parent}", f"data.cache_dir={tmp_path / 'tokens'}"]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        built = tokenize(compose("tokenize", overrides=overrides))
+    assert built["captions"]["images"] == 64 and Path(built["captions"]["prefix"] + ".images.json").is_file()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CASCADE_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "recipes.cascade", *overrides, f"output_dir={run_dir}",
+                           "until=a/distill_short", "data.require_prebuilt=true", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_json(run_dir / "a" / "distill_short" / "manifest.json")
+    assert manifest["cursor_end"]["rows"]["captions"] > 0 and manifest["cursor_end"]["rows"]["json"] > 0
+    assert source_vision(ModelSource("megatron", manifest["checkpoint"])) is not None  # the student kept its vision part
+    assert not (run_dir / "b").exists()

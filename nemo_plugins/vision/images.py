@@ -43,7 +43,8 @@ class ImageProcessing:
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ConfigError("vision.image_mean / image_std need 3 values (RGB), std > 0")
         if self.max_input_side < self.token_pixels:
-            raise ConfigError(f"vision.max_input_side={self.max_input_side} is smaller than one image token")
+            raise ConfigError(f"max_input_side={self.max_input_side} (data.max_image_side) is smaller than one image "
+                              f"token ({self.token_pixels} px)")
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, token_pixels: int, **changes) -> "ImageProcessing":
@@ -84,7 +85,7 @@ def open_image(path: str | Path, where: str, processing: ImageProcessing):
         raise DataError(f"{where}: cannot open image {path} ({err})") from None
     if max(image.size) > processing.max_input_side:
         raise DataError(f"{where}: image {path} is {image.size[0]}x{image.size[1]}, larger than "
-                        f"vision.max_input_side={processing.max_input_side}: shrink it or raise the limit")
+                        f"max_input_side={processing.max_input_side} (data.max_image_side): shrink it or raise the limit")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as err:
