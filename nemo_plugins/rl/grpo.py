@@ -53,7 +53,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_plugins.convert.sources import ModelSource, load_model
+from nemo_plugins.convert.sources import ModelSource
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.chat_prompts import ChatPrompts, Prompt
@@ -80,6 +80,7 @@ from nemo_plugins.rl.rollouts import response_text, sample_groups, tool_calls, t
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
+from nemo_plugins.vision.checkpoint import load_source_model
 
 logger = logging.getLogger(__name__)
 
@@ -505,7 +506,7 @@ def run_grpo_stage(stage: GRPOStage, policy_source: ModelSource, reference_sourc
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
     initialize(parallel, stage.train.seed)
     reference = frozen_model(reference_source, parallel, dtype) if stage.loss.kl_beta > 0 else None
-    _, policy = load_model(policy_source, parallel, dtype, speed=stage.train.speed)
+    _, policy = load_source_model(policy_source, parallel, dtype, speed=stage.train.speed)
     rewards = make_rewards()
     use_per_token_loss(policy)
     stream, filter_counts = filtered_prompts(policy, rewards, chat_format, stage, prompts, cursor, Path(out_dir))

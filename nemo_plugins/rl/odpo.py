@@ -35,7 +35,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_plugins.convert.sources import ModelSource, load_model
+from nemo_plugins.convert.sources import ModelSource
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.chat_prompts import ChatPrompts, Prompt
@@ -61,6 +61,7 @@ from nemo_plugins.rl.rollouts import sample_groups, tool_calls, tool_hook
 from nemo_plugins.sandbox import SandboxLimits
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
+from nemo_plugins.vision.checkpoint import load_source_model
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def run_odpo_stage(stage: ODPOStage, policy_source: ModelSource, reference_sourc
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
     initialize(parallel, stage.train.seed)
     reference = frozen_model(reference_source, parallel, dtype)
-    _, policy = load_model(policy_source, parallel, dtype, speed=stage.train.speed)
+    _, policy = load_source_model(policy_source, parallel, dtype, speed=stage.train.speed)
     judge = make_judge()
     use_per_token_loss(policy)
     evaluate = WinRate(policy, reference, judge, chat_format, stage, prompts.heldout(stage.eval_prompts))

@@ -39,7 +39,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 
-from nemo_plugins.convert.sources import ModelSource, load_model, source_config, tokenizer_dir
+from nemo_plugins.convert.sources import ModelSource, source_config, tokenizer_dir
 from nemo_plugins.data.chat import ChatFormat, load_chat_format
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.pairwise import Pair, pair_stats
@@ -54,6 +54,7 @@ from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabil
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
 from nemo_plugins.train.metrics import MetricsLog
+from nemo_plugins.vision.checkpoint import load_source_model
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def load_judge(manifest: str, policy: str | None = None, micro_batch_size: int =
     layout = ParallelConfig(tp=parallel_state.get_tensor_model_parallel_world_size(),
                             pp=parallel_state.get_pipeline_model_parallel_world_size())
     dtype = torch.bfloat16 if record["config"]["train"]["precision"] == "bfloat16" else torch.float32
-    _, model = load_model(source, layout, dtype)
+    _, model = load_source_model(source, layout, dtype)
     chat_format = load_chat_format(record["chat_format"], tokenizer_dir(source))
     return PairwiseJudge(model, chat_format, record["calibration"]["tau"], record["config"]["train"]["seq_len"],
                          micro_batch_size)
@@ -427,7 +428,7 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
                                     resume_with_changes, before_work)
     if done is not None:
         return done
-    _, model = load_model(source, parallel, dtype, speed=stage.train.speed)
+    _, model = load_source_model(source, parallel, dtype, speed=stage.train.speed)
     evaluate = HeldoutEvaluation(model, template, fit_set + test_set, stage.score_micro_batch_size)
     use_per_token_loss(model)
     run = TrainingRun(model, config, stage.train, stage.optimizer, Path(out_dir), tokenizer_path, stage.name, run_facts)

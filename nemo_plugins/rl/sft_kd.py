@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_plugins.convert.sources import ModelSource, load_model, source_config
+from nemo_plugins.convert.sources import ModelSource, source_config
 from nemo_plugins.data.batches import local_batch
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
@@ -56,6 +56,7 @@ from nemo_plugins.rl.filters import FilterSettings, screen
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.facts import RunFacts
 from nemo_plugins.train.loop import TrainingRun
+from nemo_plugins.vision.checkpoint import load_source_model
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def sample_model(source: ModelSource, parallel: ParallelConfig, dtype: torch.dty
     per step: no pipeline, context or sequence parallelism), so any training layout can report samples."""
     layout = generation_layout(parallel)
     initialize(layout, stage.train.seed)
-    _, model = load_model(source, layout, dtype)
+    _, model = load_source_model(source, layout, dtype)
     return chat_samples(model, chat_format, stage.sample)
 
 
@@ -268,11 +269,11 @@ def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: 
         return done
     samples = {"before": sample_model(student_source, parallel, dtype, chat_format, stage)}
     initialize(parallel, stage.train.seed)
-    _, student = load_model(student_source, parallel, dtype, speed=stage.train.speed)
+    _, student = load_source_model(student_source, parallel, dtype, speed=stage.train.speed)
     if stage.plain:
         result = train_plain(student, s_config, chat, stage, out_dir, cursor, tokenizer_dir, facts)
     else:
-        _, teacher_model = load_model(teacher_source, parallel, dtype)
+        _, teacher_model = load_source_model(teacher_source, parallel, dtype)
         result = train_with_distillation(student, s_config, Teacher(teacher_model), chat, stage.train,
                                          stage.optimizer, stage.kl, out_dir, cursor, tokenizer_dir, stage.name, facts)
         del teacher_model
