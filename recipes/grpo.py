@@ -15,6 +15,11 @@ Responses are graded by ``rl.rewards.build_rewards(stage.grpo.rewards, judge)`` 
 when the data has none. ``rewards={_target_: ...}`` replaces the graders altogether by any object with
 ``__call__(items) -> list[float]`` (a planted reward in tests). Running the same command again after a kill
 resumes from the newest checkpoint under output_dir and samples what the uninterrupted run sampled.
+
+Prompts are rendered as the policy was SFT'd to see them: ``stage.sft_kd`` is the SFT stage the policy comes from
+(default: the ``reasoning_sft`` preset), and its ``prompt_screen`` (its system prompt first, no filter) screens the
+problems, as the cascade screens its problem mix with its reasoning SFT stage's. A policy SFT'd without a system
+prompt: ``stage.sft_kd.system_prompt=null`` (the same override as its SFT run's).
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.chat import ChatFormat
+from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.mix import cursor_from_manifest
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.errors import ConfigError, checked, typed
 from nemo_plugins.output_lock import output_lock
 from nemo_plugins.rl.grpo import GRPOStage, run_grpo_stage
 from nemo_plugins.rl.rewards import Rewards, build_rewards
+from nemo_plugins.rl.sft_kd import SFTStage
 from recipes._chat_data import load_chat_data
 from recipes._entry import hydra_entry
 
@@ -44,6 +52,13 @@ def _targets(cfg: DictConfig, key: str) -> dict | None:
     return OmegaConf.to_container(node, resolve=True)
 
 
+def load_problems(cfg: DictConfig, tokenizer_path: Path) -> tuple[ChatFormat, ChatMix]:
+    """The chat format and the problem mix, screened by the policy's SFT stage (``stage.sft_kd``): a policy asked
+    without the system prompt it was trained with answers another distribution than the one it learnt."""
+    sft = SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd")
+    return load_chat_data(cfg, tokenizer_path, sft.prompt_screen())
+
+
 def run(cfg: DictConfig) -> dict:
     if not cfg.policy:
         raise ConfigError("policy is null: say which model to train, e.g. policy=megatron:runs/reasoning_sft/...")
@@ -54,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
     reference = ModelSource.parse(cfg.reference) if cfg.reference else policy
     initialize(parallel, stage.train.seed)
     policy_tokenizer = tokenizer_dir(policy)
-    chat_format, chat = load_chat_data(cfg, policy_tokenizer)
+    chat_format, chat = load_problems(cfg, policy_tokenizer)
     cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
 
     def make_rewards() -> Rewards:

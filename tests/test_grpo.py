@@ -1,6 +1,6 @@
 """GRPO: settings named when wrong, the filtered problem stream, a planted reward moving a tiny policy towards it,
-zero-advantage groups dropped and counted (no update), problem filtering counted, and a bit-identical SIGKILL
-resume of the recipe."""
+zero-advantage groups dropped and counted (no update), problem filtering counted, the recipe's problems asked with
+the policy's SFT system prompt, and a bit-identical SIGKILL resume of the recipe."""
 
 import json
 import random
@@ -28,6 +28,7 @@ from nemo_plugins.rl.grpo import (
 )
 from nemo_plugins.rl.online_stage import StepMetrics
 from nemo_plugins.rl.rollouts import sample_groups
+from nemo_plugins.rl.sft_kd import SFTStage
 from nemo_plugins.train.metrics import MetricsLog
 from tests import distributed_worker, grpo_worker, test_odpo
 from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
@@ -107,6 +108,30 @@ def test_the_paper_presets_compose():
     assert stem.sampling.max_new_tokens == 32768 and general.sampling.max_new_tokens == 81920
     assert general.sampling.group_size == stem.sampling.group_size == 16, "general inherits stem's settings"
     assert stem.problem_filter.samples > 0 and general.train.precision == "bfloat16"
+
+
+def test_the_recipe_asks_the_problems_with_the_policys_sft_system_prompt(tmp_path):
+    """Standalone as in the cascade: the reasoning SFT stage's system prompt goes first in every problem the policy
+    reads (it was trained with it; the judge's messages stay the record's own), and ``stage.sft_kd.system_prompt=null``
+    (a policy SFT'd without one) leaves the problems as they are."""
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoTokenizer
+
+    from recipes._entry import CONF_DIR
+    from recipes.grpo import load_problems
+
+    base = ["model=tiny", f"chat_data.cache_dir={tmp_path}", "chat_data.heldout_fraction=0.2",
+            "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=20'], weight: 1.0}]"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        screened, plain = (compose("grpo", base + extra) for extra in ([], ["stage.sft_kd.system_prompt=null"]))
+        reasoning_sft = compose("sft", ["stage@stage.sft_kd=reasoning_sft"]).stage.sft_kd
+    system = SFTStage.from_config(reasoning_sft, "stage.sft_kd").system_prompt
+    tokenizer = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
+    asked, bare = (ChatPrompts(load_problems(cfg, tokenizer)[1], 0, Cursor(), 1).heldout(4) for cfg in (screened, plain))
+    decode = AutoTokenizer.from_pretrained(tokenizer).decode
+    assert system and all(system in decode(p.ids) for p in asked)
+    assert not any(system in decode(p.ids) for p in bare)
+    assert [p.messages for p in asked] == [p.messages for p in bare], "the same problems"
 
 
 def test_the_filtered_stream_skips_dropped_problems_once(chat):
@@ -211,7 +236,7 @@ def _command(root, out_dir, steps, filter_samples=2):
     """The recipe with problem filtering and a KL term to a reference other than the policy (the student, without
     the planted end-of-turn row): the reference is loaded, and the KL is > 0 from the first step."""
     return [sys.executable, "-m", "recipes.grpo", "model=tiny", f"policy=megatron:{root / 'policy'}",
-            f"reference=megatron:{root / 'student'}", "stage.grpo.loss.kl_beta=0.05",
+            f"reference=megatron:{root / 'student'}", "stage.grpo.loss.kl_beta=0.05", "stage.sft_kd.system_prompt=null",
             "rewards={_target_: tests.test_grpo.SortingReward}", f"chat_data.cache_dir={root / 'chat'}",
             "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=100'], weight: 1.0}]",
             "chat_data.heldout_fraction=0.2", "stage.grpo.train.seq_len=92", "stage.grpo.train.micro_batch_size=1",
