@@ -3,6 +3,8 @@
 fresh projectors, distilled through the one megatron training loop, exported as Mistral3 directories that
 transformers loads and runs on an image + text prompt with our logits."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -15,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from nemo_plugins.cascade.runner import CascadeInputs, run_cascade
+from nemo_plugins.cascade.runner import CascadeInputs, run_cascade, sft_child
 from nemo_plugins.convert.sources import ModelSource, hf_dir
-from nemo_plugins.data.mix import build_mix, source_specs
+from nemo_plugins.data.mix import Cursor, build_mix, source_specs
 from nemo_plugins.data.tokenizer import load_tokenizer
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import typed
@@ -28,6 +30,7 @@ from nemo_plugins.prune.stage import CalibrationData, PruneEval
 from nemo_plugins.vision.checkpoint import image_inputs, load_vision_language_model, source_vision
 from nemo_plugins.vision.config import IMAGE_TOKENS
 from nemo_plugins.vision.projector import build_projector
+from recipes._chat_data import load_chat_data
 from recipes._entry import CONF_DIR
 from recipes.cascade import build_plan
 from recipes.tokenize import run as tokenize
@@ -173,3 +176,36 @@ def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenise
     assert manifest["cursor_end"]["rows"]["captions"] > 0 and manifest["cursor_end"]["rows"]["json"] > 0
     assert source_vision(ModelSource("megatron", manifest["checkpoint"])) is not None  # the student kept its vision part
     assert not (run_dir / "b").exists()
+
+
+SFT = ["posttrain=true", "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
+       "stage.sft_kd.train.seq_len=256", "stage.sft_kd.train.train_tokens=1024", "stage.sft_kd.optimizer.lr=3e-3",
+       "stage.sft_kd.train.eval_rows_per_source=2", "stage.sft_kd.sample.max_new_tokens=4"]
+
+
+@pytest.mark.slow
+def test_sft_of_a_vision_model_on_text_chat_exports_mistral3_with_its_encoder_and_projector(multimodal_parent, tmp_path):
+    """The cascade's SFT stage (``runner.sft_child``) on a Mistral3 base with text-only conversations: the checkpoint
+    stays vision-language and the export is a Mistral3 directory holding the base's encoder bit for bit and the
+    projector the SFT checkpoint carries, which transformers loads."""
+    run_dir = tmp_path / "run"
+    cfg = compose_tiny(multimodal_parent, run_dir, *SFT, f"chat_data.cache_dir={tmp_path / 'chat'}")
+    inputs, plan = cascade_inputs(cfg)
+    chat_format, chat = load_chat_data(cfg, inputs.tokenizer_dir, plan.sft.data_screen())
+    inputs = dataclasses.replace(inputs, chat=chat, chat_format=chat_format)
+    base = ModelSource.parse(f"hf:{multimodal_parent}")
+    done = sft_child(inputs, plan, plan.children[0], base, Cursor(), run_dir / "sft")
+    assert done["steps"] > 0 and done["cursor_end"]["rows"]["arithmetic"] > 0
+    _, _, trained = load_vision_language_model(ModelSource("megatron", done["checkpoint"]), ParallelConfig())
+    parent_tensors = load_file(str(multimodal_parent / "model.safetensors"))
+    exported_dir = run_dir / "sft" / "hf"
+    assert json.loads((exported_dir / "config.json").read_text())["architectures"] == ["Mistral3ForConditionalGeneration"]
+    exported = load_file(str(exported_dir / "model.safetensors"))
+    encoder = {k: v for k, v in parent_tensors.items() if k.startswith("vision_tower.")}
+    assert encoder and all(torch.equal(exported[k], t) for k, t in encoder.items())
+    assert all(torch.equal(t, encoder[f"vision_tower.{n}"]) for n, t in trained.vision_tower.state_dict().items())
+    projector = trained.multi_modal_projector.state_dict()
+    assert projector and all(torch.equal(exported[f"multi_modal_projector.{n}"], t) for n, t in projector.items())
+    text = [k for k in exported if k.startswith("language_model.") and "mlp" in k and k in parent_tensors]
+    assert text and any(not torch.equal(exported[k], parent_tensors[k]) for k in text), "SFT trained the language model"
+    transformers.Mistral3ForConditionalGeneration.from_pretrained(exported_dir, dtype=torch.float32)
