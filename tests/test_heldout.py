@@ -128,3 +128,56 @@ def test_report_has_a_row_per_child_and_source_and_the_parent_per_source(tmp_pat
     assert "| parent (teacher) | prose | | 9.00 | 9.00 | | 9.00 |" in lines
     assert not any(line.startswith("| b |") for line in lines), "a run evaluated without sources has no rows"
     assert _per_source_section({"b": {"distill_short": {}}}, tmp_path) == []
+
+
+def test_interleaved_sources_are_evaluated_with_their_images_on_text_targets(tmp_path):
+    """A mix with an image source: its held-out rows carry their images (teacher and student each with its own
+    projector) and count text targets only, equal to a naive recomputation with full logits; the text source's
+    figures are the text-only evaluation's, and only the image source's move when the student's projector does."""
+    from nemo_plugins.convert.sources import ModelSource
+    from nemo_plugins.data.mix import SourceSpec, build_mix
+    from nemo_plugins.data.tokenizer import load_tokenizer
+    from nemo_plugins.vision.checkpoint import load_vision_language_model
+    from tests.test_interleaved_data import PX, inputs, jsonl, picture
+    from tests.test_mistral3_source import TEXT, mistral3_model, save
+
+    source = ModelSource.parse(f"hf:{save(mistral3_model(TEXT['mistral']), tmp_path / 'm3')}")
+    _, _, teacher = load_vision_language_model(source, ParallelConfig())
+    _, _, student = load_vision_language_model(source, ParallelConfig(), fresh_projector=True)
+    with torch.no_grad():
+        student.output_weight().mul_(1.5)  # the student's text model differs too: the text source has a KL
+    tokenizer = load_tokenizer(tmp_path / "m3")
+    names = [picture(tmp_path / f"{i}.png", PX, 2 * PX, i) for i in range(80)]
+    pics = jsonl(tmp_path / "pics.jsonl", [{"parts": [{"text": f"w{40 + i % 7}"}, {"image": n}, {"text": "w42 w43"}]}
+                                           for i, n in enumerate(names)])
+    text = jsonl(tmp_path / "text.jsonl", [{"text": " ".join(f"w{20 + (i * j) % 50}" for j in range(30))}
+                                           for i in range(40)])
+    mix = build_mix(tokenizer, [SourceSpec("pics", [str(pics)], 1.0, "interleaved"), SourceSpec("text", [str(text)])],
+                    str(tmp_path / "cache"), 0.2, images=inputs())
+    heldout = heldout_set(mix, SEQ, 3)
+    assert heldout.sources == ("pics", "text") and heldout.row_source.tolist() == [0, 0, 0, 1, 1, 1]
+    assert all(heldout.images[r] for r in range(3)) and not any(heldout.images[3:])
+    result = evaluate_heldout(student, TeacherHeldout(Teacher(teacher), "m3"), heldout, micro_batch_size=2)
+    for k, name in enumerate(heldout.sources):
+        rows = torch.nonzero(heldout.row_source == k).flatten().tolist()
+        batch = local_batch(heldout.tokens[rows], heldout.positions[rows], heldout.target_mask[rows])
+        images = heldout.row_images(rows)
+        with torch.no_grad():
+            s_logp = torch.log_softmax(student(batch["tokens"], batch["positions"], images=images).float(), -1)
+            t_logp = torch.log_softmax(teacher(batch["tokens"], batch["positions"], images=images).float(), -1)
+        mask = batch["mask"].bool()
+        labels = batch["labels"][mask]
+        assert result[f"{name}/tokens"] == int(mask.sum())
+        assert result[f"{name}/kl"] == pytest.approx((t_logp.exp() * (t_logp - s_logp)).sum(-1)[mask].mean().item(),
+                                                     rel=1e-5)
+        assert result[f"{name}/student_ppl"] == pytest.approx(
+            math.exp(-s_logp[mask].gather(-1, labels[:, None]).mean().item()), rel=1e-5)
+    assert result["pics/tokens"] < 3 * (SEQ - 1), "image-token targets are out of the evaluation"
+    assert result["text/kl"] > 0 and result["pics/kl"] > 0
+    text_only = heldout_set(DataMix([mix.sources[1]], 0.2), SEQ, 3)
+    alone = evaluate_heldout(student, TeacherHeldout(Teacher(teacher), "m3"), text_only, micro_batch_size=2)
+    assert {k: v for k, v in result.items() if k.startswith("text/")} == {k: v for k, v in alone.items() if "/" in k}
+    with torch.no_grad():
+        student.multi_modal_projector.linear_2.weight.mul_(3.0)
+    moved = evaluate_heldout(student, TeacherHeldout(Teacher(teacher), "m3"), heldout, micro_batch_size=2)
+    assert moved["pics/kl"] != pytest.approx(result["pics/kl"], rel=1e-3) and moved["text/kl"] == result["text/kl"]

@@ -1,6 +1,10 @@
 """Held-out teacher-student KL and both models' perplexity on the same rows, without full logits: pooled over the
 mix's sources and per source (code and prose move differently under distillation), with the teacher's pass cached.
 
+A mix with interleaved image-text sources evaluates their held-out rows too, with the images (student and teacher
+each with its own projector), on text targets only (``text_target_mask``: image tokens are out of the KL and the
+perplexity, as in training); a text-only mix's rows and figures are exactly as before.
+
 Pooled figures are computed exactly as before per-source ones existed (same micro-batches, same float64 sums), so
 they do not move; each source's figures come from the same per-token values, restricted to its rows.
 
@@ -14,6 +18,7 @@ A changed teacher, held-out set or layout misses the cache and recomputes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -26,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_plugins.data.batches import local_batch
+from nemo_plugins.data.interleaved import text_target_mask
 from nemo_plugins.distill.kl_loss import FusedTeacher, token_kl_and_nll
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import device
@@ -48,20 +54,28 @@ class HeldoutSet:
     target_mask: torch.Tensor | None
     sources: tuple[str, ...]
     row_source: torch.Tensor
+    images: tuple[list, ...] | None = None  # per row, its ``RowImage`` list (a mix with interleaved sources)
 
     def fingerprint(self) -> str:
-        """Digest of the rows' contents (tokens, positions, mask): what the teacher's pass depends on."""
+        """Digest of the rows' contents (tokens, positions, mask, image pixels): what the teacher's pass depends on."""
         digest = hashlib.sha256()
-        for tensor in (self.tokens, self.positions, self.target_mask):
+        pixels = [image.pixels for row in self.images or () for image in row]
+        for tensor in (self.tokens, self.positions, self.target_mask, *pixels):
             if tensor is not None:
                 digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
                 digest.update(tensor.contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
 
+    def row_images(self, rows: range) -> list:
+        """The images of ``rows`` in row order: the model's ``images`` input for a micro-batch of them."""
+        return [image for i in rows for image in self.images[i]]
+
 
 def heldout_set(data, seq_len: int, rows_per_source: int) -> HeldoutSet:
     """``data.heldout_rows`` (a ``DataMix`` or ``ChatMix``) with each row's source: the mix's own ``heldout_rows``
     on a copy restricted to one source gives that source's row count (both mixes emit sources in order)."""
+    if getattr(data, "images", None) is not None:
+        return heldout_set_with_images(data, seq_len, rows_per_source)
     tokens, positions, *target_mask = data.heldout_rows(seq_len, rows_per_source)
     counts = []
     for source in data.sources:
@@ -76,6 +90,33 @@ def heldout_set(data, seq_len: int, rows_per_source: int) -> HeldoutSet:
     names = tuple(s.name for s in data.sources)
     row_source = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(counts))
     return HeldoutSet(tokens, positions, target_mask[0] if target_mask else None, names, row_source)
+
+
+def heldout_set_with_images(data, seq_len: int, rows_per_source: int) -> HeldoutSet:
+    """A ``DataMix`` with interleaved sources: every source's held-out rows, read by the mix itself one source at a
+    time (an image source read as text, then given the images of each of its tail's windows), the text-target
+    mask over all rows (all ones on text rows)."""
+    tokens, positions, images, counts = [], [], [], []
+    for source in data.sources:
+        view = copy.copy(data)
+        view.sources = [dataclasses.replace(source, images=None)]
+        try:
+            rows = view.heldout_rows(seq_len, rows_per_source)
+        except DataError:  # this source's held-out split holds no row of seq_len; the others may
+            counts.append(0)
+            continue
+        tokens.append(rows[0])
+        positions.append(rows[1])
+        counts.append(len(rows[0]))
+        start = data.train_end[source.name]  # the mix's held-out windows follow each other from the split
+        images += [[] if source.images is None else
+                   source.images.row_images(start + i * seq_len, start + (i + 1) * seq_len) for i in range(counts[-1])]
+    if not tokens:
+        raise DataError(f"held-out split holds fewer than {seq_len} tokens per source: raise data.heldout_fraction")
+    tokens_t = torch.cat(tokens)
+    row_source = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return HeldoutSet(tokens_t, torch.cat(positions), text_target_mask(tokens_t, data.images.vision),
+                      tuple(s.name for s in data.sources), row_source, tuple(images))
 
 
 def teacher_digest(teacher: Teacher) -> str:
@@ -113,9 +154,9 @@ class TeacherHeldout:
         text = f"{self.identity}|{self._weights}|{heldout.fingerprint()}|{micro_batch_size}|{layout}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def hidden(self, heldout: HeldoutSet, batches: list[tuple[torch.Tensor, torch.Tensor]],
-               micro_batch_size: int) -> list[torch.Tensor]:
-        """The teacher's hidden states per micro-batch of ``batches`` (this rank's part of ``heldout``)."""
+    def hidden(self, heldout: HeldoutSet, batches: list[tuple], micro_batch_size: int) -> list[torch.Tensor]:
+        """The teacher's hidden states per micro-batch of ``batches`` (this rank's part of ``heldout``: tokens,
+        positions and, with images, the model's keyword inputs)."""
         key = self.key(heldout, micro_batch_size)
         if key in self._memory:
             return self._memory[key]
@@ -164,7 +205,10 @@ def evaluate_heldout(student: torch.nn.Module, teacher: TeacherHeldout, heldout:
     locals_ = [local_batch(*(t[start : start + micro_batch_size] for t in rows)) for start in starts]
     sources_ = [local_batch(token_sources[start : start + micro_batch_size], rows[1][start : start + micro_batch_size])
                 ["tokens"].reshape(-1) for start in starts]
-    batches = [(local["tokens"], local["positions"]) for local in locals_]
+    my_rows = range(dp_rank, len(heldout.tokens), dp_size)
+    model_inputs = [{"images": heldout.row_images(my_rows[start : start + micro_batch_size])} if heldout.images
+                    else {} for start in starts]  # the teacher's third micro-batch item, the student's keywords
+    batches = [(local["tokens"], local["positions"], *([kw] if kw else [])) for local, kw in zip(locals_, model_inputs)]
     last_stage = parallel_state.is_pipeline_last_stage()
     teacher_hidden = teacher.hidden(heldout, batches, micro_batch_size)  # every stage: the teacher's pipeline
     if not last_stage:
@@ -173,7 +217,7 @@ def evaluate_heldout(student: torch.nn.Module, teacher: TeacherHeldout, heldout:
     sequence_parallel = student.config.sequence_parallel
     n_sources = len(heldout.sources)
     totals = torch.zeros(1 + n_sources, 4, dtype=torch.float64)  # row 0 pooled, then one row per source
-    for local, token_source, batch, hidden_t in zip(locals_, sources_, batches, teacher_hidden):
+    for local, token_source, batch, kw, hidden_t in zip(locals_, sources_, batches, model_inputs, teacher_hidden):
         labels, mask = local["labels"].reshape(-1), local["mask"].reshape(-1)
 
         def reduce(hidden, hidden_t=hidden_t, labels=labels, mask=mask, token_source=token_source):
@@ -184,7 +228,7 @@ def evaluate_heldout(student: torch.nn.Module, teacher: TeacherHeldout, heldout:
                                                   for name in METRICS]) for k in range(n_sources)])
             return {**pooled, "by_source": by_source}
 
-        for out in forward_only(student, [(*batch, None)], reduce, forward_kwargs={"return_hidden": True}):
+        for out in forward_only(student, [(*batch[:2], None)], reduce, forward_kwargs={"return_hidden": True, **kw}):
             totals[0] += torch.stack([out["kl"], out["student_nll"], out["teacher_nll"], mask.double().sum().cpu()])
             counts = [(mask * (token_source == k)).double().sum().cpu() for k in range(n_sources)]
             totals[1:] += torch.cat([out["by_source"], torch.stack(counts)[:, None]], dim=1)
