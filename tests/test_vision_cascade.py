@@ -162,7 +162,8 @@ def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenise
     """``python -m recipes.tokenize`` then ``python -m recipes.cascade ... data.require_prebuilt=true`` with the
     same overrides: the tokenize command writes the captions' token file and images side file exactly where the
     cascade's mix opens them (it may not build any), and the first child's distill_short reads image rows."""
-    overrides = [*BASE, f"model.source=hf:{multimodal_parent}", f"data.cache_dir={tmp_path / 'tokens'}"]
+    overrides = [*BASE, f"model.source=hf:{multimodal_parent}", f"data.cache_dir={tmp_path / 'tokens'}",
+                 "data.heldout_fraction=0.1"]  # a held-out row of the captions
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         built = tokenize(compose("tokenize", overrides=overrides))
     assert built["captions"]["images"] == 64 and Path(built["captions"]["prefix"] + ".images.json").is_file()
@@ -174,6 +175,7 @@ def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenise
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_json(run_dir / "a" / "distill_short" / "manifest.json")
     assert manifest["cursor_end"]["rows"]["captions"] > 0 and manifest["cursor_end"]["rows"]["json"] > 0
+    assert manifest["eval"]["captions/tokens"] > 0, "the captions' held-out rows are evaluated with their images"
     assert source_vision(ModelSource("megatron", manifest["checkpoint"])) is not None  # the student kept its vision part
     assert not (run_dir / "b").exists()
 
@@ -209,3 +211,25 @@ def test_sft_of_a_vision_model_on_text_chat_exports_mistral3_with_its_encoder_an
     text = [k for k in exported if k.startswith("language_model.") and "mlp" in k and k in parent_tensors]
     assert text and any(not torch.equal(exported[k], parent_tensors[k]) for k in text), "SFT trained the language model"
     transformers.Mistral3ForConditionalGeneration.from_pretrained(exported_dir, dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_the_distill_command_distils_a_mistral3_student_on_image_rows(multimodal_parent, tmp_path):
+    """``python -m recipes.distill`` with a Mistral3 teacher and student on the captions alone: image rows read,
+    the student's checkpoint vision-language; an image larger than ``data.max_image_side`` stops it with one line."""
+    captions = "data.sources=[{name: captions, kind: interleaved, paths: ['builtin:captions?count=64&seed=0&size=56']," \
+               " weight: 1.0}]"
+    command = [sys.executable, "-m", "recipes.distill", f"model.source=hf:{multimodal_parent}", "model.architecture=null",
+               f"student=hf:{multimodal_parent}", captions, f"data.cache_dir={tmp_path / 'tokens'}",
+               "data.heldout_fraction=0.2", "stage.distill.train.seq_len=64", "stage.distill.train.train_tokens=512",
+               "stage.distill.train.eval_rows_per_source=2", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CASCADE_CACHE_DIR": str(tmp_path)}
+    refused = subprocess.run([*command, f"output_dir={tmp_path / 'small'}", "data.max_image_side=48"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "larger than max_input_side=48 (data.max_image_side)" in refused.stderr
+    done = subprocess.run([*command, f"output_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_json(tmp_path / "run" / "manifest.json")
+    assert manifest["cursor_end"]["rows"]["captions"] > 0 and manifest["eval"]["captions/tokens"] > 0
+    assert source_vision(ModelSource("megatron", manifest["checkpoint"])) is not None
