@@ -10,9 +10,13 @@ paper's starting point). The problems (``--problems-source``):
   the SFT run on the same file must not add its own: ``stage.sft_kd.system_prompt=null``);
 - ``reasoning_math``: ``builtin:reasoning_math`` (word problems, linear equations, unit conversions): a demo child
   solves ~none of them, so every group has zero advantage and GRPO has nothing to learn from.
-The held-out tail of the source (``heldout_fraction`` 0.05) is never trained on, by SFT or GRPO. The run is
-``recipes.grpo`` as a user runs it (problem filtering on), in a subprocess; the script then prints the eval curve
-and the step means as a markdown block for bench/RESULTS.md. Not part of the test suite (tens of minutes on CPU).
+The held-out tail of the source (``--heldout-fraction``, 0.05) is never trained on, by SFT or GRPO: the SFT run
+must use the same fraction. The run is ``recipes.grpo`` as a user runs it (``stage.sft_kd.system_prompt=null``:
+the records carry their own system message, and so did the SFT run's), in a subprocess, its math reward wrapped
+by ``GradedLog`` so that every graded response's verdict and format land in ``graded.jsonl``; the script then
+prints the eval curve (held-out pass@1 with its binomial standard error, the share of responses with a well-formed
+final answer and the pass rate among those: how much of a rise is format, how much correctness) and the step means
+as a markdown block for bench/RESULTS.md. Not part of the test suite (tens of minutes on CPU).
 
     python bench/grpo_arithmetic.py --write-problems runs/bench_grpo_data/two_step.jsonl   # the file for SFT
     python bench/grpo_arithmetic.py [--policy embedded:smollm2] [--steps 16] [--max-new-tokens 64] [--out runs/bench_grpo]
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -32,6 +37,8 @@ from pathlib import Path
 from nemo_plugins.generation.tools import format_exact
 from nemo_plugins.rl.grpo import STEP_METRICS
 from nemo_plugins.rl.online_stage import StepMetrics
+from nemo_plugins.rl.rewards import RewardSettings, build_rewards
+from nemo_plugins.rl.rewards.math import well_formed
 from nemo_plugins.train.metrics import MetricsLog
 
 SYSTEM = "Work the sum out step by step, then give the final answer on a last line 'Answer: <value>'."
@@ -64,6 +71,23 @@ def easy_arithmetic(count: int, seed: int, max_operand: int) -> list[dict]:
     return records
 
 
+class GradedLog:
+    """The stage's math reward, and one JSON line per graded response (question, reward, well-formed: a closed
+    think block then an ``Answer:`` line) appended to ``log``: the bench splits a pass@1 change into format and
+    correctness from it."""
+
+    def __init__(self, log: str):
+        self.log, self.math = Path(log), build_rewards(RewardSettings(), None)
+
+    def __call__(self, items) -> list[float]:
+        rewards = self.math(items)
+        with self.log.open("a") as f:
+            for item, reward in zip(items, rewards):
+                f.write(json.dumps({"question": item.messages[-1]["content"], "reward": reward,
+                                    "well_formed": well_formed(item.response)}) + "\n")
+        return rewards
+
+
 def write_problems(path: Path, args: argparse.Namespace) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     records = easy_arithmetic(args.count, args.seed, args.max_operand)
@@ -87,13 +111,48 @@ def command(args: argparse.Namespace) -> list[str]:
             f"stage.grpo.train.train_tokens={args.steps * args.problems * seq_len}",
             f"stage.grpo.train.eval_interval={args.eval_interval}", f"stage.grpo.train.save_interval={args.steps}",
             f"stage.grpo.optimizer.lr={args.lr}", f"stage.grpo.optimizer.min_lr={args.lr}",
+            f"stage.grpo.optimizer.warmup_fraction={args.warmup_fraction}", f"chat_data.heldout_fraction={args.heldout_fraction}",
+            "stage.sft_kd.system_prompt=null", f"rewards={{_target_: bench.grpo_arithmetic.GradedLog, log: '{graded_log(args).resolve()}'}}",
             f"stage.grpo.sampling.group_size={args.group_size}", f"stage.grpo.sampling.temperature={args.temperature}", f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
             f"stage.grpo.problem_filter.samples={args.filter_samples}", f"stage.grpo.eval_prompts={args.eval_problems}",
             f"output_dir={args.out}"]
 
 
+def graded_log(args: argparse.Namespace) -> Path:
+    return args.out.parent / f"{args.out.name}_graded.jsonl"
+
+
+def heldout_questions(args: argparse.Namespace) -> set[str]:
+    """The user turns of the source's held-out tail (the chat mix holds out its last ``heldout_fraction``)."""
+    path = args.out.parent / f"{args.out.name}_data" / "two_step.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["messages"][-2]["content"] for r in records[int(len(records) * (1.0 - args.heldout_fraction)):]}
+
+
+def eval_formats(args: argparse.Namespace, evaluations: int, problems: int) -> list[tuple[float, float]]:
+    """Per evaluation, (share of well-formed responses, pass rate among those), from the graded log's held-out
+    lines in order (each evaluation grades the same ``problems`` held-out problems once)."""
+    heldout = heldout_questions(args)
+    lines = [json.loads(line) for line in graded_log(args).read_text().splitlines()]
+    lines = [r for r in lines if r["question"] in heldout]
+    if len(lines) != evaluations * problems:
+        raise SystemExit(f"{graded_log(args)}: {len(lines)} held-out verdicts for {evaluations} x {problems}")
+    shares = []
+    for i in range(evaluations):
+        chunk = lines[i * problems : (i + 1) * problems]
+        formed = [r for r in chunk if r["well_formed"]]
+        shares.append((len(formed) / problems, sum(r["reward"] for r in formed) / max(len(formed), 1)))
+    return shares
+
+
 def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
+    n = int(evals[0]["problems"])
+    formats = eval_formats(args, len(evals), n) if args.problems_source == "two_step" else [(math.nan, math.nan)] * len(evals)
+
+    def se(p: float) -> float:
+        return math.sqrt(p * (1 - p) / n)
+
     steps = StepMetrics.read(out / STEP_METRICS)
     manifest = json.loads((out / "manifest.json").read_text())
     lines = [f"problems {args.problems_source}"
@@ -102,12 +161,15 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              f"at T={args.temperature}, "
              f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, {wall / 60:.1f} min wall",
              f"problem filter ({args.filter_samples} samples each): {manifest['problem_filter']}",
-             f"held-out pass@1 (greedy, {evals[0]['problems']:.0f} problems): {evals[0]['pass_at_1']:.3f} at the start, "
-             f"{evals[-1]['pass_at_1']:.3f} after step {evals[-1]['step']}; truncation rate "
+             f"held-out pass@1 (greedy, {n} problems): {evals[0]['pass_at_1']:.3f} +- {se(evals[0]['pass_at_1']):.3f} "
+             f"at the start, {evals[-1]['pass_at_1']:.3f} +- {se(evals[-1]['pass_at_1']):.3f} after step "
+             f"{evals[-1]['step']} (binomial SE); well-formed answers {formats[0][0]:.3f} -> {formats[-1][0]:.3f}, "
+             f"pass rate among them {formats[0][1]:.3f} -> {formats[-1][1]:.3f}; truncation rate "
              f"{evals[0]['truncation_rate']:.3f} -> {evals[-1]['truncation_rate']:.3f}",
-             "", "| step | held-out pass@1 | mean reward | truncation rate | response tokens |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['step']} | {r['pass_at_1']:.3f} | {r['reward']:.3f} | {r['truncation_rate']:.3f} | "
-              f"{r['response_tokens']:.1f} |" for r in evals]
+             "", "| step | held-out pass@1 (SE) | well-formed | pass among well-formed | truncation rate | response tokens |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['step']} | {r['pass_at_1']:.3f} ({se(r['pass_at_1']):.3f}) | {shape:.3f} | {solved:.3f} | "
+              f"{r['truncation_rate']:.3f} | {r['response_tokens']:.1f} |" for r, (shape, solved) in zip(evals, formats)]
     lines += ["", "| step | train reward | pass rate | kept groups | zero-adv. groups | truncation | clip fraction |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r['reward']:.3f} | {r['pass_rate']:.3f} | {r['kept_groups']:.0f} | "
@@ -124,6 +186,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--temperature", type=float, default=1.0, help="of the G training samples (eval: greedy)")
+    parser.add_argument("--warmup-fraction", type=float, default=0.0)
+    parser.add_argument("--heldout-fraction", type=float, default=0.05, help="the SFT run's chat_data.heldout_fraction")
     parser.add_argument("--filter-samples", type=int, default=4)
     parser.add_argument("--eval-problems", type=int, default=48)
     parser.add_argument("--eval-interval", type=int, default=4)
@@ -138,6 +202,7 @@ def main() -> None:
         print(write_problems(args.write_problems, args))
         return
     started = time.monotonic()
+    graded_log(args).unlink(missing_ok=True)
     subprocess.run(command(args), check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     print(report(args.out, args, time.monotonic() - started))
 
