@@ -119,6 +119,13 @@ def _softmax(logits: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
     return shifted.sub_(sum_exp.log()), exp.div_(sum_exp)
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` of two [rows x vocab] blocks as one batched GEMV: no [rows x vocab] product is written.
+    ``torch.linalg.vecdot`` (elementwise product, then a sum) took 21 ms on a 128 x 49,152 chunk on one CPU
+    thread, this 6.7 ms: the KL's largest elementwise cost after the two ``log_softmax``."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
 def _vocab_start(vocab_local: int, group) -> int:
     return (dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0) * vocab_local
 
@@ -129,11 +136,11 @@ def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions,
     logp_s, p_s = _softmax(z_student / t if t != 1.0 else z_student, group)
     logp_t, p_t = _softmax(z_teacher / t if t != 1.0 else z_teacher, group)
     if options.reverse:
-        per_vocab = p_s * (logp_s - logp_t)
-        kl = _all_reduce(per_vocab.sum(-1), dist.ReduceOp.SUM, group)
-        grad = p_s * (logp_s - logp_t - kl[:, None]) / t
+        log_ratio = logp_s - logp_t
+        kl = _all_reduce(_row_dot(p_s, log_ratio), dist.ReduceOp.SUM, group)
+        grad = p_s * log_ratio.sub_(kl[:, None]) / t
     else:
-        kl = _all_reduce(torch.linalg.vecdot(p_t, logp_t - logp_s), dist.ReduceOp.SUM, group)
+        kl = _all_reduce(_row_dot(p_t, logp_t - logp_s), dist.ReduceOp.SUM, group)
         grad = p_s.sub(p_t) if options.ce_weight > 0 else p_s.sub_(p_t)  # p_s is still needed for the CE term
         if t != 1.0:
             grad.div_(t)
@@ -241,7 +248,7 @@ def token_kl_and_nll(hidden: torch.Tensor, weight: torch.Tensor, teacher: FusedT
         rows = slice(start, start + step)
         logp_s, _ = _softmax((hidden[rows] @ weight.T).float(), tp_group)
         logp_t, p_t = _softmax(teacher.chunk(rows), tp_group)
-        out["kl"][rows] = _all_reduce((p_t * (logp_t - logp_s)).sum(-1), dist.ReduceOp.SUM, tp_group)
+        out["kl"][rows] = _all_reduce(_row_dot(p_t, logp_t - logp_s), dist.ReduceOp.SUM, tp_group)
         local = labels[rows] - vocab_start
         here = (local >= 0) & (local < vocab_local)
         out["student_nll"][rows] = nll(logp_s, local, here)
