@@ -14,8 +14,8 @@ before the first step.
 
 Sources of ``kind: interleaved`` (image-text JSONL, ``interleaved.py``) are token files like the others plus an image
 index; a mix holding one hands out each row's images (``RowImage``) and a target mask without image-token targets
-beside the tokens. Their held-out tail is reserved like any source's but the held-out evaluation reads text sources
-only (it runs without images).
+beside the tokens. Their held-out tail is reserved like any source's; the held-out evaluation (``distill/heldout.py``)
+reads it one source at a time, with its images.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class DataMix:
         """Evaluation rows from the held-out tail of every source (never part of training)."""
         rows = []
         for s in self.sources:
-            if s.images is not None:  # evaluated without images: its tail stays reserved, unread
+            if s.images is not None:  # read with its images by distill/heldout.heldout_set_with_images
                 continue
             start = self.train_end[s.name]
             for i in range(max_rows_per_source):
