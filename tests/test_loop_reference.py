@@ -5,7 +5,8 @@ until=child_14b_like/distill_short` written by the distillation trainer that the
 re-recorded once when the loss became a global per-token mean through megatron's per-token path (the gradient is
 the same for the demo's equal token counts; the summation order is not: every figure moved by <= 1.0e-6 relative),
 and re-recorded when the demo changed on purpose (issue 14: the paper-shaped children, first child 30L/576h/768f
-tied; the local spec's attention through SDPA; prose in the data mix). Every train and eval record (loss, lr, grad
+tied; the local spec's attention through SDPA; prose in the data mix), and once more for the doubled distill_short
+budget (24 steps), the CPU KL kernels' summation order (<= 1e-6 relative) and the per-source held-out figures. Every train and eval record (loss, lr, grad
 norm, tokens read, held-out KL and perplexities) must be equal bit for bit. If the demo's shapes, data or budgets
 change on purpose, re-record the asset with that command.
 """
