@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -34,6 +35,17 @@ from nemo_plugins.parallel_ops import flatten_tokens, full_sequence, summed_logs
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.facts import RunFacts
 from nemo_plugins.train.loop import DataStream, TrainingRun
+
+
+def mean_loss_schedule(ddp: torch.nn.Module, micro: list, train: TrainSettings, forward_step: Callable,
+                       count_key: str) -> float:
+    """One forward-backward schedule over this rank's micro-batches whose loss functions log ``loss_sum`` and
+    ``count_key``; returns their global ratio (the mean loss per target token / row of the global batch)."""
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp], num_microbatches=len(micro),
+        seq_length=train.seq_len, micro_batch_size=train.micro_batch_size, forward_only=False)
+    loss_sum, count = summed_logs(outputs, ("loss_sum", count_key))
+    return loss_sum / max(count, 1.0)
 
 
 def split_micro_batches(batch: tuple, train: TrainSettings) -> list[dict[str, torch.Tensor]]:

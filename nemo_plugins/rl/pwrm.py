@@ -45,11 +45,11 @@ from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.pairwise import Pair, pair_stats
 from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
-from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
+from nemo_plugins.distill.step import mean_loss_schedule, require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device
 from nemo_plugins.errors import ConfigError, DataError, typed_stage
 from nemo_plugins.manifest import read_json, write_manifest
-from nemo_plugins.parallel_ops import full_sequence, summed_logs, tp_group
+from nemo_plugins.parallel_ops import full_sequence, tp_group
 from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabilities, reliability_plot, top_label
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.loop import TrainingRun
@@ -337,11 +337,7 @@ class PWRMStep:
 
             return output, loss_func
 
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp], num_microbatches=len(micro),
-            seq_length=self.train.seq_len, micro_batch_size=self.train.micro_batch_size, forward_only=False)
-        loss_sum, count = summed_logs(outputs, ("loss_sum", "rows"))
-        return loss_sum / max(count, 1.0)
+        return mean_loss_schedule(ddp, micro, self.train, forward_step, "rows")
 
     def _micro_batches(self, batch: tuple) -> list[dict[str, torch.Tensor]]:
         """This data-parallel rank's rows as micro-batches on this rank's device."""

@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_plugins.convert.sources import ModelSource, source_config
 from nemo_plugins.data.batches import local_batch
@@ -39,6 +38,7 @@ from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distill.stage import check_teacher_student, finish_training_stage, prepare_stage
 from nemo_plugins.distill.step import (
+    mean_loss_schedule,
     require_per_token_loss,
     split_micro_batches,
     train_with_distillation,
@@ -51,7 +51,7 @@ from nemo_plugins.eval.chat_samples import chat_samples
 from nemo_plugins.generation.torch_engine import generation_layout
 from nemo_plugins.manifest import write_manifest
 from nemo_plugins.model.forward import forward_only
-from nemo_plugins.parallel_ops import sum_from_last_stage, summed_logs
+from nemo_plugins.parallel_ops import sum_from_last_stage
 from nemo_plugins.rl.filters import FilterSettings, screen
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.facts import RunFacts
@@ -206,11 +206,7 @@ class PlainSFTStep:
 
             return output, loss_func
 
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp], num_microbatches=len(micro),
-            seq_length=self.train.seq_len, micro_batch_size=self.train.micro_batch_size, forward_only=False)
-        loss_sum, count = summed_logs(outputs, ("loss_sum", "tokens"))
-        return loss_sum / max(count, 1.0)
+        return mean_loss_schedule(ddp, micro, self.train, forward_step, "tokens")
 
 
 @torch.no_grad()
