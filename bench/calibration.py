@@ -32,7 +32,9 @@ def main() -> None:
     source = ModelSource.parse("embedded:smollm2")
     config, model = load_model(source, ParallelConfig())
     tokenizer = load_tokenizer(tokenizer_dir(source))
-    tokens, positions = pack_text(tokenizer, ["stdlib:asyncio", "stdlib:email"], args.seq_len, args.tokens // args.seq_len)
+    tokens, positions = pack_text(
+        tokenizer, ["stdlib:asyncio", "stdlib:email"], args.seq_len, args.tokens // args.seq_len
+    )
     mb = args.micro_batch_size
     batches = [(tokens[i : i + mb], positions[i : i + mb], None) for i in range(0, len(tokens), mb)]
     forward_only(model, batches[:1])  # warm-up
@@ -41,7 +43,9 @@ def main() -> None:
     print(f"device: {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; "
           f"{tokens.numel()} tokens of real text; plain forward {plain:.2f} s ({tokens.numel() / plain:,.0f} tokens/s)")
     for want in (("layers", "hidden", "ffn"), ("layers",), ("hidden",), ("ffn",)):
-        seconds = min(timed(lambda: calibrate(model, config, tokens, positions, want, mb, progress=False)) for _ in range(2))
+        seconds = min(
+            timed(lambda: calibrate(model, config, tokens, positions, want, mb, progress=False)) for _ in range(2)
+        )
         print(f"calibration {'+'.join(want):<18} {seconds:.2f} s   ratio to forward {seconds / plain:.2f}")
     shutdown()
 

@@ -23,7 +23,8 @@ if sys.argv[1] == "gguf":
 else:
     from recipes import convert
     convert.run(convert.parse_args(["--src", "embedded:smollm2", "--to-megatron", sys.argv[2]]))
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb}))
 """
 
 
@@ -38,7 +39,8 @@ def main() -> None:
         gguf = run_step("gguf", env)
         megatron = run_step("megatron", env, os.path.join(tmp, "megatron"))
     print(f"GGUF (Q4_1) -> HF fp32 safetensors: {gguf['seconds']:.1f} s, peak RSS {gguf['peak_rss_gb']:.2f} GiB")
-    print(f"HF -> megatron dist checkpoint:     {megatron['seconds']:.1f} s, peak RSS {megatron['peak_rss_gb']:.2f} GiB")
+    print(f"HF -> megatron dist checkpoint:     {megatron['seconds']:.1f} s, "
+          f"peak RSS {megatron['peak_rss_gb']:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ def te_vs_local(name: str, config: MistralConfig, scale: Scale, state: dict) -> 
     te_error = relative_error(logits(torch.bfloat16, use_te=True), reference)
     bound = max(2 * local_error, BF16_FLOOR)
     return Row(name, "ok" if te_error <= bound else "FAIL",
-               f"relative L2 error to fp32 local: TE bf16 {te_error:.1e}, local bf16 {local_error:.1e} (bound {bound:.1e})")
+               f"relative L2 error to fp32 local: TE bf16 {te_error:.1e}, local bf16 {local_error:.1e} "
+               f"(bound {bound:.1e})")
 
 
 def _synchronise() -> None:

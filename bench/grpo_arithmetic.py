@@ -19,7 +19,8 @@ final answer and the pass rate among those: how much of a rise is format, how mu
 as a markdown block for bench/RESULTS.md. Not part of the test suite (tens of minutes on CPU).
 
     python bench/grpo_arithmetic.py --write-problems runs/bench_grpo_data/two_step.jsonl   # the file for SFT
-    python bench/grpo_arithmetic.py [--policy embedded:smollm2] [--steps 16] [--max-new-tokens 64] [--out runs/bench_grpo]
+    python bench/grpo_arithmetic.py [--policy embedded:smollm2] [--steps 16] [--max-new-tokens 64]
+                                    [--out runs/bench_grpo]
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def easy_arithmetic(count: int, seed: int, max_operand: int) -> list[dict]:
         answer = format_exact(step(a, b))
         records.append({"messages": [{"role": "system", "content": SYSTEM},
                                      {"role": "user", "content": f"What is {a} {sign} {b}?"},
-                                     {"role": "assistant", "thinking": "\n".join(lines), "content": f"Answer: {answer}"}],
+                                     {"role": "assistant", "thinking": "\n".join(lines),
+                                      "content": f"Answer: {answer}"}],
                         "meta": {"reward": "math", "answer": answer, "source": "easy_arithmetic"}})
     return records
 
@@ -111,9 +113,13 @@ def command(args: argparse.Namespace) -> list[str]:
             f"stage.grpo.train.train_tokens={args.steps * args.problems * seq_len}",
             f"stage.grpo.train.eval_interval={args.eval_interval}", f"stage.grpo.train.save_interval={args.steps}",
             f"stage.grpo.optimizer.lr={args.lr}", f"stage.grpo.optimizer.min_lr={args.lr}",
-            f"stage.grpo.optimizer.warmup_fraction={args.warmup_fraction}", f"chat_data.heldout_fraction={args.heldout_fraction}",
-            "stage.sft_kd.system_prompt=null", f"rewards={{_target_: bench.grpo_arithmetic.GradedLog, log: '{graded_log(args).resolve()}'}}",
-            f"stage.grpo.sampling.group_size={args.group_size}", f"stage.grpo.sampling.temperature={args.temperature}", f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
+            f"stage.grpo.optimizer.warmup_fraction={args.warmup_fraction}",
+            f"chat_data.heldout_fraction={args.heldout_fraction}",
+            "stage.sft_kd.system_prompt=null",
+            f"rewards={{_target_: bench.grpo_arithmetic.GradedLog, log: '{graded_log(args).resolve()}'}}",
+            f"stage.grpo.sampling.group_size={args.group_size}",
+            f"stage.grpo.sampling.temperature={args.temperature}",
+            f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
             f"stage.grpo.problem_filter.samples={args.filter_samples}", f"stage.grpo.eval_prompts={args.eval_problems}",
             f"output_dir={args.out}"]
 
@@ -148,7 +154,10 @@ def eval_formats(args: argparse.Namespace, evaluations: int, problems: int) -> l
 def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
     n = int(evals[0]["problems"])
-    formats = eval_formats(args, len(evals), n) if args.problems_source == "two_step" else [(math.nan, math.nan)] * len(evals)
+    if args.problems_source == "two_step":
+        formats = eval_formats(args, len(evals), n)
+    else:
+        formats = [(math.nan, math.nan)] * len(evals)
 
     def se(p: float) -> float:
         return math.sqrt(p * (1 - p) / n)
@@ -166,14 +175,18 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              f"{evals[-1]['step']} (binomial SE); well-formed answers {formats[0][0]:.3f} -> {formats[-1][0]:.3f}, "
              f"pass rate among them {formats[0][1]:.3f} -> {formats[-1][1]:.3f}; truncation rate "
              f"{evals[0]['truncation_rate']:.3f} -> {evals[-1]['truncation_rate']:.3f}",
-             "", "| step | held-out pass@1 (SE) | well-formed | pass among well-formed | truncation rate | response tokens |",
+             "",
+             "| step | held-out pass@1 (SE) | well-formed | pass among well-formed | "
+             "truncation rate | response tokens |",
              "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r['pass_at_1']:.3f} ({se(r['pass_at_1']):.3f}) | {shape:.3f} | {solved:.3f} | "
-              f"{r['truncation_rate']:.3f} | {r['response_tokens']:.1f} |" for r, (shape, solved) in zip(evals, formats)]
+              f"{r['truncation_rate']:.3f} | {r['response_tokens']:.1f} |"
+              for r, (shape, solved) in zip(evals, formats)]
     lines += ["", "| step | train reward | pass rate | kept groups | zero-adv. groups | truncation | clip fraction |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r['reward']:.3f} | {r['pass_rate']:.3f} | {r['kept_groups']:.0f} | "
-              f"{r['zero_advantage_groups']:.0f} | {r['truncation_rate']:.3f} | {r['clip_fraction']:.2e} |" for r in steps]
+              f"{r['zero_advantage_groups']:.0f} | {r['truncation_rate']:.3f} | {r['clip_fraction']:.2e} |"
+              for r in steps]
     return "\n".join(lines)
 
 

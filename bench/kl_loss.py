@@ -24,7 +24,8 @@ dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
 torch.manual_seed(0)
 h = (torch.randn(tokens, hidden, device=dev) * 0.5).to(dtype).requires_grad_()
 w = (torch.randn(vocab, hidden, device=dev) * 0.05).to(dtype).requires_grad_()
-teacher = torch.randn(tokens, vocab, device=dev, dtype=torch.bfloat16).mul_(2)  # no fp32 transient: it would hide CPU peaks
+# no fp32 transient: it would hide CPU peaks
+teacher = torch.randn(tokens, vocab, device=dev, dtype=torch.bfloat16).mul_(2)
 mask = torch.ones(tokens, device=dev)
 def run():
     h.grad = w.grad = None
@@ -44,8 +45,12 @@ else:  # peak RSS only grows: take the base before any run, with the inputs alre
 times = []
 for _ in range(2):
     start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
-peak = (torch.cuda.max_memory_allocated() - base) if cuda else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
-print(json.dumps({"seconds": min(times), "extra_bytes": peak, "device": torch.cuda.get_device_name() if cuda else "CPU"}))
+if cuda:
+    peak = torch.cuda.max_memory_allocated() - base
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+device = torch.cuda.get_device_name() if cuda else "CPU"
+print(json.dumps({"seconds": min(times), "extra_bytes": peak, "device": device}))
 """
 
 
@@ -64,7 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     matmul, fused, naive = (measure(v, args) for v in ("matmul", "fused", "naive"))
     gib = 2**30
-    print(f"device: {fused['device']}; {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, chunk {args.chunk}")
+    print(f"device: {fused['device']}; {args.tokens} tokens x vocab {args.vocab}, "
+          f"hidden {args.hidden}, chunk {args.chunk}")
     print(f"peak extra memory: fused {fused['extra_bytes'] / gib:.2f} GiB, naive {naive['extra_bytes'] / gib:.2f} GiB, "
           f"ratio {fused['extra_bytes'] / naive['extra_bytes']:.3f} (goal <= 0.125)")
     print(f"time fwd+bwd: fused {fused['seconds']:.2f} s, naive {naive['seconds']:.2f} s, output-layer matmul alone "

@@ -75,13 +75,15 @@ def write_parent(directory: Path) -> Path:
     state = {}
     for name in hf_layout(PARENT):
         shape = hf_shape(name, PARENT)
-        state[name] = (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02).bfloat16()
+        value = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
+        state[name] = value.bfloat16()
     hf_io.write_model_dir(state, PARENT, directory, max_shard_bytes=GIB)
     return directory
 
 
 def rank_main(rank: int, phase: str, parent_dir: str, workdir: str, port: int, results) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from nemo_plugins.convert.model_io import export_hf
     from nemo_plugins.convert.sources import ModelSource, load_model
     from nemo_plugins.distributed import initialize
@@ -99,7 +101,8 @@ def rank_main(rank: int, phase: str, parent_dir: str, workdir: str, port: int, r
         tokens = torch.randint(0, PARENT.vocab_size, (ROWS, SEQ_LEN), generator=torch.Generator().manual_seed(1))
         positions = torch.arange(SEQ_LEN).expand(ROWS, -1).clone()
         target = PruneTarget(CHILD.num_layers, CHILD.hidden_size, CHILD.ffn_hidden_size, CHILD.tie_embeddings)
-        calibrator = megatron_calibrator(PARALLEL, tokens, positions, micro_batch_size=1, dtype=torch.bfloat16, progress=False)
+        calibrator = megatron_calibrator(PARALLEL, tokens, positions, micro_batch_size=1,
+                                         dtype=torch.bfloat16, progress=False)
         child, _ = prune(read_slice(source, PARALLEL), target, PruneOptions(), calibrator)
         model_from_state(child, PARALLEL, torch.bfloat16)
     elif phase == "export":

@@ -70,7 +70,8 @@ def odpo_stage(args: argparse.Namespace) -> ODPOStage:
 def properties(model: torch.nn.Module, prompts, stage: ODPOStage, chat_format) -> dict:
     """Rates over the held-out prompts' responses, sampled as the stage's win-rate evaluation samples them."""
     seeds = [stage.train.seed + 2 * i for i in range(len(prompts))]
-    responses = [p.a for p in sample_pairs(model, prompts, seeds, chat_format, stage.sampling, stage.train.seq_len) if p]
+    pairs = sample_pairs(model, prompts, seeds, chat_format, stage.sampling, stage.train.seq_len)
+    responses = [p.a for p in pairs if p]
     texts = [chat_format.decode(r.token_ids) for r in responses]
     ends = [chat_format.end_of_turn_id in r.token_ids for r in responses]
     return {"responses": len(responses), "ends_turn": sum(ends) / len(responses),
@@ -104,12 +105,13 @@ def main() -> None:
     stage = odpo_stage(args)
     initialize(ParallelConfig(), stage.train.seed)
     chat_format = load_chat_format("hf_template", tokenizer_dir(policy))
-    chat = build_chat_mix(chat_format, [SourceSpec("arithmetic", ["builtin:arithmetic?count=2000"], 1.0)], args.chat_cache,
-                          0.05)
+    arithmetic = [SourceSpec("arithmetic", ["builtin:arithmetic?count=2000"], 1.0)]
+    chat = build_chat_mix(chat_format, arithmetic, args.chat_cache, 0.05)
     manifest_path = str(args.out / "pwrm" / "manifest.json")
     odpo = run_odpo_stage(stage, policy, policy, {"pwrm": pwrm["checkpoint"], "tau": pwrm["calibration"]["tau"]},
-                          lambda: load_judge(manifest_path, str(policy)), chat, chat_format, tokenizer_dir(policy),
-                          tokenizer_dir(policy), Cursor(), args.out / "odpo", ParallelConfig(), resume_with_changes=True)
+                          lambda: load_judge(manifest_path, str(policy)), chat, chat_format,
+                          tokenizer_dir(policy), tokenizer_dir(policy), Cursor(), args.out / "odpo", ParallelConfig(),
+                          resume_with_changes=True)
     prompts = ChatPrompts(chat, stage.train.seed, Cursor(), stage.train.global_batch_size).heldout(stage.eval_prompts)
     rates = {}
     for name, source in (("start", policy), ("after ODPO", ModelSource("megatron", odpo["checkpoint"]))):
@@ -117,16 +119,17 @@ def main() -> None:
         rates[name] = properties(model, prompts, stage, chat_format)
         del model
     cal, held = pwrm["calibration"], pwrm["heldout"]["after"]
-    lines = [f"PWRM ({pwrm['source']}, {pwrm['steps']} steps): held-out accuracy {held['accuracy']:.3f}, position bias "
-             f"{held['position_bias']:.3f}; tau {cal['tau']:.4g} fitted on {cal['fit_pairs']} pairs, on {cal['test_pairs']} "
-             f"others: NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}, ECE {cal['ece_before']:.3f} -> "
-             f"{cal['ece_after']:.3f} ({pwrm_seconds:.0f} s)", "",
-             f"Online DPO of `{policy}`: {odpo['steps']} steps x {stage.train.global_batch_size} prompts, lr {args.lr:g}, "
-             f"beta {stage.dpo.beta:g} ({stage.dpo.beta_rescale}), max_new_tokens {args.max_new_tokens}; "
-             f"{odpo['wall_seconds']:.0f} s; step means: mean abs(p - 0.5) {odpo['step_means'].get('label_confidence', 0):.3f}, "
+    lines = [f"PWRM ({pwrm['source']}, {pwrm['steps']} steps): held-out accuracy {held['accuracy']:.3f}, "
+             f"position bias {held['position_bias']:.3f}; tau {cal['tau']:.4g} fitted on {cal['fit_pairs']} pairs, "
+             f"on {cal['test_pairs']} others: NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}, "
+             f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} ({pwrm_seconds:.0f} s)", "",
+             f"Online DPO of `{policy}`: {odpo['steps']} steps x {stage.train.global_batch_size} prompts, "
+             f"lr {args.lr:g}, beta {stage.dpo.beta:g} ({stage.dpo.beta_rescale}), "
+             f"max_new_tokens {args.max_new_tokens}; {odpo['wall_seconds']:.0f} s; "
+             f"step means: mean abs(p - 0.5) {odpo['step_means'].get('label_confidence', 0):.3f}, "
              f"drop rate {odpo['step_means'].get('drop_rate', 0):.3f}", "",
-             f"| on {len(prompts)} held-out prompts | win rate vs start (PWRM) | ends its turn | 'Answer:' line | loop rate | "
-             "response tokens |", "|---|---:|---:|---:|---:|---:|"]
+             f"| on {len(prompts)} held-out prompts | win rate vs start (PWRM) | ends its turn | 'Answer:' line | "
+             "loop rate | response tokens |", "|---|---:|---:|---:|---:|---:|"]
     for name, eval_record in (("start", odpo["eval_start"]), ("after ODPO", odpo["eval"])):
         r = rates[name]
         lines.append(f"| {name} | {eval_record['win_rate']:.3f} | {r['ends_turn']:.3f} | {r['answer_line']:.3f} | "

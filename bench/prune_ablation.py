@@ -100,7 +100,8 @@ def main() -> None:
           f"({windows.numel() - len(windows)} tokens of {', '.join(stage.eval.paths)}); "
           f"calibration {calib[0].numel()} tokens of {', '.join(stage.calibration.paths)}\n")
     header = "| variant | " + " | ".join(
-        f"{c.name} ({c.num_layers}L/{c.hidden_size}h/{c.ffn_hidden_size}f{'/tied' if c.tie_embeddings else ''})" for c in children) + " |"
+        f"{c.name} ({c.num_layers}L/{c.hidden_size}h/{c.ffn_hidden_size}f{'/tied' if c.tie_embeddings else ''})"
+        for c in children) + " |"
     rows: dict[str, list[str]] = {}
     for child in children:
         cache: dict[tuple, CalibrationStats] = {}  # per child: the statistics of a whole model are large

@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "recipes.sft", f"student=megatron:{args.student}",
-                    f"stage.sft_kd.train.train_tokens={args.tokens}", f"stage.sft_kd.train.eval_interval={args.eval_interval}",
+                    f"stage.sft_kd.train.train_tokens={args.tokens}",
+                    f"stage.sft_kd.train.eval_interval={args.eval_interval}",
                     f"stage.sft_kd.train.eval_rows_per_source={args.eval_rows}", f"output_dir={args.out}"],
                    check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     manifest = json.loads((Path(args.out) / "manifest.json").read_text())

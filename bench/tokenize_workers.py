@@ -4,7 +4,8 @@ text (this Python's standard library, the demo corpus) with SmolLM2's real token
 Each worker count builds the same store from scratch in its own temporary cache; the stores must be the same
 bytes, which is checked. Spawned workers first import torch and transformers (seconds each: a fixed cost that a
 cluster-size corpus amortises and a 4 MiB one does not), so besides the wall-clock speed-up (one worker's wall time
-/ N workers') the workers' own rate is printed: tokens / the seconds they spent reading, tokenising and writing. On a shared machine the figures depend on what else runs: say so with them.
+/ N workers') the workers' own rate is printed: tokens / the seconds they spent reading, tokenising and writing.
+On a shared machine the figures depend on what else runs: say so with them.
 
     python bench/tokenize_workers.py [--workers 1 2] [--paths stdlib:email stdlib:asyncio ...] [--parts-per-worker 2]
 
@@ -52,7 +53,8 @@ def main() -> None:
             tokens = len(TokenFile(result.prefix))
             stored = {s: Path(f"{result.prefix}{s}").read_bytes() for s in SUFFIXES}
         if reference is not None and stored != reference:
-            raise SystemExit(f"{workers} workers wrote other bytes than {args.workers[0]}: the build is not deterministic")
+            raise SystemExit(f"{workers} workers wrote other bytes than {args.workers[0]}: "
+                             "the build is not deterministic")
         reference = stored
         results[workers] = seconds
         print(f"workers {workers:>2}: {tokens:,} tokens in {seconds:6.2f} s wall = {tokens / seconds:>8,.0f} tokens/s, "
