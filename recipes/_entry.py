@@ -17,6 +17,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.distributed import shutdown
 from nemo_plugins.errors import ProjectError
 from nemo_plugins.logs import setup_logging
@@ -53,6 +54,7 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], object]) -> Callab
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
         setup_logging()
+        cpu_compat.install()
         with project_errors():
             run(cfg)
 

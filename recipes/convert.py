@@ -24,6 +24,7 @@ import logging
 import resource
 import time
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert import megatron_checkpoint, output_dir
 from nemo_plugins.convert.model_io import export_hf
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
+    cpu_compat.install()
     with project_errors():
         run(parse_args(argv))
 
