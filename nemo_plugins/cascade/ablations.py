@@ -66,9 +66,11 @@ def independent_pruning(inputs: CascadeInputs, plan: CascadePlan, results: dict)
         pruned = prune_child(inputs, plan, child, inputs.parent, root / child.name / "prune")
         distill_child(inputs, plan, plan.short, child, megatron_source(pruned["checkpoint"]),
                       Cursor.from_dict(cascade["distill_short"]["cursor_start"]), root / child.name / "distill_short")
-        rows += [_row(f"{child.name}: cascade (pruned from the previous child)", inputs.out_dir / child.name / "distill_short"),
+        rows += [_row(f"{child.name}: cascade (pruned from the previous child)",
+                      inputs.out_dir / child.name / "distill_short"),
                  _row(f"{child.name}: pruned straight from the parent", root / child.name / "distill_short")]
-    return "\n".join(["## Ablation: cascade vs pruning each child from the parent (after distill_short, equal tokens)", "",
+    return "\n".join(["## Ablation: cascade vs pruning each child from the parent "
+                      "(after distill_short, equal tokens)", "",
                       "| model | held-out KL | held-out perplexity |", "|---|---:|---:|", *rows])
 
 
@@ -81,11 +83,12 @@ def random_init(inputs: CascadeInputs, plan: CascadePlan, results: dict) -> str:
         initialize(plan.layout("distill_short"), inputs.seed)
         config = MistralConfig.from_dict(cascade["prune"]["child_config"])
         torch.manual_seed(inputs.seed)
-        megatron_checkpoint.save_model(build_model(config, plan.layout("distill_short"), inputs.dtype), config, init_dir,
-                                       tokenizer_dir=inputs.tokenizer_dir)
+        model = build_model(config, plan.layout("distill_short"), inputs.dtype)
+        megatron_checkpoint.save_model(model, config, init_dir, tokenizer_dir=inputs.tokenizer_dir)
     distill_child(inputs, plan, plan.short, child, megatron_source(str(init_dir)),
                   Cursor.from_dict(cascade["distill_short"]["cursor_start"]), root / "distill_short")
-    return "\n".join([f"## Ablation: pruned vs random initialisation ({child.name}, after distill_short, equal tokens)", "",
+    return "\n".join([f"## Ablation: pruned vs random initialisation "
+                      f"({child.name}, after distill_short, equal tokens)", "",
                       "| initialisation | held-out KL | held-out perplexity |", "|---|---:|---:|",
                       _row("pruned from the parent (the cascade)", inputs.out_dir / child.name / "distill_short"),
                       _row("random", root / "distill_short")])

@@ -58,7 +58,8 @@ def estimate_memory(student: MistralConfig, teacher: MistralConfig | None, paral
 # function). Host RAM counts the process runtime (python, torch, megatron; a CUDA context on GPU nodes) plus what
 # the step keeps in host memory; on a CPU run the model's parameters and activations are host memory too.
 # Checked against measured peak RSS at TP=2 on CPU by bench/memory.py.
-HOST_RUNTIME_GIB = {"cpu": 0.3, "gpu": 4.0}  # cpu: RssAnon of an initialised rank (bench/memory.py); gpu: + CUDA context, assumed
+# cpu: RssAnon of an initialised rank (bench/memory.py); gpu: + CUDA context, assumed
+HOST_RUNTIME_GIB = {"cpu": 0.3, "gpu": 4.0}
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
@@ -125,7 +126,8 @@ def prune_memory(parent: MistralConfig, child: MistralConfig, parallel: Parallel
     kept_layers = child.num_layers
     h, f, q, kv = parent.hidden_size, parent.ffn_hidden_size, parent.num_attention_heads, parent.num_kv_heads
     readers = kept_layers * h * parent.head_dim * (q + 2 * kv) + 2 * kept_layers * f * h + parent.vocab_size * h
-    rotated = parent.replace(num_layers=kept_layers, hidden_size=child.hidden_size, tie_embeddings=False).num_parameters()
+    rotated_config = parent.replace(num_layers=kept_layers, hidden_size=child.hidden_size, tie_embeddings=False)
+    rotated = rotated_config.num_parameters()
     slice_bytes = parent.num_parameters() / tp * source_bytes
     products = 3 * _largest_tensor(parent) / tp * 8
     moments = 8 * h * h * (2 * kept_layers + 1)
@@ -136,8 +138,8 @@ def prune_memory(parent: MistralConfig, child: MistralConfig, parallel: Parallel
     device = model + moments + activations + (products if on_gpu else 0)
     if on_gpu:
         return _split(True, host, device, "prune", runtime)
-    return _split(False, slice_bytes + max(rotation + moments / 2, moments, model + moments / 2 + activations), 0, "prune",
-                  runtime)
+    cpu_host = slice_bytes + max(rotation + moments / 2, moments, model + moments / 2 + activations)
+    return _split(False, cpu_host, 0, "prune", runtime)
 
 
 def distill_memory(student: MistralConfig, teacher: MistralConfig, parallel: ParallelConfig, data_parallel: int,
@@ -146,18 +148,20 @@ def distill_memory(student: MistralConfig, teacher: MistralConfig, parallel: Par
     """A distillation stage on GPUs: the GPU side is ``estimate_memory``; the host holds what loading the larger
     of the two models keeps in flight."""
     gpu = estimate_memory(student, teacher, parallel, data_parallel, seq_len, micro_batch_size, microbatches).total
-    loading = load_memory(max(student, teacher, key=MistralConfig.num_parameters), parallel, file_bytes, 2, True, runtime)
+    larger = max(student, teacher, key=MistralConfig.num_parameters)
+    loading = load_memory(larger, parallel, file_bytes, 2, True, runtime)
     return StepMemory("distill", loading.host, gpu)
 
 
-def stage_memory(stage: str, parent: MistralConfig, child: MistralConfig, parallel: ParallelConfig, data_parallel: int = 1,
-                 seq_len: int = 4096, micro_batch_size: int = 1, microbatches: int = 1, dtype_bytes: int = 2,
-                 source_bytes: int = 2) -> list[StepMemory]:
+def stage_memory(stage: str, parent: MistralConfig, child: MistralConfig, parallel: ParallelConfig,
+                 data_parallel: int = 1, seq_len: int = 4096, micro_batch_size: int = 1, microbatches: int = 1,
+                 dtype_bytes: int = 2, source_bytes: int = 2) -> list[StepMemory]:
     """The steps of one cascade stage on GPUs, for ``recipes.plan`` (one ``describe()`` line each): pruning reads the
     parent's slices, prunes and exports the child; a training stage loads, trains and exports."""
     if stage == "prune":
         return [load_memory(parent, parallel, source_bytes, dtype_bytes),
                 prune_memory(parent, child, parallel, source_bytes, dtype_bytes, seq_len, micro_batch_size),
                 export_memory(child, parallel, dtype_bytes)]
-    return [distill_memory(child, parent, parallel, data_parallel, seq_len, micro_batch_size, microbatches, source_bytes),
+    return [distill_memory(child, parent, parallel, data_parallel, seq_len, micro_batch_size, microbatches,
+                           source_bytes),
             export_memory(child, parallel, dtype_bytes)]

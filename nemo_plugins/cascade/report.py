@@ -17,7 +17,8 @@ from nemo_plugins.train.metrics import MetricsLog  # noqa: E402
 
 PRUNE_PLOTS = ("layer_scores.png", "pca_explained.png", "ffn_scores.png")
 # what a post-training stage's cursor counts
-POSTTRAIN_READ = {"sft_kd": "chat tokens", "pwrm": "pair orderings", "odpo": "chat tokens (of the prompts' conversations)",
+POSTTRAIN_READ = {"sft_kd": "chat tokens", "pwrm": "pair orderings",
+                  "odpo": "chat tokens (of the prompts' conversations)",
                   "reasoning_sft": "reasoning chat tokens", "grpo_stem": "problem tokens",
                   "grpo_general": "problem tokens", "odpo_reasoning": "problem tokens"}
 GRPO_STEP_METRICS = "grpo_metrics.jsonl"  # rl/grpo.py's per-step metrics (not imported: it loads megatron)
@@ -111,7 +112,8 @@ def _odpo_section(results: dict[str, dict], out_dir: Path) -> list[str]:
              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for child, m in done.items():
         start, end, means = m["eval_start"] or m["eval"], m["eval"], m["step_means"]
-        lines.append(f"| {child} | {m['steps']} | {end['prompts']:.0f} | {start['win_rate']:.3f} -> {end['win_rate']:.3f} | "
+        lines.append(f"| {child} | {m['steps']} | {end['prompts']:.0f} | "
+                     f"{start['win_rate']:.3f} -> {end['win_rate']:.3f} | "
                      f"{start['loop_rate']:.3f} -> {end['loop_rate']:.3f} | {end['reference_loop_rate']:.3f} | "
                      f"{means.get('margin', float('nan')):.3f} | {means.get('label_confidence', float('nan')):.3f} | "
                      f"{means.get('loop_rate', float('nan')):.3f} | {means.get('drop_rate', float('nan')):.3f} | "
@@ -127,7 +129,8 @@ def _instruct_section(results: dict[str, dict], out_dir: Path) -> list[str]:
     lines = ["## Instruct: SFT with logit distillation", "",
              "Held-out conversations of the chat mix (never trained on), assistant tokens only.", "",
              "| child | teacher | tokens | KL before | KL after | ppl before | ppl after | teacher ppl | "
-             "conversations dropped (too long) | Hugging Face export |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "conversations dropped (too long) | Hugging Face export |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for child, m in done.items():
         first, last = stage_evals(out_dir / child / "instruct_sft")
         dropped = sum(source["dropped"] for source in m["chat_data"].values())
@@ -189,9 +192,12 @@ def _grpo_rows(results: dict[str, dict], out_dir: Path) -> list[str]:
             screened = m.get("problem_filter")
             filtered = (f"{screened['always_solved']:.0f} always / {screened['never_solved']:.0f} never solved of "
                         f"{screened['screened']:.0f}") if screened else "off"
-            lines.append(f"| {child} | {stage} | {m['steps']} | {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} | "
-                         f"{_arrow(m['eval_start'], m['eval'], 'pass_at_1')} | {_arrow(m['eval_start'], m['eval'], 'reward')} | "
-                         f"{m['step_means'].get('truncation_rate', float('nan')):.3f}; {m['eval']['truncation_rate']:.3f} | "
+            lines.append(f"| {child} | {stage} | {m['steps']} | "
+                         f"{steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f} | "
+                         f"{_arrow(m['eval_start'], m['eval'], 'pass_at_1')} | "
+                         f"{_arrow(m['eval_start'], m['eval'], 'reward')} | "
+                         f"{m['step_means'].get('truncation_rate', float('nan')):.3f}; "
+                         f"{m['eval']['truncation_rate']:.3f} | "
                          f"{zero:.0f} of {groups:.0f} | {filtered} |")
     return lines + [""]
 
@@ -206,9 +212,9 @@ def _reasoning_section(results: dict[str, dict], out_dir: Path) -> list[str]:
              "tokens (never trained on) before and after.", ""]
     lines += _reasoning_sft_rows(results, out_dir)
     lines += ["## Reasoning: GRPO (STEM, then General)", "",
-              "Train reward: the mean reward of the step's G samples per problem; held-out pass@1: one answer per held-out "
-              "problem at the evaluation temperature, graded by the same rewards; a zero-advantage group (all rewards "
-              "equal) has no signal and is dropped.", ""]
+              "Train reward: the mean reward of the step's G samples per problem; held-out pass@1: one answer per "
+              "held-out problem at the evaluation temperature, graded by the same rewards; a zero-advantage group "
+              "(all rewards equal) has no signal and is dropped.", ""]
     lines += _grpo_rows(results, out_dir)
     lines += ["## Reasoning: online DPO (thinking stripped before the PWRM judges)", "",
               "| child | steps | win rate vs GRPO model (start -> end) | loop rate (start -> end) | drop rate | "
@@ -245,7 +251,8 @@ def _per_source_section(results: dict[str, dict], out_dir: Path) -> list[str]:
         for source in _sources(first):
             key = f"{source}/student_ppl"
             long_ppl = _fmt(long_last[key]) if key in long_last else "-"
-            lines.append(f"| {child} | {source} | {first[f'{source}/tokens']:,} | {_fmt(first[key])} | {_fmt(last[key])} | "
+            lines.append(f"| {child} | {source} | {first[f'{source}/tokens']:,} | "
+                         f"{_fmt(first[key])} | {_fmt(last[key])} | "
                          f"{first[f'{source}/kl']:.3f} -> {last[f'{source}/kl']:.3f} | {long_ppl} |")
             parent[source] = (first[f"{source}/teacher_ppl"], long_last.get(f"{source}/teacher_ppl"))
     if not parent:
@@ -268,7 +275,8 @@ def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig,
     lines += ["## Held-out perplexity", "",
               f"Held-out split of the data mix (never trained on). Prune / short columns at {short_seq} tokens of "
               f"context, long columns at {long_seq}.", "",
-              "| model | after prune | after distill_short | long stage start | after distill_long |", "|---|---:|---:|---:|---:|"]
+              "| model | after prune | after distill_short | long stage start | after distill_long |",
+              "|---|---:|---:|---:|---:|"]
     teacher_short = teacher_long = None
     for child, stages in results.items():
         row = [child, "-", "-", "-", "-"]
@@ -292,8 +300,10 @@ def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig,
     lines += [""] + _per_source_section(results, out_dir)
 
     lines += ["", "## Tokens, compute and wall time per stage", "",
-              "FLOPs: 6 x student parameters x tokens (training) + 2 x teacher parameters x tokens (teacher forward).", "",
-              "| child | stage | tokens read (range) | steps | FLOPs | wall time (s) |", "|---|---|---|---:|---:|---:|"]
+              "FLOPs: 6 x student parameters x tokens (training) + 2 x teacher parameters x tokens "
+              "(teacher forward).", "",
+              "| child | stage | tokens read (range) | steps | FLOPs | wall time (s) |",
+              "|---|---|---|---:|---:|---:|"]
     for child, stages in results.items():
         prune = stages["prune"]
         lines.append(f"| {child} | prune | calibration only | - | - | {prune['wall_seconds']:.0f} |")
@@ -302,13 +312,14 @@ def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig,
                 m = stages[stage]
                 start, end = m["cursor_start"]["offsets"], m["cursor_end"]["offsets"]
                 ranges = ", ".join(f"{k} [{start.get(k, 0):,}, {v:,})" for k, v in sorted(end.items()))
-                lines.append(f"| {child} | {stage} | {m['tokens']:,}: {ranges} | {m['steps']} | {m['train_flops']:.3g} | "
-                             f"{m['wall_seconds']:.0f} |")
+                lines.append(f"| {child} | {stage} | {m['tokens']:,}: {ranges} | {m['steps']} | "
+                             f"{m['train_flops']:.3g} | {m['wall_seconds']:.0f} |")
         for stage, unit in POSTTRAIN_READ.items():
             if stage in stages:
                 m = stages[stage]
                 flops = f"{m['train_flops']:.3g}" if "train_flops" in m else "-"
-                lines.append(f"| {child} | {stage} | {m['tokens']:,} {unit} | {m['steps']} | {flops} | {m['wall_seconds']:.0f} |")
+                lines.append(f"| {child} | {stage} | {m['tokens']:,} {unit} | {m['steps']} | {flops} | "
+                             f"{m['wall_seconds']:.0f} |")
     lines += ["", "Wall time counts the last (resumed) run of a stage only.", ""]
 
     lines += ["## Long context: perplexity by position, before and after distill_long", ""]
@@ -322,7 +333,8 @@ def write_report(results: dict[str, dict], out_dir: Path, parent: MistralConfig,
         lines += [f"### {child}", "", "| target positions | before | after | parent |", "|---|---:|---:|---:|"]
         for b, a, p in zip(before["position_perplexity"], after["position_perplexity"], parent["position_perplexity"]):
             reference = _fmt(p["perplexity"]) if p else "-"
-            lines.append(f"| [{b['start']}, {b['end']}) | {_fmt(b['perplexity'])} | {_fmt(a['perplexity'])} | {reference} |")
+            lines.append(f"| [{b['start']}, {b['end']}) | {_fmt(b['perplexity'])} | {_fmt(a['perplexity'])} | "
+                         f"{reference} |")
         lines += ["", "| passkey length | accuracy before | accuracy after | parent |", "|---|---:|---:|---:|"]
         for b, a, p in zip(before["passkey"], after["passkey"], parent["passkey"]):
             reference = f"{p['accuracy']:.2f}" if p else "-"

@@ -43,7 +43,8 @@ _METADATA_CLASSES = {
 def _enum_member(cls: type, name: str) -> enum.Enum:
     """``getattr`` as early Python 3.11 pickles enum members (``builtins.getattr(EnumClass, 'NAME')``, e.g. Debian's
     3.11.2 writing ``_MEM_FORMAT_ENCODING``); only a member of an Enum class the metadata allows resolves."""
-    allowed = isinstance(cls, type) and issubclass(cls, enum.Enum) and cls.__name__ in _METADATA_CLASSES.get(cls.__module__, ())
+    is_enum = isinstance(cls, type) and issubclass(cls, enum.Enum)
+    allowed = is_enum and cls.__name__ in _METADATA_CLASSES.get(cls.__module__, ())
     if not allowed or name not in cls.__members__:
         raise pickle.UnpicklingError(f"asks for attribute {name!r} of {cls!r}, which checkpoint metadata never holds")
     return cls.__members__[name]

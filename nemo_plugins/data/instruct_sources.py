@@ -551,8 +551,8 @@ class BuiltinRequest:
     def file_name(self) -> str:
         """Name of the cached JSONL: the request plus a digest of this module, of the reasoning sources, of the
         calculator tool whose results they write, and of the interpreter's version."""
-        sources = b"".join(path.read_bytes() for path in (Path(__file__), Path(__file__).with_name("reasoning_sources.py"),
-                                                           Path(tools.__file__)))
+        modules = (Path(__file__), Path(__file__).with_name("reasoning_sources.py"), Path(tools.__file__))
+        sources = b"".join(path.read_bytes() for path in modules)
         digest = hashlib.sha256(sources + platform.python_version().encode()).hexdigest()[:12]
         return f"{self.name}-{self.count or 'all'}-seed{self.seed}-{digest}.jsonl"
 

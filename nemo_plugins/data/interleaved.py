@@ -78,7 +78,8 @@ def _document(record, where: str, base: Path, tokenizer, images: ImageInputs) ->
     """Token ids of one record and its images (offsets inside the document)."""
     parts = record.get("parts") if isinstance(record, dict) else None
     if not isinstance(parts, list) or not parts:
-        raise DataError(f"{where}: an interleaved record is {{\"parts\": [{{\"text\": ...}}, {{\"image\": path}}, ...]}}")
+        raise DataError(f"{where}: an interleaved record is "
+                        '{"parts": [{"text": ...}, {"image": path}, ...]}')
     ids: list[int] = []
     found: list[dict] = []
     for part in parts:

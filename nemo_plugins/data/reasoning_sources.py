@@ -108,8 +108,8 @@ UNITS: dict[str, tuple[str, dict[str, Fraction]]] = {
                        "ounces": Fraction(28349523125, 10 ** 9), "pounds": Fraction(45359237, 10 ** 5)}),
     "time": ("seconds", {"seconds": Fraction(1), "minutes": Fraction(60), "hours": Fraction(3600),
                          "days": Fraction(86400), "weeks": Fraction(604800)}),
-    "volume": ("litres", {"millilitres": Fraction(1, 1000), "litres": Fraction(1), "US cups": Fraction(2365882365, 10 ** 10),
-                          "US gallons": Fraction(3785411784, 10 ** 9)}),
+    "volume": ("litres", {"millilitres": Fraction(1, 1000), "litres": Fraction(1),
+                          "US cups": Fraction(2365882365, 10 ** 10), "US gallons": Fraction(3785411784, 10 ** 9)}),
 }
 
 
@@ -276,7 +276,8 @@ CODE_SPECS: tuple[CodeSpec, ...] = (
              "                count += 1\n    return count",
              lambda rng: {"target": rng.randint(-10, 20)}, lambda rng, params: (_ints(rng, -5, 10),)),
     CodeSpec("caesar", "Write a Python function `caesar(text)` that shifts every ASCII letter of the text $k places "
-             "forward in the alphabet (wrapping from z to a, keeping the case) and leaves other characters as they are.",
+             "forward in the alphabet (wrapping from z to a, keeping the case) and leaves other characters as they "
+             "are.",
              ("For a letter, find its base: ord('a') for lowercase, ord('A') for uppercase.",
               "The shifted letter is chr(base + (ord(char) - base + $k) % 26); other characters are kept.",
               "Join the characters back into a string."),

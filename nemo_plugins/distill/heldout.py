@@ -148,7 +148,8 @@ class TeacherHeldout:
         if self._weights is None:
             self._weights = teacher_digest(self.teacher)
         layout = (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-                  parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_tensor_model_parallel_rank(),
+                  parallel_state.get_tensor_model_parallel_world_size(),
                   parallel_state.get_pipeline_model_parallel_rank(),
                   parallel_state.get_pipeline_model_parallel_world_size(), self.teacher.sequence_parallel)
         text = f"{self.identity}|{self._weights}|{heldout.fingerprint()}|{micro_batch_size}|{layout}"
@@ -221,8 +222,9 @@ def evaluate_heldout(student: torch.nn.Module, teacher: TeacherHeldout, heldout:
         labels, mask = local["labels"].reshape(-1), local["mask"].reshape(-1)
 
         def reduce(hidden, hidden_t=hidden_t, labels=labels, mask=mask, token_source=token_source):
-            per_token = token_kl_and_nll(flatten_tokens(full_sequence(hidden, sequence_parallel)), student.output_weight(),
-                                         FusedTeacher(hidden_t, weight), labels, chunk_tokens, tp_group())
+            student_hidden = flatten_tokens(full_sequence(hidden, sequence_parallel))
+            per_token = token_kl_and_nll(student_hidden, student.output_weight(), FusedTeacher(hidden_t, weight),
+                                         labels, chunk_tokens, tp_group())
             pooled = {name: (value * mask).double().sum().cpu() for name, value in per_token.items()}
             by_source = torch.stack([torch.stack([(per_token[name] * mask * (token_source == k)).double().sum().cpu()
                                                   for name in METRICS]) for k in range(n_sources)])

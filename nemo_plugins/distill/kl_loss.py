@@ -149,7 +149,8 @@ def _chunk_loss_and_grad(z_student, z_teacher, mask, labels, options: KLOptions,
         logp_1, p_1 = (logp_s, p_s) if t == 1.0 else _softmax(z_student, group)
         local = labels - vocab_start
         here = (local >= 0) & (local < z_student.shape[-1])
-        picked = torch.where(here, logp_1.gather(-1, local.clamp(0, z_student.shape[-1] - 1)[:, None])[:, 0], torch.zeros_like(kl))
+        clamped = local.clamp(0, z_student.shape[-1] - 1)
+        picked = torch.where(here, logp_1.gather(-1, clamped[:, None])[:, 0], torch.zeros_like(kl))
         ce = -_all_reduce(picked, dist.ReduceOp.SUM, group)
         grad_ce = p_1.clone()
         grad_ce[here, local[here]] -= 1.0

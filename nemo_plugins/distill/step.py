@@ -144,5 +144,6 @@ def train_with_distillation(student: torch.nn.Module, student_config: MistralCon
         return evaluate_heldout(student, teacher_heldout, heldout, train.micro_batch_size, kl.chunk_tokens)
 
     use_per_token_loss(student)
-    run = TrainingRun(student, student_config, train, optimizer, Path(out_dir), tokenizer_dir, name, facts or RunFacts())
+    run = TrainingRun(student, student_config, train, optimizer, Path(out_dir), tokenizer_dir, name,
+                      facts or RunFacts())
     return run.run(DistillationStep(teacher, kl, train), data, evaluate, cursor)

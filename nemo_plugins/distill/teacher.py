@@ -38,7 +38,8 @@ class Teacher:
             hidden = chunk(mb_tokens, mb_positions, return_hidden=True, **(inputs[0] if inputs else {}))
 
             def keep_hidden(output):
-                return torch.zeros((), device=output.device), {"hidden": flatten_tokens(full_sequence(output, sequence_parallel))}
+                zero = torch.zeros((), device=output.device)
+                return zero, {"hidden": flatten_tokens(full_sequence(output, sequence_parallel))}
 
             return hidden, keep_hidden
 

@@ -88,7 +88,8 @@ class _Accumulator:
         if "layers" in self.want:
             self.stats["layer_ratio_sum"] = torch.zeros(c.num_layers, dtype=f64, device=dev)
         if "hidden" in self.want and self.holds_moments:
-            self.stats["norm_moments"] = torch.zeros(c.num_layers, 2, c.hidden_size, c.hidden_size, dtype=f64, device=dev)
+            self.stats["norm_moments"] = torch.zeros(c.num_layers, 2, c.hidden_size, c.hidden_size,
+                                                     dtype=f64, device=dev)
             self.stats["norm_sums"] = torch.zeros(c.num_layers, 2, c.hidden_size, dtype=f64, device=dev)
             self.stats["final_moment"] = torch.zeros(c.hidden_size, c.hidden_size, dtype=f64, device=dev)
         if "ffn" in self.want:
@@ -138,7 +139,8 @@ def _register_hooks(model: torch.nn.Module, acc: _Accumulator) -> list:
     for local, layer in zip(model.decoder.layers, layers):
         if "layers" in acc.want:
             handles.append(local.register_forward_pre_hook(
-                lambda m, args, kwargs, g=layer: acc.layer_input(g, kwargs.get("hidden_states", args[0] if args else None)),
+                lambda m, args, kwargs, g=layer: acc.layer_input(
+                    g, kwargs.get("hidden_states", args[0] if args else None)),
                 with_kwargs=True))
             handles.append(local.register_forward_hook(lambda m, args, out, g=layer: acc.layer_output(g, out[0])))
         if "norm_moments" in acc.stats:
@@ -148,12 +150,16 @@ def _register_hooks(model: torch.nn.Module, acc: _Accumulator) -> list:
             ffn_norm = local.pre_mlp_layernorm
             if isinstance(ffn_norm, IdentityOp):
                 ffn_norm = local.mlp.linear_fc1
-            handles.append(attention_norm.register_forward_pre_hook(lambda m, args, g=layer: acc.norm_input("norm", (g, 0), args[0])))
-            handles.append(ffn_norm.register_forward_pre_hook(lambda m, args, g=layer: acc.norm_input("norm", (g, 1), args[0])))
+            handles.append(attention_norm.register_forward_pre_hook(
+                lambda m, args, g=layer: acc.norm_input("norm", (g, 0), args[0])))
+            handles.append(ffn_norm.register_forward_pre_hook(
+                lambda m, args, g=layer: acc.norm_input("norm", (g, 1), args[0])))
         if "ffn" in acc.want:
-            handles.append(local.mlp.linear_fc1.register_forward_hook(lambda m, args, out, g=layer: acc.ffn_activation(g, out[0])))
+            handles.append(local.mlp.linear_fc1.register_forward_hook(
+                lambda m, args, out, g=layer: acc.ffn_activation(g, out[0])))
     if "norm_moments" in acc.stats and model.post_process:
-        handles.append(model.decoder.final_layernorm.register_forward_pre_hook(lambda m, args: acc.norm_input("final", (), args[0])))
+        handles.append(model.decoder.final_layernorm.register_forward_pre_hook(
+            lambda m, args: acc.norm_input("final", (), args[0])))
     return handles
 
 
@@ -163,7 +169,8 @@ def _reduce(acc: _Accumulator, tokens: int) -> CalibrationStats:
     if "layer_ratio_sum" in stats and acc.sequence_parallel:
         dist.all_reduce(stats["layer_ratio_sum"], group=tp_group)
     if "ffn_sums" in stats and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        shards = [torch.zeros_like(stats["ffn_sums"]) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+        shards = [torch.zeros_like(stats["ffn_sums"])
+                  for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
         dist.all_gather(shards, stats["ffn_sums"], group=tp_group)
         stats["ffn_sums"] = torch.cat(shards, dim=1)
     pp_group, dp_group = parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group()
@@ -195,7 +202,8 @@ def calibrate(
     progress: bool = True,
     token_normalized: bool = True,
 ) -> CalibrationStats:
-    """Statistics of ``want`` over all rows of ``tokens`` / ``positions`` ``[n, s]``; this DP rank takes every dp-th row.
+    """Statistics of ``want`` over all rows of ``tokens`` / ``positions`` ``[n, s]``; this DP rank takes every
+    dp-th row.
 
     Accumulators live on the model's device (reduced with the job's backend) and come back on the CPU.
     """

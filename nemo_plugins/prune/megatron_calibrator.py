@@ -13,7 +13,8 @@ from nemo_plugins.prune.shards import load_slice
 from nemo_plugins.prune.state import ModelState
 
 
-def model_from_state(state: ModelState, parallel: ParallelConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def model_from_state(state: ModelState, parallel: ParallelConfig,
+                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     model = build_model(state.config, parallel, dtype)
     if state.slice.whole:
         load_hf_state(model, state.tensors, state.config)

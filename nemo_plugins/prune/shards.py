@@ -35,7 +35,8 @@ from nemo_plugins.prune.state import ModelState, TensorSlice
 
 
 def this_rank() -> TensorSlice:
-    return TensorSlice(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size())
+    return TensorSlice(parallel_state.get_tensor_model_parallel_rank(),
+                       parallel_state.get_tensor_model_parallel_world_size())
 
 
 def part(tensor: torch.Tensor, dim: int | None, where: TensorSlice) -> torch.Tensor:
@@ -67,8 +68,10 @@ def sum_over_slices(tensor: torch.Tensor, where: TensorSlice) -> torch.Tensor:
 def slice_config(config: MistralConfig, size: int) -> MistralConfig:
     """The config whose whole HF state has the shapes of one TP slice of ``config``'s."""
     config.check_parallel(size)
-    return config.replace(num_attention_heads=config.num_attention_heads // size, num_kv_heads=config.num_kv_heads // size,
-                          ffn_hidden_size=config.ffn_hidden_size // size, vocab_size=config.vocab_size // size)
+    return config.replace(num_attention_heads=config.num_attention_heads // size,
+                          num_kv_heads=config.num_kv_heads // size,
+                          ffn_hidden_size=config.ffn_hidden_size // size,
+                          vocab_size=config.vocab_size // size)
 
 
 def _uses_te_names(model: torch.nn.Module) -> bool:
@@ -123,7 +126,8 @@ class SliceReader:
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         tensor = self.state.tensors[name]
-        wanted = tuple(len(range(*r.indices(n))) if r is not None else n for r, n in zip((rows, cols), self.shape(name)))
+        wanted = tuple(len(range(*r.indices(n))) if r is not None else n
+                       for r, n in zip((rows, cols), self.shape(name)))
         if wanted != tuple(tensor.shape):
             raise ConfigError(f"tensor {name!r}: TP slice {self.state.slice} holds {tuple(tensor.shape)}, the model "
                               f"asks for {wanted}; load it under the layout it was sliced for")

@@ -59,7 +59,8 @@ def binary_nll(logits: torch.Tensor, targets: torch.Tensor, tau: float | torch.T
     return -(targets * p.log() + (1 - targets) * (-p).log1p()).mean()
 
 
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, settings: CalibrationSettings = CalibrationSettings()) -> float:
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor,
+                    settings: CalibrationSettings = CalibrationSettings()) -> float:
     """The tau minimising ``binary_nll`` on held-out pairs (L-BFGS on log tau, float64)."""
     logits, targets = _as_matrix(logits).double(), targets.double().reshape(-1)
     if logits.shape[0] != targets.shape[0] or logits.shape[0] == 0:
@@ -130,7 +131,8 @@ def calibrate(fit_logits: torch.Tensor, fit_targets: torch.Tensor, test_logits: 
     before, after = probabilities(test_logits).double(), probabilities(test_logits, tau).double()
     return CalibrationReport(
         tau=tau, fit_pairs=int(fit_targets.numel()), test_pairs=int(test_outcomes.numel()),
-        nll_before=float(binary_nll(test_logits, test_outcomes)), nll_after=float(binary_nll(test_logits, test_outcomes, tau)),
+        nll_before=float(binary_nll(test_logits, test_outcomes)),
+        nll_after=float(binary_nll(test_logits, test_outcomes, tau)),
         ece_before=expected_calibration_error(before, test_outcomes, settings.bins),
         ece_after=expected_calibration_error(after, test_outcomes, settings.bins),
         accuracy=float(top_label(after, test_outcomes.double())[1].mean()))

@@ -39,9 +39,11 @@ class GRPOLossOptions:
 
     def __post_init__(self) -> None:
         if not 0 < self.eps_low < 1:
-            raise ConfigError(f"grpo.eps_low must be in (0, 1) (the ratio's lower clip is 1 - eps_low), got {self.eps_low}")
+            raise ConfigError(f"grpo.eps_low must be in (0, 1) (the ratio's lower clip is 1 - eps_low), "
+                              f"got {self.eps_low}")
         if not self.eps_high > 0:
-            raise ConfigError(f"grpo.eps_high must be > 0 (the ratio's upper clip is 1 + eps_high), got {self.eps_high}")
+            raise ConfigError(f"grpo.eps_high must be > 0 (the ratio's upper clip is 1 + eps_high), "
+                              f"got {self.eps_high}")
         if self.kl_beta < 0:
             raise ConfigError(f"grpo.kl_beta must be >= 0 (0: no reference model), got {self.kl_beta}")
 

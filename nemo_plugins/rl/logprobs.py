@@ -74,7 +74,8 @@ def frozen_sequence_logprobs(model: torch.nn.Module, batches: list[dict[str, tor
         loss = chunk(batch["tokens"], batch["positions"], labels=batch["labels"])
 
         def keep(per_token_loss):
-            return torch.zeros((), device=per_token_loss.device), {"sums": sequence_logprobs(per_token_loss, batch["mask"])}
+            zero = torch.zeros((), device=per_token_loss.device)
+            return zero, {"sums": sequence_logprobs(per_token_loss, batch["mask"])}
 
         return loss, keep
 

@@ -42,7 +42,8 @@ def label_variants(stage: ODPOStage) -> list[Variant]:
 
 
 def beta_rescale_variants(stage: ODPOStage) -> list[Variant]:
-    return [Variant(f"beta {beta:g}, {rescale}", f"beta_{beta:g}_{rescale}", _with_dpo(stage, beta=beta, beta_rescale=rescale))
+    return [Variant(f"beta {beta:g}, {rescale}", f"beta_{beta:g}_{rescale}",
+                    _with_dpo(stage, beta=beta, beta_rescale=rescale))
             for beta in ABLATION_BETAS for rescale in ("none", "inv_beta")]
 
 
@@ -64,8 +65,9 @@ COLUMNS = ("win rate vs SFT (start -> end)", "loop rate (end)", "mean abs(p - 0.
 def row(label: str, manifest: dict) -> str:
     """One variant's table row from its ODPO manifest."""
     start, end, means = manifest["eval_start"] or {}, manifest["eval"], manifest["step_means"]
-    return (f"| {label} | {start.get('win_rate', float('nan')):.3f} -> {end['win_rate']:.3f} | {end['loop_rate']:.3f} | "
-            f"{means['label_confidence']:.3f} | {means['margin']:.4f} | {means['loop_rate']:.3f} | {means['drop_rate']:.3f} |")
+    return (f"| {label} | {start.get('win_rate', float('nan')):.3f} -> {end['win_rate']:.3f} | "
+            f"{end['loop_rate']:.3f} | {means['label_confidence']:.3f} | {means['margin']:.4f} | "
+            f"{means['loop_rate']:.3f} | {means['drop_rate']:.3f} |")
 
 
 def run_ablation(name: str, stage: ODPOStage, run: Callable[[ODPOStage, Path], dict], root: Path,

@@ -40,8 +40,9 @@ def _check_reference_tokenizer(reference_dir: Path, policy_dir: Path, key: str) 
 def _check_chat_vocab(chat_format: ChatFormat, config: MistralConfig) -> None:
     """A format whose control ids lie past the model's vocabulary would index outside its embedding."""
     if chat_format.vocab_size > config.vocab_size:
-        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
-                          f"vocabulary has {config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the "
+                          f"model's vocabulary has {config.vocab_size}: set chat_data.format to the model's own "
+                          "(hf_template)")
 
 
 def checked_policy(stage: str, reference_key: str, parallel: ParallelConfig, policy_source: ModelSource,

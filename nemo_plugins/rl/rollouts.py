@@ -65,7 +65,8 @@ def sample_groups(model: torch.nn.Module, prompts: Sequence[Prompt], seeds: Sequ
     fits = [i for i, p in enumerate(prompts) if len(p.ids) <= room]
     requests = [Request(prompts[i].ids, sampling.params(seeds[i] + j, chat_format.end_of_turn_id))
                 for i in fits for j in range(n)]
-    responses = TorchEngine(model, sampling.max_batch_size, chat_format.pad_id).generate(requests, hook) if requests else []
+    responses = (TorchEngine(model, sampling.max_batch_size, chat_format.pad_id).generate(requests, hook)
+                 if requests else [])
     groups: list[list[Response] | None] = [None] * len(prompts)
     for k, i in enumerate(fits):
         groups[i] = responses[n * k : n * (k + 1)]

@@ -27,7 +27,8 @@ def communication_overlap(on_gpu: bool, distributed_optimizer: bool) -> dict[str
     return {"overlap_grad_reduce": on_gpu, "overlap_param_gather": on_gpu and distributed_optimizer}
 
 
-def wrap_for_training(model: torch.nn.Module, use_distributed_optimizer: bool = True) -> tuple[DistributedDataParallel, bool]:
+def wrap_for_training(model: torch.nn.Module,
+                      use_distributed_optimizer: bool = True) -> tuple[DistributedDataParallel, bool]:
     """megatron DDP (contiguous fp32 grad buffers, reduced in ``finalize_model_grads``)."""
     distributed = resolve_distributed_optimizer(use_distributed_optimizer)
     overlap = communication_overlap(torch.cuda.is_available(), distributed)
@@ -69,6 +70,7 @@ def build_optimizer(ddp: DistributedDataParallel, settings: OptimizerSettings, t
     )
     config.grad_scale_func = optimizer.scale_loss
     warmup = math.ceil(settings.warmup_fraction * total_steps)
+    wsd = settings.decay_style == "WSD"
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -81,7 +83,7 @@ def build_optimizer(ddp: DistributedDataParallel, settings: OptimizerSettings, t
         end_wd=settings.weight_decay,
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
-        wsd_decay_steps=max(1, round(settings.wsd_decay_fraction * total_steps)) if settings.decay_style == "WSD" else None,
-        lr_wsd_decay_style="cosine" if settings.decay_style == "WSD" else None,
+        wsd_decay_steps=max(1, round(settings.wsd_decay_fraction * total_steps)) if wsd else None,
+        lr_wsd_decay_style="cosine" if wsd else None,
     )
     return optimizer, scheduler

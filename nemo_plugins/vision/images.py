@@ -85,7 +85,8 @@ def open_image(path: str | Path, where: str, processing: ImageProcessing):
         raise DataError(f"{where}: cannot open image {path} ({err})") from None
     if max(image.size) > processing.max_input_side:
         raise DataError(f"{where}: image {path} is {image.size[0]}x{image.size[1]}, larger than "
-                        f"max_input_side={processing.max_input_side} (data.max_image_side): shrink it or raise the limit")
+                        f"max_input_side={processing.max_input_side} (data.max_image_side): "
+                        "shrink it or raise the limit")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as err:

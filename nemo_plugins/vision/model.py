@@ -67,7 +67,8 @@ class MistralVisionLanguageModel(MistralGPTModel):
                 images: list[torch.Tensor] | None = None, **kwargs):
         if self.pre_process and input_ids is not None and kwargs.get("decoder_input") is None:
             if images:
-                thd = attention_mask is None and self.uses_transformer_engine and self._thd_params(position_ids) is not None
+                thd = (attention_mask is None and self.uses_transformer_engine
+                       and self._thd_params(position_ids) is not None)
                 rows = (input_ids.reshape(1, -1), position_ids.reshape(1, -1)) if thd else (input_ids, position_ids)
                 kwargs["decoder_input"] = self.embed_with_images(*rows, images)
             elif bool((input_ids == self.vision.image_token_id).any()):
