@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from bench.forward_throughput import timed
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.tokenizer import load_tokenizer
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     args = parser.parse_args()
     setup_logging()
+    cpu_compat.install()
     initialize(ParallelConfig())
     source = ModelSource.parse("embedded:smollm2")
     config, model = load_model(source, ParallelConfig())

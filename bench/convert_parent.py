@@ -14,8 +14,10 @@ import tempfile
 
 STEP = r"""
 import json, resource, sys, time
+from nemo_plugins import cpu_compat
 from nemo_plugins.logs import setup_logging
 setup_logging()
+cpu_compat.install()
 start = time.perf_counter()
 if sys.argv[1] == "gguf":
     from nemo_plugins.convert.sources import ModelSource, hf_dir

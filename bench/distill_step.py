@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.forward_throughput import CLOCKS, alternate
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert.model_io import export_hf
 from nemo_plugins.convert.sources import ModelSource, hf_dir, load_model
 from nemo_plugins.distill.kl_loss import KLOptions
@@ -54,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     parallel = ParallelConfig()
+    cpu_compat.install()
     initialize(parallel)
     source = ModelSource.parse("embedded:smollm2")
     parent_config, teacher = load_model(source, parallel)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert.sources import ModelSource, hf_dir, load_model
 from nemo_plugins.distributed import ParallelConfig, device, initialize, shutdown
 from nemo_plugins.logs import setup_logging
@@ -58,6 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     dtype = getattr(torch, args.dtype)
+    cpu_compat.install()
     initialize(ParallelConfig())
     source = ModelSource.parse("embedded:smollm2")
     config, model = load_model(source, ParallelConfig(), dtype)

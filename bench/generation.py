@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert.sources import ModelSource, hf_dir, load_model
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import load_tokenizer
@@ -71,6 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     torch.set_num_threads(args.threads)
+    cpu_compat.install()
     initialize(ParallelConfig())
     source = ModelSource.parse("embedded:smollm2")
     _, model = load_model(source, ParallelConfig())

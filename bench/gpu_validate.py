@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.cascade.memory import GIB, estimate_memory
 from nemo_plugins.convert.model_io import gather_hf_state, load_hf_state
 from nemo_plugins.distill.context import ContextExtension
@@ -354,6 +355,7 @@ def kd_rows(scale: Scale, states: dict, peak: tuple[float | None, str]) -> list[
 
 
 def validate(scale: Scale, peak: tuple[float | None, str]) -> list[Row]:
+    cpu_compat.install()
     initialize(ParallelConfig())
     torch.manual_seed(0)
     states = random_states(scale)

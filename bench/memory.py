@@ -84,6 +84,7 @@ def write_parent(directory: Path) -> Path:
 def rank_main(rank: int, phase: str, parent_dir: str, workdir: str, port: int, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from nemo_plugins import cpu_compat
     from nemo_plugins.convert.model_io import export_hf
     from nemo_plugins.convert.sources import ModelSource, load_model
     from nemo_plugins.distributed import initialize
@@ -93,6 +94,7 @@ def rank_main(rank: int, phase: str, parent_dir: str, workdir: str, port: int, r
 
     torch.set_num_threads(1)
     peak = AnonymousPeak()
+    cpu_compat.install()
     initialize(PARALLEL)
     source = ModelSource.parse(f"hf:{parent_dir}")
     if phase == "load":

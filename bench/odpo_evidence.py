@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
@@ -49,6 +50,7 @@ def finish_pwrm(previous: Path, out: Path) -> dict:
     stage = typed(PWRMStage, record["config"], "pwrm manifest config")
     source = ModelSource.parse(record["source"])
     pairs = read_pairs(Path(record["pair_data"]["file"]))
+    cpu_compat.install()
     initialize(ParallelConfig(), stage.train.seed)
     chat_format = load_chat_format(record["chat_format"], tokenizer_dir(source))
     return run_pwrm_stage(stage, source, pairs, chat_format, record["chat_format"], tokenizer_dir(source), out,
@@ -103,6 +105,7 @@ def main() -> None:
 
     policy = ModelSource.parse(args.policy)
     stage = odpo_stage(args)
+    cpu_compat.install()
     initialize(ParallelConfig(), stage.train.seed)
     chat_format = load_chat_format("hf_template", tokenizer_dir(policy))
     arithmetic = [SourceSpec("arithmetic", ["builtin:arithmetic?count=2000"], 1.0)]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert.sources import ModelSource, read_model_state, tokenizer_dir
 from nemo_plugins.data.packing import pack_text
 from nemo_plugins.data.text_files import iter_documents
@@ -82,6 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     parallel = ParallelConfig()
+    cpu_compat.install()
     initialize(parallel)
     stage = OmegaConf.load(ROOT / "conf/stage/prune.yaml")
     children = [c for c in demo.cascade.children if not args.children or c.name in args.children]

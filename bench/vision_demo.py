@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.vision.captioning import VOCAB_SIZE, caption_accuracy, train_projector
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--heldout", type=int, default=128)
     args = parser.parse_args()
+    cpu_compat.install()
     initialize(ParallelConfig())
     torch.manual_seed(0)
     model = build_vision_language_model(TEXT, VISION, ParallelConfig())

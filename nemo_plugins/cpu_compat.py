@@ -15,8 +15,9 @@ On a machine where CUDA is unavailable every one of those calls would raise, so 
 redirecting them to the CPU. The mechanism is deliberately narrow: each listed megatron module gets a
 proxy as its module-global ``torch`` that maps CUDA device arguments to the CPU and ``torch.cuda``'s
 stream/sync/RNG calls to their CPU equivalents; everything else is the real ``torch``. Nothing is
-patched when CUDA is available. Each patched behaviour has a test in ``tests/test_cpu_compat.py`` so an
-upgrade that moves a call fails loudly instead of silently taking the CUDA path.
+patched when CUDA is available, and nothing on import: entry points call ``install()``. Each patched
+behaviour has a test in ``tests/test_cpu_compat.py`` so an upgrade that moves a call fails loudly
+instead of silently taking the CUDA path.
 
 The distributed optimizer is CUDA-only in megatron-core; callers must use the plain megatron optimizer
 on CPU (see ``use_distributed_optimizer_allowed``).
@@ -31,6 +32,8 @@ import types
 from typing import Any
 
 import torch
+
+from nemo_plugins import megatron_compat  # noqa: F401 - the version guard covers these patches too
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.tensor_aware_state_dict": "cuda.synchronize",
 }
 
-_FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "zeros_like", "ones_like", "empty_like")
+_FACTORY_FUNCTIONS = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand",
+                      "zeros_like", "ones_like", "empty_like")
 
 _installed = False
 
@@ -155,7 +159,8 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
-def _cpu_clip_grad_by_total_norm_fp32(parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False) -> None:
+def _cpu_clip_grad_by_total_norm_fp32(parameters: Any, max_norm: float, total_norm: float,
+                                      use_decoupled_grad: bool = False) -> None:
     """CPU twin of megatron's ``clip_grad_by_total_norm_fp32`` without its ``torch.cuda.FloatTensor`` assert."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -209,10 +214,16 @@ def resolve_distributed_optimizer(requested: bool) -> bool:
     return requested
 
 
+def installed() -> bool:
+    """Whether ``install()`` has patched megatron-core in this process."""
+    return _installed
+
+
 def install() -> bool:
     """Patch megatron-core for CPU execution if (and only if) CUDA is unavailable. Idempotent.
 
-    Returns True when the patches are active.
+    Called explicitly by every entry point (the recipes, the test session, spawned test workers, bench scripts)
+    before megatron is initialised; importing this module patches nothing. Returns True when the patches are active.
     """
     global _installed
     if cuda_available():

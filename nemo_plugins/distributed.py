@@ -17,7 +17,7 @@ from nemo_plugins.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelConfig:
     """Model-parallel layout; data parallelism is whatever remains of the world size."""
 
@@ -59,9 +59,12 @@ def _free_port() -> int:
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Initialise torch.distributed (from torchrun's env, or a 1-process group) and megatron's groups.
 
-    Safe to call again with the same layout (tests, notebooks): existing groups are reused.
+    Safe to call again with the same layout (tests, notebooks): existing groups are reused. Without CUDA the entry
+    point must have installed the CPU compat first (``cpu_compat.install()``): megatron would take CUDA paths.
     """
-    cpu_compat.install()
+    if not torch.cuda.is_available() and not cpu_compat.installed():
+        raise RuntimeError("no CUDA and megatron-core's CPU compat is not installed: call "
+                           "nemo_plugins.cpu_compat.install() at the entry point, before initialize()")
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

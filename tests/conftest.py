@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.model.config import MistralConfig
 
@@ -12,6 +13,7 @@ from nemo_plugins.model.config import MistralConfig
 def _megatron_single_process():
     """One gloo process with TP=PP=1 for in-process tests; multi-rank tests spawn their own workers."""
     logging.getLogger("nemo_plugins").setLevel(logging.INFO)
+    cpu_compat.install()
     initialize(ParallelConfig())
     yield
 

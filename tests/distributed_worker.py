@@ -10,13 +10,17 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from nemo_plugins import cpu_compat
 from nemo_plugins.convert.model_io import gather_hf_state, load_hf_state
 from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
 from nemo_plugins.model.builder import build_model
 
 
 def run(rank: int, world_size: int, port: int, body, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    """One spawned rank: torchrun's environment, the CPU compat (the test session's is not inherited), ``body``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    cpu_compat.install()
     try:
         body(*args)
     finally:
@@ -73,7 +77,7 @@ def pp_loss(config, state_path: str, out_path: str, pp: int) -> None:
     grad_sq = grad_sq.reshape(1)
     dist.all_reduce(grad_sq, group=parallel_state.get_pipeline_model_parallel_group())
     if parallel_state.is_pipeline_last_stage():
-        mean = torch.stack([l["loss"] for l in losses]).mean()
+        mean = torch.stack([m["loss"] for m in losses]).mean()
         torch.save({"loss": mean, "grad_sq": grad_sq}, out_path)
 
 
@@ -114,7 +118,8 @@ def kl_loss_tp(problem_path: str, out_path: str, tp: int) -> None:
         torch.save(results, out_path)
 
 
-def distill_steps(teacher_config, student_config, states_path: str, data_prefix: str, out_dir: str, tp: int, pp: int) -> None:
+def distill_steps(teacher_config, student_config, states_path: str, data_prefix: str, out_dir: str, tp: int,
+                  pp: int) -> None:
     """Three distillation steps (fused KL, megatron optimizer, schedules) under TP/PP; metrics go to out_dir."""
     from nemo_plugins.data.mix import Cursor, DataMix, MixSource
     from nemo_plugins.data.token_store import TokenFile

@@ -1,7 +1,11 @@
 """One test per CPU patch of megatron-core (nemo_plugins.cpu_compat): an upgrade that moves a call fails here."""
 
 import importlib
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_plugins import cpu_compat
-from nemo_plugins.distributed import ParallelConfig
+from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.model.builder import build_model
 from tests.conftest import tiny_config
 
@@ -36,7 +40,8 @@ def test_rotary_embedding_on_cpu():
 def test_yarn_embedding_on_cpu():
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
-    emb = YarnRotaryEmbedding(kv_channels=16, scaling_factor=4.0, original_max_position_embeddings=8, use_cpu_initialization=True)
+    emb = YarnRotaryEmbedding(kv_channels=16, scaling_factor=4.0, original_max_position_embeddings=8,
+                              use_cpu_initialization=True)
     freqs, _ = emb(32)
     assert freqs.device.type == "cpu" and freqs.shape[0] == 32
 
@@ -76,7 +81,8 @@ def _train_step(clip_grad: float):
     config = tiny_config()
     model = build_model(config, ParallelConfig())
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=clip_grad, use_distributed_optimizer=False), [ddp])
+    settings = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=clip_grad, use_distributed_optimizer=False)
+    optimizer = get_megatron_optimizer(settings, [ddp])
     tokens = torch.randint(0, config.vocab_size, (2, 16))
     positions = torch.arange(16).expand(2, -1)
 
@@ -124,6 +130,43 @@ def test_distributed_optimizer_falls_back_on_cpu(caplog):
 def test_patches_stay_off_where_cuda_exists(monkeypatch):
     monkeypatch.setattr(cpu_compat, "cuda_available", lambda: True)
     assert cpu_compat.install() is False
+
+
+INSTALL_TWICE = r"""
+import json, sys
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.optimizer import clip_grads
+from megatron.core.tensor_parallel import random
+from nemo_plugins import cpu_compat
+
+def seen():
+    modules = {name: id(sys.modules[name].torch) for name in cpu_compat.PATCHED_MODULES if name in sys.modules}
+    return {"modules": modules, "setup": id(LanguageModule.setup_embeddings_and_output_layer),
+            "clip": id(clip_grads.clip_grad_by_total_norm_fp32), "rng": id(random._get_cuda_rng_state)}
+
+before = seen()
+assert cpu_compat.install() is True
+once = seen()
+assert cpu_compat.install() is True
+print(json.dumps({"before": before, "once": once, "twice": seen()}))
+"""
+
+
+def test_install_twice_is_install_once():
+    """A second ``install()`` patches nothing again (a double wrap would nest the tied-embedding hook)."""
+    out = subprocess.run([sys.executable, "-c", INSTALL_TWICE], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["once"] == seen["twice"]
+    assert seen["once"]["setup"] != seen["before"]["setup"] and seen["once"]["rng"] != seen["before"]["rng"]
+    assert set(seen["once"]["modules"]) == set(cpu_compat.PATCHED_MODULES)
+
+
+def test_initialize_refuses_a_cpu_machine_without_the_compat(monkeypatch):
+    """``initialize()`` installs nothing itself: an entry point that forgot ``install()`` hears so at once."""
+    monkeypatch.setattr(cpu_compat, "_installed", False)
+    with pytest.raises(RuntimeError, match=r"cpu_compat\.install\(\)"):
+        initialize(ParallelConfig())
 
 
 def test_forward_backward_of_two_layer_model_runs_in_seconds():

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
-from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
+from nemo_plugins.megatron_compat import HiddenOutputGPTModel, MistralTransformerConfig, carry_attention_bias
 from nemo_plugins.model.attention_temperature import query_scale, with_query_scale
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.fast_path import Available, SpeedOptions, fast_path, yarn_concentration
@@ -27,21 +25,6 @@ from nemo_plugins.model.packed_sequences import cu_seqlens_from_positions, thd_p
 from nemo_plugins.model.sdpa_attention import SDPAttention
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MistralTransformerConfig(TransformerConfig):
-    """TransformerConfig plus the YaRN fields GPTModel reads with getattr when position_embedding_type='yarn'."""
-
-    yarn_rotary_scaling_factor: float = 1.0  # megatron's attention reads it whenever it exists; 1.0 == no YaRN
-    yarn_original_max_position_embeddings: int | None = None
-    yarn_beta_fast: float | None = None
-    yarn_beta_slow: float | None = None
-    yarn_mscale: float | None = None
-    yarn_mscale_all_dim: float | None = None
-    yarn_correction_range_round_to_int: bool = True
-    attention_temperature_beta: float | None = None
-    attention_temperature_period: int | None = None
 
 
 def transformer_engine_usable() -> bool:
@@ -150,7 +133,7 @@ def spec_neutral(sharded: dict) -> dict:
     return neutral
 
 
-class MistralGPTModel(GPTModel):
+class MistralGPTModel(HiddenOutputGPTModel):
     """GPTModel whose forward takes per-document ``position_ids`` and derives masks and temperature from them.
 
     megatron-core 0.19 logs "GPTModel IS DEPRECATED" in favour of HybridModel; GPTModel still works
@@ -166,7 +149,6 @@ class MistralGPTModel(GPTModel):
 
     uses_transformer_engine: bool = False
     parameter_sync: Callable[[], None] | None = None  # set by train.optimizer under overlap_param_gather
-    _return_hidden: bool = False
 
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, return_hidden: bool = False, **kwargs):  # type: ignore[override]
         """Logits (or per-token loss with ``labels``); with ``return_hidden`` the final-norm hidden states
@@ -183,14 +165,10 @@ class MistralGPTModel(GPTModel):
             attention_mask = packed_causal_mask(position_ids)
         period = self.config.attention_temperature_period
         if period is not None:
-            extra = dict(kwargs.pop("extra_block_kwargs", None) or {})
-            extra["attention_bias"] = query_scale(position_ids, self.config.attention_temperature_beta, period)
-            kwargs["extra_block_kwargs"] = extra
-        self._return_hidden = return_hidden
-        try:
+            scale = query_scale(position_ids, self.config.attention_temperature_beta, period)
+            kwargs = carry_attention_bias(kwargs, scale)
+        with self.returning_hidden(return_hidden):
             output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
-        finally:
-            self._return_hidden = False
         if "packed_seq_params" in kwargs and not return_hidden and self.post_process:
             output = output.reshape(*rows, *output.shape[2:])
         return output
@@ -205,13 +183,6 @@ class MistralGPTModel(GPTModel):
         if torch.equal(cu_seqlens.cpu(), whole_rows):
             return None
         return thd_params(cu_seqlens, position_ids.device)
-
-    def _postprocess(self, hidden_states, *args, **kwargs):
-        # GPTModel's output stage (a private megatron method, same shape in 0.16 and 0.19); the decoder has
-        # already applied the final norm, so these are exactly the output layer's inputs.
-        if self._return_hidden and self.post_process:
-            return hidden_states
-        return super()._postprocess(hidden_states, *args, **kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """The checkpoint's items, the same under the local and the Transformer Engine spec (``spec_neutral``),
