@@ -3,12 +3,10 @@ carry the project's record (``output_dir``), so an export never replaces a folde
 
 Reading is lazy: ``HFReader`` maps tensor names to shard files and reads a tensor, or only a row / column range
 of it, with ``safe_open(...).get_slice``, so a TP rank reads its slice of a 24B checkpoint, not the whole model.
-It reads two layouts of the same text model under one set of (CausalLM) names:
-* ``MistralForCausalLM`` / ``LlamaForCausalLM`` / ``Ministral3ForCausalLM``: ``model.*``, ``lm_head.weight``;
-* ``Mistral3ForConditionalGeneration`` (Mistral Small 3.1, the Ministral 3 releases): ``language_model.model.*``,
-  ``language_model.lm_head.*`` as released and as transformers 5.x saves by default, or ``model.language_model.*``,
-  ``lm_head.*`` as it saves with ``save_original_format=False``. Its ``vision_tower.*`` and
-  ``multi_modal_projector.*`` tensors are the ``multimodal`` part, kept aside for the vision work.
+It reads a text model's tensors under their CausalLM names whatever the layout: a multimodal checkpoint
+(``Mistral3ForConditionalGeneration``: Mistral Small 3.1, the Ministral 3 releases) stores them under prefixes its
+bridge (``nemo_plugins.bridges``) strips; its vision tower and projector tensors are the ``multimodal`` part, kept
+aside for the vision work.
 
 Writing streams: tensors arrive one at a time in name order and are written shard by shard (at most one shard in
 memory), into exactly the files ``save_file`` gives for the whole state. An export of a vision-language source is
@@ -29,24 +27,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nemo_plugins.bridges import MISTRAL3, config_from_hf, multimodal_bridge
 from nemo_plugins.convert import output_dir
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.manifest import read_json
-from nemo_plugins.model.config import MULTIMODAL_ARCHITECTURES, MistralConfig
+from nemo_plugins.model.config import MistralConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MULTIMODAL_NAME = "multimodal.safetensors"
 MULTIMODAL_CONFIG = "multimodal_config.json"
 README = "README.md"
-# stored prefix -> CausalLM prefix, for the text tensors of a Mistral3ForConditionalGeneration
-MISTRAL3_TEXT_PREFIXES = {
-    "language_model.model.": "model.",
-    "language_model.lm_head.": "lm_head.",
-    "model.language_model.": "model.",
-    "lm_head.": "lm_head.",
-}
-MULTIMODAL_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def _config_json(model_dir: Path) -> dict:
@@ -56,13 +47,9 @@ def _config_json(model_dir: Path) -> dict:
     return read_json(path)
 
 
-def _is_multimodal(raw: dict) -> bool:
-    return any(a in MULTIMODAL_ARCHITECTURES for a in raw.get("architectures") or [])
-
-
 def read_config(model_dir: str | Path) -> MistralConfig:
     """The text model's config (a Mistral3 directory's ``text_config``)."""
-    return MistralConfig.from_hf(_config_json(Path(model_dir)))
+    return config_from_hf(_config_json(Path(model_dir)))
 
 
 def shard_files(model_dir: str | Path) -> list[Path]:
@@ -74,7 +61,8 @@ def shard_files(model_dir: str | Path) -> list[Path]:
         files = sorted({model_dir / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ConfigError(f"{model_dir}: shard(s) {missing} listed in {INDEX_NAME} are missing; re-copy the checkpoint")
+            raise ConfigError(f"{model_dir}: shard(s) {missing} listed in {INDEX_NAME} are missing; "
+                              "re-copy the checkpoint")
         return files
     single = model_dir / SINGLE_NAME
     if single.is_file():
@@ -97,10 +85,11 @@ class Multimodal:
     tensors: dict[str, Path]
 
     def read(self) -> dict[str, torch.Tensor]:
-        """Every tensor, whole, under its released name (``vision_tower.*``, ``multi_modal_projector.*``: the
-        ``model.`` prefix of transformers' other layout dropped)."""
+        """Every tensor, whole, under its released name (``vision_tower.*``, ``multi_modal_projector.*``, whichever
+        layout transformers stored it in)."""
         handles = {file: _open(file) for file in set(self.tensors.values())}
-        return {name.removeprefix("model."): handles[file].get_tensor(name) for name, file in sorted(self.tensors.items())}
+        return {MISTRAL3.vision_tensor_name(name): handles[file].get_tensor(name)
+                for name, file in sorted(self.tensors.items())}
 
 
 class HFReader:
@@ -115,26 +104,19 @@ class HFReader:
         self._handles = {file: _open(file) for file in shard_files(self.model_dir)}
         self._where: dict[str, tuple[Path, str]] = {}
         multimodal: dict[str, Path] = {}
-        vision_language = _is_multimodal(raw)
+        bridge = multimodal_bridge(raw)
         for file, handle in self._handles.items():
             for stored in handle.keys():
-                if vision_language and stored.startswith(MULTIMODAL_PREFIXES):
+                name = stored if bridge is None else bridge.text_tensor_name(stored)
+                if name is None:
                     multimodal[stored] = file
                 else:
-                    self._where[self._text_name(stored, vision_language)] = (file, stored)
+                    self._where[name] = (file, stored)
         extra = self.model_dir / MULTIMODAL_NAME
         if extra.is_file():  # an earlier export of a Mistral3 source carries its vision part aside
             multimodal.update({name: extra for name in _open(extra).keys()})
             raw = read_json(self.model_dir / MULTIMODAL_CONFIG) or {}
-        self.multimodal = Multimodal({k: v for k, v in raw.items() if k != "text_config"}, multimodal) if multimodal else None
-
-    @staticmethod
-    def _text_name(stored: str, multimodal: bool) -> str:
-        if multimodal:
-            for prefix, canonical in MISTRAL3_TEXT_PREFIXES.items():
-                if stored.startswith(prefix):
-                    return canonical + stored[len(prefix):]
-        return stored
+        self.multimodal = Multimodal(MISTRAL3.vision_part(raw), multimodal) if multimodal else None
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -192,7 +174,7 @@ def _write_multimodal(multimodal: Multimodal, config: MistralConfig, tmp: Path) 
     save_file(tensors, tmp / MULTIMODAL_NAME, metadata={"format": "pt"})
     (tmp / MULTIMODAL_CONFIG).write_text(json.dumps(multimodal.config, indent=2) + "\n")
     (tmp / README).write_text(
-        f"The text model of a Mistral3ForConditionalGeneration checkpoint, as {config.architecture}. The vision "
+        f"The text model of a {MISTRAL3.architectures[0]} checkpoint, as {config.architecture}. The vision "
         f"tower and projector ({len(tensors)} tensors) are in {MULTIMODAL_NAME}, unchanged, with their config in "
         f"{MULTIMODAL_CONFIG}.\n")
 
@@ -239,7 +221,8 @@ def write_streamed(
         if len(plan) > 1:
             weight_map = {name: fname for names, fname in zip(plan, files) for name in names}
             total = sum(_nbytes(spec) for spec in specs.values())
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         if multimodal is not None:
             _write_multimodal(multimodal, config, tmp)
         for name, src in (extra_files or {}).items():

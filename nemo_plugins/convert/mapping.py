@@ -1,10 +1,9 @@
-"""Declarative Hugging Face <-> megatron-core parameter mapping for Mistral-family decoders.
+"""Hugging Face <-> megatron-core parameter conversion for Mistral-family decoders, driven by a bridge's table.
 
-Conversion is data: a table of ``ParamMapping`` rows. Each row knows
-* its names on both sides (``{layer}`` is the global layer index),
-* how to fuse/unfuse (``direct``, ``qkv`` for megatron's grouped-query fused layout, ``gated`` for
-  SwiGLU's ``linear_fc1 = [gate; up]``),
-* how megatron splits it over tensor-parallel ranks (``replicated``, ``column`` = dim 0, ``row`` = dim 1).
+Conversion is data: a bridge (``nemo_plugins.bridges``) declares ``ParamMapping`` rows, each with its names on both
+sides, how it fuses and how megatron splits it over tensor-parallel ranks. This module does the same work for every
+row: fusing / unfusing (``qkv``: megatron's grouped-query fused layout; ``gated``: SwiGLU's ``linear_fc1 =
+[gate; up]``) and slicing.
 
 Loading reads per TP rank only the rows / columns of each HF tensor that the rank holds (``hf_slices``), from any
 ``TensorReader`` (a lazy safetensors reader, or tensors in memory), then fuses those pieces in megatron's layout.
@@ -15,74 +14,27 @@ ever needs a full tensor. Export is the inverse, one tensor at a time: ``unshard
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Literal, Mapping, Protocol
+from typing import Mapping, Protocol
 
 import torch
 
+from nemo_plugins.bridges import text_bridge
+from nemo_plugins.bridges.param_mapping import ParamMapping
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 
-Fusion = Literal["direct", "qkv", "gated"]
-Split = Literal["replicated", "column", "row"]
-
-# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear.
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear (megatron-side names, the
+# same for every family).
 TE_NAME_ALIASES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
-
-
-@dataclass(frozen=True)
-class ParamMapping:
-    megatron: str
-    hf: tuple[str, ...]
-    fusion: Fusion = "direct"
-    split: Split = "replicated"
-    untied_only: bool = False
-
-    @property
-    def per_layer(self) -> bool:
-        return "{layer}" in self.megatron
-
-
-MISTRAL_MAPPINGS: tuple[ParamMapping, ...] = (
-    ParamMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), split="column"),
-    ParamMapping("decoder.layers.{layer}.input_layernorm.weight", ("model.layers.{layer}.input_layernorm.weight",)),
-    ParamMapping(
-        "decoder.layers.{layer}.self_attention.linear_qkv.weight",
-        (
-            "model.layers.{layer}.self_attn.q_proj.weight",
-            "model.layers.{layer}.self_attn.k_proj.weight",
-            "model.layers.{layer}.self_attn.v_proj.weight",
-        ),
-        fusion="qkv",
-        split="column",
-    ),
-    ParamMapping(
-        "decoder.layers.{layer}.self_attention.linear_proj.weight",
-        ("model.layers.{layer}.self_attn.o_proj.weight",),
-        split="row",
-    ),
-    ParamMapping(
-        "decoder.layers.{layer}.pre_mlp_layernorm.weight",
-        ("model.layers.{layer}.post_attention_layernorm.weight",),
-    ),
-    ParamMapping(
-        "decoder.layers.{layer}.mlp.linear_fc1.weight",
-        ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
-        fusion="gated",
-        split="column",
-    ),
-    ParamMapping("decoder.layers.{layer}.mlp.linear_fc2.weight", ("model.layers.{layer}.mlp.down_proj.weight",), split="row"),
-    ParamMapping("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    ParamMapping("output_layer.weight", ("lm_head.weight",), split="column", untied_only=True),
-)
+EMBEDDING = "embedding.word_embeddings.weight"  # megatron's input embedding: on the first pipeline stage
 
 
 def active_mappings(config: MistralConfig) -> list[ParamMapping]:
-    return [m for m in MISTRAL_MAPPINGS if not (m.untied_only and config.tie_embeddings)]
+    """The rows of ``config``'s bridge that its model has (no output layer when the embeddings are tied)."""
+    return [m for m in text_bridge(config.architecture).mappings if not (m.untied_only and config.tie_embeddings)]
 
 
 # ---------------------------------------------------------------------------------------- readers
@@ -190,21 +142,8 @@ def hf_names(mapping: ParamMapping, layer: int | None) -> list[str]:
 
 
 def hf_shape(name: str, config: MistralConfig) -> tuple[int, ...]:
-    """The shape an HF tensor of this name has under ``config``."""
-    h, d = config.hidden_size, config.head_dim
-    table = {
-        r"embed_tokens|lm_head": (config.vocab_size, h),
-        r"layernorm|model\.norm": (h,),
-        r"q_proj": (config.num_attention_heads * d, h),
-        r"[kv]_proj": (config.num_kv_heads * d, h),
-        r"o_proj": (h, config.num_attention_heads * d),
-        r"gate_proj|up_proj": (config.ffn_hidden_size, h),
-        r"down_proj": (h, config.ffn_hidden_size),
-    }
-    for pattern, shape in table.items():
-        if re.search(pattern, name):
-            return shape
-    raise KeyError(name)
+    """The shape an HF tensor of this name has under ``config`` (its bridge knows the names)."""
+    return text_bridge(config.architecture).hf_shape(name, config)
 
 
 def hf_layout(config: MistralConfig) -> dict[str, tuple[ParamMapping, int | None, int]]:
@@ -218,9 +157,6 @@ def hf_layout(config: MistralConfig) -> dict[str, tuple[ParamMapping, int | None
 
 
 # ---------------------------------------------------------------------------------------- whole models
-EMBEDDING = MISTRAL_MAPPINGS[0]
-
-
 def _local_tensor(mapping: ParamMapping, layer: int | None, reader: TensorReader, config: MistralConfig,
                   tp_rank: int, tp_size: int) -> torch.Tensor:
     """One TP rank's megatron tensor, read slice by slice; a missing or misshapen HF tensor is named."""
@@ -253,18 +189,21 @@ def hf_to_megatron(
     reader = as_reader(source)
     layers = range(config.num_layers) if layers is None else layers
     out: dict[str, torch.Tensor] = {}
-    for mapping in active_mappings(config):
+    mappings = active_mappings(config)
+    for mapping in mappings:
         if mapping.per_layer:
             targets = [(layer, local) for local, layer in enumerate(layers)]
-        elif mapping is EMBEDDING:
+        elif mapping.megatron == EMBEDDING:
             targets = [(None, None)] if first_stage else []
         else:
             targets = [(None, None)] if last_stage else []
         for layer, local in targets:
-            out[megatron_name(mapping, local, te_names)] = _local_tensor(mapping, layer, reader, config, tp_rank, tp_size)
+            out[megatron_name(mapping, local, te_names)] = _local_tensor(mapping, layer, reader, config, tp_rank,
+                                                                         tp_size)
     if config.tie_embeddings and last_stage and not first_stage:
         # the last pipeline stage keeps its own copy of the tied embedding as the output layer
-        out["output_layer.weight"] = _local_tensor(EMBEDDING, None, reader, config, tp_rank, tp_size)
+        embedding = next(m for m in mappings if m.megatron == EMBEDDING)
+        out["output_layer.weight"] = _local_tensor(embedding, None, reader, config, tp_rank, tp_size)
     return out
 
 

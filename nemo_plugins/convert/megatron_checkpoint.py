@@ -24,9 +24,10 @@ WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-               extra_sharded: dict | None = None, json_files: dict[str, dict] | None = None,
-               rank_json_files: dict[str, dict] | None = None, overwrite: bool = False) -> Path:
+def save_model(model: torch.nn.Module, config: MistralConfig, out_dir: str | Path,
+               tokenizer_dir: str | Path | None = None, extra_sharded: dict | None = None,
+               json_files: dict[str, dict] | None = None, rank_json_files: dict[str, dict] | None = None,
+               overwrite: bool = False) -> Path:
     """Write ``out_dir`` via a sibling temp dir renamed into place once every rank has written its shards.
 
     The tokenizer files travel with the weights so that every later stage tokenises the same way. Training

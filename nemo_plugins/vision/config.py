@@ -3,7 +3,8 @@
 The encoder's own shape stays the Hugging Face ``vision_config`` mapping (it is handed to transformers'
 ``PixtralVisionConfig`` as is, so nothing of it can disagree with the released checkpoint); what the combined model
 needs besides it (image token ids, the patch merge, which encoder layer feeds the projector) is typed here and
-checked on construction. The ids default to Tekken's (``[IMG]`` = 10, ``[IMG_BREAK]`` = 12, ``[IMG_END]`` = 13,
+checked on construction; the Mistral3 bridge (``nemo_plugins.bridges.mistral3``) reads and writes its
+``config.json`` keys. The ids default to Tekken's (``[IMG]`` = 10, ``[IMG_BREAK]`` = 12, ``[IMG_END]`` = 13,
 mistral-common) only for configs built by hand; a checkpoint's ids are read from its tokenizer (``token_ids``).
 """
 
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 
-MISTRAL3 = "Mistral3ForConditionalGeneration"
 VISION_CONFIG_NAME = "vision_config.json"  # beside a megatron checkpoint's config.json: the model is vision-language
 IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 REQUIRED_VISION_KEYS = ("hidden_size", "patch_size", "num_hidden_layers", "num_attention_heads")
@@ -65,26 +65,12 @@ class VisionConfig:
         """Pixels per side of one image token: a ``spatial_merge_size``^2 block of patches becomes one token."""
         return self.patch_size * self.spatial_merge_size
 
-    @classmethod
-    def from_hf(cls, raw: Mapping[str, Any], **token_ids: int) -> "VisionConfig":
-        """From a Mistral3 ``config.json`` (``token_ids``: ``image_break_token_id`` / ``image_end_token_id``, which
-        live in the tokenizer, not the config)."""
-        if "vision_config" not in raw:
-            raise ConfigError(f"a {MISTRAL3} config needs vision_config; this one has {sorted(raw)}")
-        return cls(encoder=dict(raw["vision_config"]), image_token_id=int(raw.get("image_token_index", 10)),
-                   spatial_merge_size=int(raw.get("spatial_merge_size", 2)),
-                   vision_feature_layer=raw.get("vision_feature_layer", -1),
-                   projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
-                   projector_bias=bool(raw.get("multimodal_projector_bias", False)), **token_ids)
-
     def to_hf(self, text: MistralConfig) -> dict[str, Any]:
-        """The Mistral3 ``config.json`` of this vision part on ``text``'s language model."""
-        text_config = {k: v for k, v in text.to_hf().items() if k not in ("architectures", "torch_dtype")}
-        return {"architectures": [MISTRAL3], "model_type": "mistral3", "text_config": text_config,
-                "vision_config": dict(self.encoder), "image_token_index": self.image_token_id,
-                "spatial_merge_size": self.spatial_merge_size, "vision_feature_layer": self.vision_feature_layer,
-                "projector_hidden_act": self.projector_hidden_act,
-                "multimodal_projector_bias": self.projector_bias, "tie_word_embeddings": text.tie_embeddings}
+        """The Mistral3 ``config.json`` of this vision part on ``text``'s language model (written by the Mistral3
+        bridge, which imports this module)."""
+        from nemo_plugins.bridges import MISTRAL3
+
+        return MISTRAL3.config_to_hf(text, self)
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoder": dict(self.encoder), "image_token_id": self.image_token_id,
