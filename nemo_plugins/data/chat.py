@@ -56,7 +56,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import SpecialTokenInfo, Tekkenizer
 
 from nemo_plugins.data.tokenizer import load_tokenizer
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 
 # Part of every format's fingerprint (token caches): bump when this module renders any conversation differently.
 RENDER_VERSION = 1
@@ -122,7 +122,7 @@ class ParsedToolCall:
 
 
 def normalize_messages(messages: object) -> list[dict]:
-    """Checked canonical copies of a conversation's messages; a ``ConfigError`` names the message and the problem.
+    """Checked canonical copies of a conversation's messages; a ``DataError`` names the message and the problem.
 
     Canonical forms: ``{"role", "content"}`` for system / user, ``{"role": "tool", "content", "name",
     "tool_call_id"}``, ``{"role": "assistant", "content", "thinking", "tool_calls": [{"id", "name",
@@ -130,26 +130,27 @@ def normalize_messages(messages: object) -> list[dict]:
     validators want).
     """
     if not isinstance(messages, list) or not messages:
-        raise ConfigError('"messages" must be a non-empty list of messages')
+        raise DataError('"messages" must be a non-empty list of messages')
     out: list[dict] = []
     pending: list[str] = []
     calls_seen = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ConfigError(f"message {i} is not an object")
+            raise DataError(f"message {i} is not an object")
         role = message.get("role")
         if role not in ROLES:
-            raise ConfigError(f"message {i}: unknown role {role!r} (expected one of {ROLES})")
+            raise DataError(f"message {i}: unknown role {role!r} (expected one of {ROLES})")
         where = f"message {i} ({role})"
         if i == 0 and role not in ("system", "user"):
-            raise ConfigError(f"{where}: a conversation starts with a system or user message")
+            raise DataError(f"{where}: a conversation starts with a system or user message")
         if role == "assistant":
             canonical = _assistant(message, where, calls_seen)
             pending = [call["id"] for call in canonical["tool_calls"]]
             calls_seen += len(pending)
         elif role == "tool":
             canonical = {"role": "tool", "content": _text(message, "content", where),
-                         "name": _optional_text(message, "name", where), "tool_call_id": _answered_call(message, pending, where)}
+                         "name": _optional_text(message, "name", where),
+                         "tool_call_id": _answered_call(message, pending, where)}
         else:
             canonical = {"role": role, "content": _text(message, "content", where)}
             pending = []
@@ -162,19 +163,21 @@ def normalize_tools(tools: object) -> list[dict]:
     if tools is None:
         return []
     if not isinstance(tools, list):
-        raise ConfigError('"tools" must be a list of {"type": "function", "function": {...}} schemas')
+        raise DataError('"tools" must be a list of {"type": "function", "function": {...}} schemas')
     for k, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or tool.get("type", "function") != "function":
-            raise ConfigError(f'tools[{k}] must look like {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+        named = isinstance(function, dict) and isinstance(function.get("name"), str)
+        if not named or tool.get("type", "function") != "function":
+            raise DataError(f'tools[{k}] must look like '
+                            '{"type": "function", "function": {"name": ..., "parameters": ...}}')
     return [dict(tool, type="function") for tool in tools]
 
 
 def _text(message: dict, key: str, where: str) -> str:
     if key not in message or message[key] is None:
-        raise ConfigError(f"{where}: missing {key}")
+        raise DataError(f"{where}: missing {key}")
     if not isinstance(message[key], str):
-        raise ConfigError(f"{where}: {key} must be a string, got {type(message[key]).__name__}")
+        raise DataError(f"{where}: {key} must be a string, got {type(message[key]).__name__}")
     return message[key]
 
 
@@ -185,35 +188,35 @@ def _optional_text(message: dict, key: str, where: str) -> str | None:
 def _assistant(message: dict, where: str, first_call: int) -> dict:
     content = _optional_text(message, "content", where) or ""
     if message.get("thinking") is not None and message.get("reasoning_content") is not None:
-        raise ConfigError(f"{where}: give the reasoning trace as thinking or reasoning_content, not both")
+        raise DataError(f"{where}: give the reasoning trace as thinking or reasoning_content, not both")
     thinking = _optional_text(message, "thinking", where) or _optional_text(message, "reasoning_content", where)
     raw_calls = message.get("tool_calls") or []
     if not isinstance(raw_calls, list):
-        raise ConfigError(f"{where}: tool_calls must be a list")
+        raise DataError(f"{where}: tool_calls must be a list")
     calls = [_tool_call(call, f"{where} tool_calls[{k}]", first_call + k) for k, call in enumerate(raw_calls)]
     if not content and not calls:
-        raise ConfigError(f"{where}: missing content (an assistant message needs content or tool_calls)")
+        raise DataError(f"{where}: missing content (an assistant message needs content or tool_calls)")
     return {"role": "assistant", "content": content, "thinking": thinking or None, "tool_calls": calls}
 
 
 def _tool_call(call: object, where: str, number: int) -> dict:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or call.get("type", "function") != "function":
-        raise ConfigError(f'{where} must look like {{"type": "function", "function": {{"name": ..., "arguments": ...}}}}')
+        raise DataError(f'{where} must look like {{"type": "function", "function": {{"name": ..., "arguments": ...}}}}')
     name = function.get("name")
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}: function.name must be a non-empty string")
+        raise DataError(f"{where}: function.name must be a non-empty string")
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: function.arguments is a string but not valid JSON ({err.msg})") from err
+            raise DataError(f"{where}: function.arguments is a string but not valid JSON ({err.msg})") from err
     if not isinstance(arguments, dict):
-        raise ConfigError(f"{where}: function.arguments must be an object (or a JSON string of one)")
+        raise DataError(f"{where}: function.arguments must be an object (or a JSON string of one)")
     call_id = call.get("id") or f"call{number:05d}"
     if not isinstance(call_id, str):
-        raise ConfigError(f"{where}: id must be a string")
+        raise DataError(f"{where}: id must be a string")
     return {"id": call_id, "name": name, "arguments": arguments}
 
 
@@ -221,11 +224,11 @@ def _answered_call(message: dict, pending: list[str], where: str) -> str:
     """The id of the call a tool message answers, removed from ``pending``."""
     given = _optional_text(message, "tool_call_id", where)
     if not pending:
-        raise ConfigError(f"{where}: no unanswered tool call before this tool message")
+        raise DataError(f"{where}: no unanswered tool call before this tool message")
     if given is None:
         return pending.pop(0)
     if given not in pending:
-        raise ConfigError(f"{where}: tool_call_id {given!r} answers none of the open calls {pending}")
+        raise DataError(f"{where}: tool_call_id {given!r} answers none of the open calls {pending}")
     pending.remove(given)
     return given
 
@@ -278,8 +281,8 @@ class ChatFormat(ABC):
         with ``content``, and the prompt that re-opens the assistant turn. Cut out of this format's own rendering
         of a conversation with that call, so they are exactly what training data renders."""
         probe = [{"role": "user", "content": "?"},
-                 {"role": "assistant", "tool_calls": [{"type": "function",
-                                                       "function": {"name": call.name or "tool", "arguments": call.arguments}}]}]
+                 {"role": "assistant", "tool_calls": [
+                     {"type": "function", "function": {"name": call.name or "tool", "arguments": call.arguments}}]}]
         turn = self.encode(probe)
         close = max(k for k, bit in enumerate(turn.assistant_mask) if bit)
         whole = self.prompt_ids(probe + [{"role": "tool", "content": content}])
@@ -311,7 +314,8 @@ class ChatTemplateFormat(ChatFormat):
         self.end_of_turn_id = tokenizer.eos_token_id if end_of_turn_id is None else end_of_turn_id
         self.pad_id = tokenizer.eos_token_id
         self.vocab_size = len(tokenizer)
-        key = f"hf_template:{RENDER_VERSION}:{tokenizer.name_or_path}:{self.vocab_size}:{self.end_of_turn_id}:{template}"
+        key = (f"hf_template:{RENDER_VERSION}:{tokenizer.name_or_path}:{self.vocab_size}:{self.end_of_turn_id}:"
+               f"{template}")
         self.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
 
     @classmethod
@@ -355,7 +359,8 @@ def _template_row(message: dict) -> dict:
     for call in message["tool_calls"]:
         if text and not text.endswith("\n"):
             text += "\n"
-        text += f"{CALL_OPEN}\n{json.dumps({'name': call['name'], 'arguments': call['arguments']}, ensure_ascii=False)}\n{CALL_CLOSE}"
+        body = json.dumps({"name": call["name"], "arguments": call["arguments"]}, ensure_ascii=False)
+        text += f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}"
     return {"role": "assistant", "content": text}
 
 
@@ -439,9 +444,11 @@ class TekkenFormat(ChatFormat):
         except json.JSONDecodeError as err:
             if not ended:
                 return None
-            return ParsedToolCall("", {}, error=f"the arguments of tool call {name!r} are not valid JSON ({err.msg})", ended_turn=True)
+            return ParsedToolCall("", {}, error=f"the arguments of tool call {name!r} are not valid JSON ({err.msg})",
+                                  ended_turn=True)
         if not isinstance(parsed, dict) or not name:
-            return ParsedToolCall("", {}, error=f"tool call {name!r} needs a name and an object of arguments", ended_turn=ended)
+            return ParsedToolCall("", {}, error=f"tool call {name!r} needs a name and an object of arguments",
+                                  ended_turn=ended)
         return ParsedToolCall(name, parsed, ended_turn=ended)
 
 
@@ -455,8 +462,10 @@ def _mistral_message(message: dict):
         return ToolMessage(content=message["content"], tool_call_id=message["tool_call_id"], name=message["name"])
     content = message["content"] or None
     if message["thinking"]:
-        content = [ThinkChunk(thinking=message["thinking"], closed=True)] + ([TextChunk(text=content)] if content else [])
-    calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False)))
+        text = [TextChunk(text=content)] if content else []
+        content = [ThinkChunk(thinking=message["thinking"], closed=True)] + text
+    calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["name"],
+                                                        arguments=json.dumps(c["arguments"], ensure_ascii=False)))
              for c in message["tool_calls"]]
     return AssistantMessage(content=content, tool_calls=calls or None)
 
@@ -466,12 +475,15 @@ def _ministral3_tokenizer() -> MistralTokenizer:
     """Ministral 3's v13 instruct tokenizer on the Tekken vocabulary shipped in mistral-common (see above)."""
     data = json.loads((Path(mistral_common.__file__).parent / "data" / SHIPPED_TEKKEN).read_text())
     config = data["config"]
-    named = {int(t["rank"]): str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS} | MINISTRAL3_CONTROL_TOKENS
-    specials = [SpecialTokenInfo(rank=r, token_str=named.get(r, Tekkenizer.SPECIAL_TOKEN_TEMPLATE.format(id=r)), is_control=True)
+    named = ({int(t["rank"]): str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS}
+             | MINISTRAL3_CONTROL_TOKENS)
+    specials = [SpecialTokenInfo(rank=r, token_str=named.get(r, Tekkenizer.SPECIAL_TOKEN_TEMPLATE.format(id=r)),
+                                 is_control=True)
                 for r in range(max(named) + 1)]
     tekken = Tekkenizer(data["vocab"], specials, config["pattern"], config["default_vocab_size"],
                         config["default_num_special_tokens"], MIN_TEKKEN_VERSION, name="ministral3-tekken")
-    return MistralTokenizer(InstructTokenizerV13(tekken), validator=get_validator(MIN_TEKKEN_VERSION, ValidationMode.agnostic),
+    return MistralTokenizer(InstructTokenizerV13(tekken),
+                            validator=get_validator(MIN_TEKKEN_VERSION, ValidationMode.agnostic),
                             request_normalizer=get_normalizer(MIN_TEKKEN_VERSION))
 
 
@@ -481,5 +493,6 @@ def load_chat_format(spec: str | ChatFormatSpec, tokenizer_dir: str | Path | Non
     if spec.kind == "tekken":
         return TekkenFormat.from_file(spec.tekken_file) if spec.tekken_file else TekkenFormat.ministral3()
     if tokenizer_dir is None:
-        raise ConfigError("the hf_template chat format renders with the model's own tokenizer: no tokenizer directory given")
+        raise ConfigError("the hf_template chat format renders with the model's own tokenizer: no tokenizer "
+                          "directory given")
     return ChatTemplateFormat.from_dir(tokenizer_dir)

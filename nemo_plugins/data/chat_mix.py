@@ -64,16 +64,18 @@ def write_chat_tokens(conversations: Iterable[EncodedChat], prefix: str | Path, 
             for conversation in conversations:
                 ids = np.asarray(conversation.tokens, dtype=np.int64)
                 if ids.max() >= vocab_size or ids.min() < 0:
-                    raise ConfigError(f"token id {int(ids.max())} outside the vocabulary of {vocab_size}: wrong tokenizer")
+                    raise ConfigError(f"token id {int(ids.max())} outside the vocabulary of {vocab_size}: "
+                                      "wrong tokenizer")
                 tokens_out.write(ids.astype(dtype).tobytes())
                 mask_out.write(np.asarray(conversation.assistant_mask, dtype=np.uint8).tobytes())
                 starts.append(starts[-1] + len(ids))
                 assistant_tokens += sum(conversation.assistant_mask)
         if len(starts) == 1:
-            raise ConfigError(f"no conversations for chat token file {prefix}")
+            raise DataError(f"no conversations for chat token file {prefix}: its source's files hold none (or the "
+                            "stage's screen dropped every one); check the source's paths and filters")
         np.asarray(starts, dtype=np.int64).tofile(partial[".idx"])
-        partial[".json"].write_text(json.dumps({**metadata, "vocab_size": vocab_size, "eos_id": eos_id, "dtype": dtype.name,
-                                                "documents": len(starts) - 1, "tokens": starts[-1],
+        partial[".json"].write_text(json.dumps({**metadata, "vocab_size": vocab_size, "eos_id": eos_id,
+                                                "dtype": dtype.name, "documents": len(starts) - 1, "tokens": starts[-1],
                                                 "assistant_tokens": assistant_tokens}, indent=2))
         for suffix in suffixes:
             os.replace(partial[suffix], prefix.with_name(prefix.name + suffix))
@@ -110,12 +112,13 @@ def resolve_chat_paths(paths: list[str], cache_dir: str | Path) -> list[Path]:
         if path.is_dir():
             found = sorted(path.rglob("*.jsonl"))
             if not found:
-                raise ConfigError(f"chat data directory {raw!r} holds no .jsonl files")
+                raise DataError(f"chat data directory {raw!r} holds no .jsonl files: check the source's paths")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise ConfigError(f"chat data path {raw!r} does not exist (a .jsonl file, a directory of them, or builtin:<name>)")
+            raise DataError(f"chat data path {raw!r} does not exist (a .jsonl file, a directory of them, or "
+                            "builtin:<name>): check the source's paths")
     return files
 
 
@@ -160,8 +163,8 @@ def encode_jsonl(files: list[Path], chat_format: ChatFormat, screen: RecordScree
                     record = screen.prepare(record)
                 try:
                     encoded = chat_format.encode(record["messages"], record.get("tools"))
-                except ConfigError as err:
-                    raise DataError(f"{where}: {err}") from err
+                except (ConfigError, DataError) as err:  # a bad record, or one the chat format cannot render
+                    raise type(err)(f"{where}: {err}") from err
                 if not any(encoded.assistant_mask):
                     raise DataError(f"{where}: no assistant turn, nothing to train on")
                 yield encoded
@@ -200,7 +203,8 @@ def tokenize_chat_source(chat_format: ChatFormat, spec: SourceSpec, cache_dir: s
 def build_chat_mix(chat_format: ChatFormat, sources: list[SourceSpec], cache_dir: str | Path,
                    heldout_fraction: float, prebuilt_by: str | None = None,
                    screen: RecordScreen | None = None) -> "ChatMix":
-    """Render every source once (cached; see ``tokenize_chat_source``), screened by ``screen`` if given, and mix them."""
+    """Render every source once (cached; see ``tokenize_chat_source``), screened by ``screen`` if given, and mix
+    them."""
     if not sources:
         raise ConfigError("data.sources is empty")
     return ChatMix([ChatSource(s.name, tokenize_chat_source(chat_format, s, cache_dir, prebuilt_by, screen), s.weight)
@@ -228,14 +232,16 @@ class ChatMix:
         self.train_end = {s.name: int(len(s.data) * (1.0 - heldout_fraction)) for s in sources}
         self._reported: set[int] = set()
 
-    def next_rows(self, cursor: Cursor, rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cursor]:
+    def next_rows(self, cursor: Cursor, rows: int,
+                  seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cursor]:
         """``rows`` training rows of ``seq_len``: tokens, per-conversation positions, target mask; the new cursor."""
         self._report_dropped(seq_len)
         cursor = Cursor.from_dict(cursor.to_dict())
         built = []
         for _ in range(rows):
             ready = [(s, k) for s in self.sources
-                     if (k := _next_fitting(s.data, self.index(s, cursor), self.train_end[s.name], seq_len)) is not None]
+                     if (k := _next_fitting(s.data, self.index(s, cursor), self.train_end[s.name], seq_len))
+                     is not None]
             if not ready:
                 raise DataError(
                     f"the chat mix is exhausted after {cursor.tokens()} training tokens (single pass, no repetition): "
@@ -251,7 +257,8 @@ class ChatMix:
     def identity(self) -> dict:
         """What a cursor's offsets refer to: per source its weight, conversation count and token-file key."""
         return {"kind": "chat", "heldout_fraction": self.heldout_fraction,
-                "sources": {s.name: {"weight": s.weight, "conversations": len(s.data), "key": s.data.file.metadata.get("key")}
+                "sources": {s.name: {"weight": s.weight, "conversations": len(s.data),
+                                     "key": s.data.file.metadata.get("key")}
                             for s in self.sources}}
 
     def rows_left(self, cursor: Cursor, seq_len: int, limit: int) -> int:
@@ -277,7 +284,8 @@ class ChatMix:
                 *row, k = self._row(s.data, k, len(s.data), seq_len)
                 built.append(row)
         if not built:
-            raise DataError(f"no held-out conversation fits in {seq_len} tokens: raise data.heldout_fraction or seq_len")
+            raise DataError(f"no held-out conversation fits in {seq_len} tokens: raise data.heldout_fraction or "
+                            "seq_len")
         return _stack(built)
 
     def stats(self, seq_len: int) -> dict[str, dict]:
@@ -290,7 +298,8 @@ class ChatMix:
             out[s.name] = {"conversations": len(s.data), "train_conversations": self.train_end[s.name],
                            "heldout_conversations": len(s.data) - self.train_end[s.name], "tokens": len(s.data.file),
                            "assistant_tokens": int(s.data.file.metadata["assistant_tokens"]),
-                           "dropped": int(too_long.sum()), "dropped_train": int(too_long[: self.train_end[s.name]].sum())}
+                           "dropped": int(too_long.sum()),
+                           "dropped_train": int(too_long[: self.train_end[s.name]].sum())}
             if "filtered" in s.data.file.metadata:
                 out[s.name]["filtered"] = s.data.file.metadata["filtered"]
         return out

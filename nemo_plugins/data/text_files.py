@@ -66,7 +66,7 @@ def path_files(raw: str, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES) -> list[P
         logger.warning("data path %r: no directory %s here, skipped", raw, root)
         return []
     if not root.exists():
-        raise ConfigError(f"data path {raw!r} ({root}) does not exist")
+        raise DataError(f"data path {raw!r} ({root}) does not exist: check data.sources' paths")
     if root.is_file():
         return [root]
     if not raw.endswith(ANY_SUFFIX):
@@ -93,7 +93,7 @@ def iter_documents(paths: list[str], suffixes: tuple[str, ...] = DEFAULT_SUFFIXE
                 found = True
                 yield name, text
     if not found:
-        raise ConfigError(f"no non-empty text files with suffixes {suffixes} under {paths}")
+        raise DataError(f"no non-empty text files with suffixes {suffixes} under {paths}: check data.sources' paths")
 
 
 def split_pieces(paths: list[str], parts: int, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES) -> list[list[Piece]]:

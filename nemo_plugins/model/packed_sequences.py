@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from nemo_plugins.errors import ConfigError, DataError
+from nemo_plugins.errors import DataError
 
 # TE's FP8 GEMMs want the token count of every GEMM divisible by 16: each rank's share of a packed batch is.
 TOKEN_ALIGNMENT = 16
@@ -68,7 +68,7 @@ def pad_documents(position_ids: torch.Tensor, multiple: int, total_multiple: int
     """Pad every document of ``[b, s]`` rows (positions 0, 1, ... per document) to a multiple of ``multiple``,
     rows laid end to end; a final padding-only document brings the total to a multiple of ``total_multiple``."""
     if total_multiple % multiple:
-        raise ConfigError(f"the batch multiple {total_multiple} must be a multiple of the document one {multiple}")
+        raise ValueError(f"the batch multiple {total_multiple} must be a multiple of the document one {multiple}")
     starts = document_starts(position_ids)
     lengths = torch.diff(starts, append=torch.tensor([position_ids.numel()]))
     padded = (lengths + multiple - 1) // multiple * multiple
@@ -94,7 +94,8 @@ def thd_partition_index(cu_seqlens: torch.Tensor, cp: int, rank: int) -> torch.T
     cu = cu_seqlens.to(torch.int64)
     lengths = torch.diff(cu)
     if bool((lengths % (2 * cp)).any()):
-        raise ConfigError(f"every packed document must be padded to a multiple of 2 x parallel.cp = {2 * cp}")
+        raise DataError(f"every packed document must be padded to a multiple of 2 x parallel.cp = {2 * cp}: build "
+                        "batches with nemo_plugins.data.batches.local_batch")
     chunk = lengths // (2 * cp)
     document = torch.repeat_interleave(torch.arange(len(lengths)), 2 * chunk)
     local_start = torch.cat([torch.zeros(1, dtype=torch.int64), (2 * chunk).cumsum(0)])
@@ -130,8 +131,8 @@ def cu_seqlens_from_positions(positions: torch.Tensor, cp: int, rank: int) -> to
     cu = torch.tensor([0] + lengths).cumsum(0)
     expected = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.int64)
     if i != len(flat) or not torch.equal(expected[thd_partition_index(cu, cp, rank)], local):
-        raise ConfigError(f"these position_ids are not context-parallel rank {rank}'s part of padded packed documents "
-                          f"(cp={cp}); build batches with nemo_plugins.data.batches.local_batch")
+        raise DataError(f"these position_ids are not context-parallel rank {rank}'s part of padded packed documents "
+                        f"(cp={cp}); build batches with nemo_plugins.data.batches.local_batch")
     return cu.to(torch.int32)
 
 

@@ -44,15 +44,16 @@ class SDPAttention(DotProductAttention):
                 packed_seq_params=None):
         """``[sq, b, heads, d]`` query, ``[sk, b, groups, d]`` key / value -> ``[sq, b, heads * d]``."""
         if packed_seq_params is not None or attention_bias is not None:
-            raise ConfigError("the local spec's attention takes masks, not packed_seq_params or attention_bias "
-                              "(those are Transformer Engine's); MistralGPTModel builds the mask from position_ids")
+            raise ValueError("the local spec's attention takes masks, not packed_seq_params or attention_bias "
+                             "(those are Transformer Engine's); MistralGPTModel builds the mask from position_ids")
         sq, b, sk = query.size(0), query.size(1), key.size(0)
         causal = attention_mask is None and self.attn_mask_type == AttnMaskType.causal and sq > 1
         if causal and sq != sk:
             raise ValueError(f"causal attention without a mask needs as many queries as keys, got {sq} and {sk}")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         dropout = self.attention_dropout.p if self.training else 0.0
-        rng = contextlib.nullcontext() if self.config.sequence_parallel else tensor_parallel.get_cuda_rng_tracker().fork()
+        rng = (contextlib.nullcontext() if self.config.sequence_parallel
+               else tensor_parallel.get_cuda_rng_tracker().fork())
         with rng:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if attention_mask is None else ~attention_mask, dropout_p=dropout,

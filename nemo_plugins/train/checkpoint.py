@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from nemo_plugins.convert import megatron_checkpoint
-from nemo_plugins.errors import CheckpointError, ConfigError
+from nemo_plugins.errors import CheckpointError
 from nemo_plugins.model.config import MistralConfig
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
     """Restore model, optimizer and RNG from ``path``; returns its train state (step, cursor, schedule...)."""
     path = Path(path)
     if not (path / TRAIN_STATE).is_file():
-        raise ConfigError(f"{path} is not a training checkpoint ({TRAIN_STATE} missing)")
+        raise CheckpointError(f"{path} is not a training checkpoint ({TRAIN_STATE} missing): resume from a "
+                              "directory the training loop wrote (<output_dir>/checkpoints/step_*)")
     model_state = model.sharded_state_dict()
     loaded = megatron_checkpoint.load_weights(
         model, path, extra_sharded={"optimizer": optimizer.sharded_state_dict(model_state, is_loading=True)})
