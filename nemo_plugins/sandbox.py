@@ -122,12 +122,13 @@ def run_python(code: str, limits: SandboxLimits, stdin: str = "", files: dict[st
 
 
 def _write_files(workdir: str, files: dict[str, str]) -> None:
-    from nemo_plugins.errors import ConfigError
+    from nemo_plugins.errors import DataError
 
     for name, text in files.items():
         path = os.path.normpath(os.path.join(workdir, name))
         if os.path.isabs(name) or not path.startswith(workdir + os.sep):
-            raise ConfigError(f"sandbox file {name!r} must be a relative path inside the working directory")
+            raise DataError(f"sandbox file {name!r} must be a relative path inside the working directory: fix the "
+                            "record that names it")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.sandbox import SandboxLimits, run_python
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=10, memory_bytes=256 << 20, output_bytes=64 << 10,
@@ -186,5 +186,5 @@ def test_limits_are_validated(change, key):
 
 
 def test_files_must_stay_in_the_working_dir():
-    with pytest.raises(ConfigError, match="relative path"):
+    with pytest.raises(DataError, match="relative path"):
         run_python("pass", LIMITS, files={"../outside.py": ""})

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.generation.loops import LoopConfig, LoopVerdict
 
 FINISH_REASONS = ("stop", "length", "loop")
@@ -61,7 +61,8 @@ class Request:
 
     def __post_init__(self) -> None:
         if len(self.prompt_ids) == 0:
-            raise ConfigError("a generation request needs at least one prompt token (e.g. BOS)")
+            raise DataError("a generation request needs at least one prompt token (e.g. BOS): its prompt rendered "
+                            "to nothing")
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
 
 
