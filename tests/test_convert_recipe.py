@@ -37,7 +37,7 @@ def test_missing_shard_is_named(tiny_hf_dir, tmp_path):
     sharded = hf_io.write_model_dir(state, hf_io.read_config(src), tmp_path / "sharded", max_shard_bytes=20_000)
     victim = sorted(sharded.glob("model-*.safetensors"))[1]
     victim.unlink()
-    with pytest.raises(ConfigError, match=victim.name):
+    with pytest.raises(CheckpointError, match=victim.name):
         hf_io.read_state(sharded)
 
 
@@ -45,12 +45,14 @@ def test_corrupt_shard_is_named(tiny_hf_dir):
     src, _ = tiny_hf_dir
     shard = src / hf_io.SINGLE_NAME
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(ConfigError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
         hf_io.read_state(src)
 
 
-@pytest.mark.parametrize("damage,found", [(lambda f: f.unlink(), "is missing"),
-                                           (lambda f: f.write_bytes(f.read_bytes()[:-10]), r"has \d+ bytes, \d+ when saved")])
+@pytest.mark.parametrize("damage,found", [
+    (lambda f: f.unlink(), "is missing"),
+    (lambda f: f.write_bytes(f.read_bytes()[:-10]), r"has \d+ bytes, \d+ when saved"),
+])
 def test_missing_or_truncated_megatron_shard_is_named(tiny_hf_dir, tmp_path, damage, found):
     src, _ = tiny_hf_dir
     convert.run(convert.parse_args(["--src", f"hf:{src}", "--to-megatron", str(tmp_path / "meg")]))

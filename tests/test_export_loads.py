@@ -48,14 +48,16 @@ def test_a_reshaped_llama_becomes_mistral_only_when_llama_cannot_carry_it():
     hf = child.to_hf()
     assert (hf["head_dim"], hf["sliding_window"], hf["tie_word_embeddings"]) == (16, None, True)
     assert "rope_scaling" not in hf and "attention_bias" not in hf
-    assert child.replace(architecture="LlamaForCausalLM").architecture == "LlamaForCausalLM", "an explicit choice is kept"
+    explicit = child.replace(architecture="LlamaForCausalLM")
+    assert explicit.architecture == "LlamaForCausalLM", "an explicit choice is kept"
     assert tiny_config(hidden_size=32).architecture == "MistralForCausalLM"
 
 
 @pytest.fixture(scope="module")
 def llama_parent(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return hf_io.write_model_dir(hf_state(hf_model(LLAMA_PARENT)), LLAMA_PARENT, tmp_path_factory.mktemp("llama") / "hf",
+    out = tmp_path_factory.mktemp("llama") / "hf"
+    return hf_io.write_model_dir(hf_state(hf_model(LLAMA_PARENT)), LLAMA_PARENT, out,
                                  extra_files=tokenizer_files(hf_dir(ModelSource.parse("embedded:smollm2"))))
 
 
@@ -80,7 +82,8 @@ def test_prune_recipe_exports_load_in_transformers(llama_parent, tmp_path, hidde
 
 @pytest.mark.slow
 def test_demo_child_of_the_real_parent_loads_in_transformers(tmp_path):
-    """SmolLM2 (9 heads of 64) -> the demo's second child shape, hidden 464: written as Mistral, loads with our logits."""
+    """SmolLM2 (9 heads of 64) -> the demo's second child shape, hidden 464: written as Mistral, loads with our
+    logits."""
     out = run_prune("embedded:smollm2", tmp_path / "child", "stage.prune.target.num_layers=26",
                     "stage.prune.target.hidden_size=464", "stage.prune.target.ffn_hidden_size=672",
                     "stage.prune.target.tie_embeddings=true")

@@ -134,7 +134,8 @@ def test_an_earlier_export_with_the_vision_part_aside_converts_to_mistral3(tmp_p
                          multimodal=reader.multimodal)
     assert (aside / hf_io.MULTIMODAL_NAME).is_file()
     out = tmp_path / "out"
-    convert.run(convert.parse_args(["--src", f"hf:{aside}", "--to-hf", str(out), "--max-shard-gb", str(20_000 / 2**30)]))
+    shard_gb = str(20_000 / 2**30)
+    convert.run(convert.parse_args(["--src", f"hf:{aside}", "--to-hf", str(out), "--max-shard-gb", shard_gb]))
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Mistral3ForConditionalGeneration"]
     assert (out / hf_io.INDEX_NAME).is_file(), "sharded"
     back = transformers.Mistral3ForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).state_dict()

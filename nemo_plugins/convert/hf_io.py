@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from nemo_plugins.bridges import MISTRAL3, config_from_hf, multimodal_bridge
 from nemo_plugins.convert import output_dir
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import CheckpointError, ConfigError
 from nemo_plugins.manifest import read_json
 from nemo_plugins.model.config import MistralConfig
 
@@ -61,20 +61,21 @@ def shard_files(model_dir: str | Path) -> list[Path]:
         files = sorted({model_dir / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ConfigError(f"{model_dir}: shard(s) {missing} listed in {INDEX_NAME} are missing; "
-                              "re-copy the checkpoint")
+            raise CheckpointError(f"{model_dir}: shard(s) {missing} listed in {INDEX_NAME} are missing; "
+                                  "re-copy the checkpoint")
         return files
     single = model_dir / SINGLE_NAME
     if single.is_file():
         return [single]
-    raise ConfigError(f"{model_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+    raise CheckpointError(f"{model_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found; the checkpoint is incomplete")
 
 
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as err:
-        raise ConfigError(f"{file}: cannot read safetensors shard ({err}); the file is corrupt or truncated") from err
+        raise CheckpointError(f"{file}: cannot read safetensors shard ({err}); the file is corrupt or truncated, "
+                              "copy it again") from err
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class HFReader:
                 return part[rows or slice(None), cols]
             return part[rows] if rows is not None else part[:]
         except (SafetensorError, OSError) as err:
-            raise ConfigError(f"{file}: cannot read {stored!r} ({err}); the file is corrupt or truncated") from err
+            raise CheckpointError(f"{file}: cannot read {stored!r} ({err}); the file is corrupt or truncated, "
+                                  "copy it again") from err
 
 
 def read_state(model_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -79,7 +79,8 @@ def read_model_yaml(ckpt_dir: str | Path) -> dict[str, Any]:
     try:
         model = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not readable YAML ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is not readable YAML ({str(err).splitlines()[0]}); the checkpoint is "
+                              "damaged") from None
     if not isinstance(model, dict) or not isinstance(model.get("config"), dict):
         raise ConfigError(f"{path} has no 'config:' mapping; is it a NeMo 2 LLM checkpoint?")
     return model
