@@ -20,7 +20,8 @@ CLASSES = {
 def hf_model(config: MistralConfig, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised transformers model of exactly this config, fp32, eval mode, eager attention."""
     config_cls, model_cls = (getattr(transformers, n) for n in CLASSES[config.architecture])
-    hf_config = config_cls(**{k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")})
+    not_arguments = ("architectures", "model_type", "torch_dtype")
+    hf_config = config_cls(**{k: v for k, v in config.to_hf().items() if k not in not_arguments})
     hf_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(hf_config).float().eval()
@@ -42,11 +43,13 @@ def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_in_transformers(hf_dir: str | Path) -> torch.nn.Module:
     """The directory as a user loads it (AutoModelForCausalLM, fp32, eager attention): raises what they would see."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                              attn_implementation="eager")
     return model.eval()
 
 
-def assert_loads_with_our_logits(hf_dir: str | Path, ours: str | None = None, length: int = 40, atol: float = 1e-4) -> str:
+def assert_loads_with_our_logits(hf_dir: str | Path, ours: str | None = None, length: int = 40,
+                                 atol: float = 1e-4) -> str:
     """transformers loads ``hf_dir`` under the class its config.json names and gives the logits of our model
     (``ours``: a source string such as ``megatron:<checkpoint>``, the HF directory itself by default); returns
     that class name."""

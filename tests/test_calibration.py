@@ -103,8 +103,8 @@ def test_calibrate_lowers_nll_and_ece_on_pairs_it_was_not_fitted_on(tmp_path):
     assert report.tau == pytest.approx(4.0, rel=0.15)
     assert report.nll_after < report.nll_before and report.ece_after < 0.5 * report.ece_before
     assert report.accuracy == pytest.approx(float(((test > 0) == (test_y == 1)).double().mean()))
-    path = reliability_plot({"before": (probabilities(test), test_y), "after": (probabilities(test, report.tau), test_y)},
-                            tmp_path / "reliability.png")
+    curves = {"before": (probabilities(test), test_y), "after": (probabilities(test, report.tau), test_y)}
+    path = reliability_plot(curves, tmp_path / "reliability.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -16,12 +16,13 @@ from nemo_plugins.data.chat import (
     load_chat_format,
     normalize_messages,
 )
-from nemo_plugins.errors import ConfigError, DataError
+from nemo_plugins.errors import ConfigError
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 CALL = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2+3"}}}
-CALCULATOR = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
-                                               "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate arithmetic.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}
 
 CONVERSATIONS = {
     "single_turn": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}],
@@ -56,8 +57,10 @@ EXPECTED = {
     },
     "tekken": {
         "single_turn": ("<s>[INST]What is 2+3?[/INST]5</s>", ["5</s>"]),
-        "multi_turn": ("<s>[INST]Hi[/INST]Hi there.</s>[INST]Bye[/INST]Goodbye.</s>", ["Hi there.</s>", "Goodbye.</s>"]),
-        "system_prompt": ("<s>[SYSTEM_PROMPT]Answer in French.[/SYSTEM_PROMPT][INST]Hello[/INST]Bonjour</s>", ["Bonjour</s>"]),
+        "multi_turn": ("<s>[INST]Hi[/INST]Hi there.</s>[INST]Bye[/INST]Goodbye.</s>",
+                       ["Hi there.</s>", "Goodbye.</s>"]),
+        "system_prompt": ("<s>[SYSTEM_PROMPT]Answer in French.[/SYSTEM_PROMPT][INST]Hello[/INST]Bonjour</s>",
+                          ["Bonjour</s>"]),
         "tool": ('<s>[INST]What is 2+3?[/INST][TOOL_CALLS]calculator[ARGS]{"expression": "2+3"}</s>'
                  "[TOOL_RESULTS]5[/TOOL_RESULTS]2 + 3 = 5.</s>",
                  ['[TOOL_CALLS]calculator[ARGS]{"expression": "2+3"}</s>', "2 + 3 = 5.</s>"]),
@@ -146,8 +149,10 @@ def test_a_template_whose_prefixes_are_not_prefixes_is_refused_by_name(smol_dir)
 
 
 def test_a_template_that_never_ends_the_turn_is_refused(smol_dir):
-    plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
-    with pytest.raises(ConfigError, match="does not close assistant message 1 with its end-of-turn token '<\\|im_end\\|>'"):
+    plain = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}")
+    refusal = "does not close assistant message 1 with its end-of-turn token '<\\|im_end\\|>'"
+    with pytest.raises(ConfigError, match=refusal):
         _with_template(smol_dir, plain).encode(CONVERSATIONS["single_turn"])
 
 
@@ -180,13 +185,15 @@ def test_format_spec_errors(spec, match):
     ([{"role": "assistant", "content": "b"}], "starts with a system or user message"),
     ([{"role": "user", "content": "a"}, {"role": "tool", "content": "5"}], "no unanswered tool call"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}], "arguments is a string but not valid JSON"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "thinking": "t", "reasoning_content": "t"}],
+        {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}],
+     "arguments is a string but not valid JSON"),
+    ([{"role": "user", "content": "a"},
+      {"role": "assistant", "content": "b", "thinking": "t", "reasoning_content": "t"}],
      "thinking or reasoning_content, not both"),
     ([], "non-empty list"),
 ])
 def test_bad_messages_name_the_message_and_the_problem(messages, match):
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(ConfigError, match=match):
         normalize_messages(messages)
 
 
@@ -229,7 +236,8 @@ def test_tekken_call_closed_by_the_end_of_turn_and_malformed_calls(formats):
 
 def test_chatml_malformed_call_is_an_error_not_a_crash(formats):
     chatml = formats["hf_template"]
-    ids = chatml.tokenizer("Let me compute.\n<tool_call>\n{\"name\": calculator}\n</tool_call>", add_special_tokens=False)["input_ids"]
+    text = "Let me compute.\n<tool_call>\n{\"name\": calculator}\n</tool_call>"
+    ids = chatml.tokenizer(text, add_special_tokens=False)["input_ids"]
     parsed = chatml.match_tool_call(ids)
     assert parsed.name == "" and "not valid JSON" in parsed.error
     no_name = chatml.tokenizer('<tool_call>{"arguments": {}}</tool_call>', add_special_tokens=False)["input_ids"]

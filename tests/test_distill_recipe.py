@@ -53,7 +53,8 @@ def test_sigkill_then_same_command_continues_bit_identically(checkpoints, tmp_pa
     assert one == two
 
 
-def test_sigusr1_saves_after_the_current_step_exits_for_requeue_and_the_rerun_continues_bit_identically(checkpoints, tmp_path):
+def test_sigusr1_saves_after_the_current_step_exits_for_requeue_and_the_rerun_continues_bit_identically(
+        checkpoints, tmp_path):
     env = recipe_env()
     reference = tmp_path / "uninterrupted"
     subprocess.run(_command(checkpoints, reference), check=True, env=env, capture_output=True)

@@ -96,7 +96,8 @@ def test_vocab_parallel_kl_loss_equals_single_rank(tmp_path):
     torch.save(problem(tokens=21, vocab=64), tmp_path / "problem.pt")
     results = {}
     for tp in (1, 2):
-        _spawn(distributed_worker.kl_loss_tp, str(tmp_path / "problem.pt"), str(tmp_path / f"kl{tp}.pt"), tp, world_size=tp)
+        _spawn(distributed_worker.kl_loss_tp, str(tmp_path / "problem.pt"), str(tmp_path / f"kl{tp}.pt"), tp,
+               world_size=tp)
         results[tp] = torch.load(tmp_path / f"kl{tp}.pt")
     for name in ("kl", "ce"):
         for one, two in zip(results[1][name], results[2][name]):

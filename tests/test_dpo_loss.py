@@ -66,7 +66,8 @@ def test_inv_beta_makes_the_gradient_at_zero_margin_independent_of_beta(p):
     for rescale in ("none", "inv_beta"):
         for beta in (0.01, 0.1, 1.0):
             m = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-            soft_dpo_loss(m, torch.tensor([p], dtype=torch.float64), DPOOptions(beta=beta, beta_rescale=rescale)).sum().backward()
+            options = DPOOptions(beta=beta, beta_rescale=rescale)
+            soft_dpo_loss(m, torch.tensor([p], dtype=torch.float64), options).sum().backward()
             grads[rescale, beta] = m.grad.item()
     assert grads["inv_beta", 0.01] == pytest.approx(grads["inv_beta", 1.0], abs=1e-12)
     assert grads["inv_beta", 0.1] == pytest.approx(0.5 - p, abs=1e-12)

@@ -64,7 +64,8 @@ def test_recompute_choices():
     assert fast_path(CPU, False, SpeedOptions(recompute="selective")).config["recompute_modules"] == ["core_attn"]
     assert fast_path(H100, True, SpeedOptions(recompute="selective")).config["recompute_modules"] == ["mlp"]
     full = fast_path(CPU, False, SpeedOptions(recompute="full")).config
-    assert (full["recompute_granularity"], full["recompute_method"], full["recompute_num_layers"]) == ("full", "uniform", 1)
+    recompute = (full["recompute_granularity"], full["recompute_method"], full["recompute_num_layers"])
+    assert recompute == ("full", "uniform", 1)
 
 
 def _grads(speed: SpeedOptions) -> list[torch.Tensor]:

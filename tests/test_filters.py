@@ -91,7 +91,8 @@ def test_screen_applies_the_filters_in_order_to_the_assistant_turns():
     assert screen(record, settings) is None
     no_answer = {"messages": [*record["messages"][:1], {"role": "assistant", "thinking": TRACE, "content": ""}]}
     assert screen(no_answer, settings) == ("format", "no final answer")
-    assert screen({**record, "meta": {"finish_reason": "length"}}, settings) == ("truncation", "cut at the length limit")
+    truncated = {**record, "meta": {"finish_reason": "length"}}
+    assert screen(truncated, settings) == ("truncation", "cut at the length limit")
     looping = {"messages": [*record["messages"][:1], {"role": "assistant", "thinking": "I will check. " * 40,
                                                       "content": ANSWER}]}
     assert screen(looping, settings) == ("repetition", "excessive repetition")

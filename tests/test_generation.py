@@ -80,7 +80,8 @@ def test_a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch():
     engine = TorchEngine(model)
     request = Request(PROMPTS[0], SamplingParams(temperature=1.0, seed=7, max_new_tokens=16))
     alone = engine.generate([request])[0]
-    others = [Request(p, SamplingParams(temperature=1.0, seed=100 + i, max_new_tokens=10)) for i, p in enumerate(PROMPTS[1:])]
+    others = [Request(p, SamplingParams(temperature=1.0, seed=100 + i, max_new_tokens=10))
+              for i, p in enumerate(PROMPTS[1:])]
     in_batch = engine.generate([others[0], request, others[1]])[1]
     assert in_batch.token_ids == alone.token_ids
     torch.testing.assert_close(torch.tensor(in_batch.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
@@ -108,7 +109,8 @@ def test_find_loop_on_planted_sequences():
     prefix = [100, 101, 102, 103, 104]
     short_cycle = find_loop(prefix + [1, 2, 3] * 10, LoopConfig(ngram=4, repeats=3))
     # (1, 2, 3, 1) starts at 5, 8 and 11: the third occurrence ends at index 14.
-    assert (short_cycle.reason, short_cycle.position, short_cycle.ngram, short_cycle.count) == (REPEATED_NGRAM, 14, (1, 2, 3, 1), 3)
+    assert (short_cycle.reason, short_cycle.position, short_cycle.ngram, short_cycle.count) == (
+        REPEATED_NGRAM, 14, (1, 2, 3, 1), 3)
     long_cycle = find_loop(prefix + list(range(10, 20)) * 4, LoopConfig(ngram=4, repeats=3))
     assert (long_cycle.position, long_cycle.ngram) == (28, (10, 11, 12, 13))
     twice_then_other = [1, 2, 3, 1, 2, 3, 9, 1, 2, 3]
@@ -123,8 +125,8 @@ def test_the_engine_stops_a_looping_response_where_find_loop_flags_it():
     model = _model(PLAIN)
     loop = LoopConfig(ngram=2, repeats=3)
     engine = TorchEngine(model)
-    free = engine.generate([Request(PROMPTS[2], SamplingParams(temperature=0.0, max_new_tokens=48,
-                                                                loop=LoopConfig(ngram=2, repeats=3, stop_on_loop=False)))])[0]
+    flag_only = LoopConfig(ngram=2, repeats=3, stop_on_loop=False)
+    free = engine.generate([Request(PROMPTS[2], SamplingParams(temperature=0.0, max_new_tokens=48, loop=flag_only))])[0]
     verdict = find_loop(free.token_ids, loop)
     assert verdict is not None, "precondition: the tiny model's greedy continuation repeats itself"
     assert (free.finish_reason, free.loop) == ("length", verdict)
@@ -135,7 +137,8 @@ def test_the_engine_stops_a_looping_response_where_find_loop_flags_it():
 
 def test_top_k_and_top_p_keep_the_expected_tokens():
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]] * 4)
-    kept = filter_top_k_top_p(probs.log(), torch.tensor([0, 1, 0, 3]), torch.tensor([0.7, 1.0, 0.85, 0.7])) > float("-inf")
+    top_k, top_p = torch.tensor([0, 1, 0, 3]), torch.tensor([0.7, 1.0, 0.85, 0.7])
+    kept = filter_top_k_top_p(probs.log(), top_k, top_p) > float("-inf")
     assert kept.tolist() == [[False, True, False, True], [False, True, False, False],
                              [True, True, False, True], [False, True, False, True]]
 
@@ -191,13 +194,15 @@ def test_tool_hook_output_is_injected_fed_to_the_model_and_masked():
         Request((1,), SamplingParams(temperature=0.0, max_new_tokens=4, stop_token_ids=stops)),
     ], tool_hook=hook)
     tool, other, truncated = responses
-    assert (tool.token_ids, tool.policy_mask, tool.finish_reason) == ([2, 3, 10, 11, 12, 4, 5], [1, 1, 0, 0, 0, 1, 1], "stop")
+    assert (tool.token_ids, tool.policy_mask, tool.finish_reason) == (
+        [2, 3, 10, 11, 12, 4, 5], [1, 1, 0, 0, 0, 1, 1], "stop")
     assert [tool.logprobs[i] for i in (2, 3, 4)] == [0.0, 0.0, 0.0]
     assert max(abs(tool.logprobs[i]) for i in (0, 1, 5, 6)) < 1e-3
     assert [ids for index, ids in calls if index == 0] == [[2], [2, 3], [2, 3, 10, 11, 12, 4], [2, 3, 10, 11, 12, 4, 5]]
     assert {(12, 5), (4, 6)} <= model.fed  # the injected ids went through the model at their positions
     assert (other.token_ids, other.finish_reason) == ([9] * 6, "length")
-    assert (truncated.token_ids, truncated.policy_mask, truncated.finish_reason) == ([2, 3, 10, 11], [1, 1, 0, 0], "length")
+    assert (truncated.token_ids, truncated.policy_mask, truncated.finish_reason) == (
+        [2, 3, 10, 11], [1, 1, 0, 0], "length")
 
 
 def test_batches_sort_by_length_and_hold_one_length_under_transformer_engine():
@@ -207,7 +212,8 @@ def test_batches_sort_by_length_and_hold_one_length_under_transformer_engine():
 
 def test_layouts_and_settings_the_engine_cannot_run_are_refused():
     base = dict(pipeline_model_parallel_size=1, context_parallel_size=1, sequence_parallel=False)
-    for key, value, name in (("pipeline_model_parallel_size", 2, "parallel.pp"), ("context_parallel_size", 2, "parallel.cp"),
+    for key, value, name in (("pipeline_model_parallel_size", 2, "parallel.pp"),
+                             ("context_parallel_size", 2, "parallel.cp"),
                              ("sequence_parallel", True, "parallel.sequence_parallel")):
         with pytest.raises(ConfigError, match=name):
             check_layout(types.SimpleNamespace(**{**base, key: value}))
@@ -241,7 +247,8 @@ def test_tensor_parallel_2_generates_what_1_does(tmp_path):
                    (config, str(tmp_path / "state.pt"), str(tmp_path / "requests.pt"), out, 2)))
     for rank in (0, 1):
         for got, want in zip(torch.load(f"{out}.rank{rank}", weights_only=False), expected):
-            assert (got.token_ids, got.policy_mask, got.finish_reason) == (want.token_ids, want.policy_mask, want.finish_reason)
+            assert (got.token_ids, got.policy_mask, got.finish_reason) == (
+                want.token_ids, want.policy_mask, want.finish_reason)
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
     assert expected[0].policy_mask[inject_after:inject_after + 2] == [0, 0]
 

@@ -48,6 +48,7 @@ def test_the_logits_row_fails_when_transformers_sees_rows_instead_of_documents(g
 
 
 def test_the_kd_row_fails_when_our_step_computes_another_loss(gpu_validate, states, monkeypatch):
-    monkeypatch.setattr(gpu_validate, "KLOptions", lambda chunk_tokens: KLOptions(temperature=2.0, chunk_tokens=chunk_tokens))
+    monkeypatch.setattr(gpu_validate, "KLOptions",
+                        lambda chunk_tokens: KLOptions(temperature=2.0, chunk_tokens=chunk_tokens))
     rows = gpu_validate.kd_rows(gpu_validate.CPU, states, (None, "no GPU"))
     assert rows[0].name == "KD step loss == plain transformers + PyTorch loop" and rows[0].result == "FAIL"

@@ -31,7 +31,8 @@ def test_truncation_at_stop_sequences():
     assert truncate(body + "\n\ndef other():\n    pass") == body + "\n"
     assert truncate(body + "\nif __name__ == '__main__':\n    main()") == body
     assert truncate(body + "\n# tests\nprint(add(1, 2))") == body
-    assert truncate("    if a:\n        return 1\n    return 2") == "    if a:\n        return 1\n    return 2"  # indented
+    indented = "    if a:\n        return 1\n    return 2"
+    assert truncate(indented) == indented
 
 
 def test_reference_solutions_pass_and_broken_ones_fail():

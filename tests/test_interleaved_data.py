@@ -52,7 +52,8 @@ def tokenizer(tmp_path):
 
 
 def interleaved_mix(tokenizer, path, cache, images=None, text=None):
-    sources = [SourceSpec("pics", [str(path)], 1.0, "interleaved")] + ([SourceSpec("text", [str(text)])] if text else [])
+    sources = [SourceSpec("pics", [str(path)], 1.0, "interleaved")]
+    sources += [SourceSpec("text", [str(text)])] if text else []
     return build_mix(tokenizer, sources, str(cache), 0.0, images=images or inputs())
 
 

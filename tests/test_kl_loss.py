@@ -61,7 +61,8 @@ def test_masked_tokens_do_not_contribute():
     mask[:10] = 0
     changed = teacher.clone()
     changed[:10] += 5.0
-    assert fused_kl_loss(h, w, teacher, mask).item() == pytest.approx(fused_kl_loss(h, w, changed, mask).item(), abs=1e-7)
+    unchanged = fused_kl_loss(h, w, teacher, mask).item()
+    assert unchanged == pytest.approx(fused_kl_loss(h, w, changed, mask).item(), abs=1e-7)
 
 
 def test_identical_distributions_give_zero():
@@ -80,7 +81,8 @@ def test_fused_teacher_equals_dense_teacher_logits():
 
     h, w, _, mask, _ = problem()
     g = torch.Generator().manual_seed(3)
-    teacher_hidden, teacher_weight = torch.randn(h.shape[0], 24, generator=g), torch.randn(w.shape[0], 24, generator=g) * 0.5
+    teacher_hidden = torch.randn(h.shape[0], 24, generator=g)
+    teacher_weight = torch.randn(w.shape[0], 24, generator=g) * 0.5
     losses, grads = [], []
     for teacher in (DenseTeacher(teacher_hidden @ teacher_weight.T), FusedTeacher(teacher_hidden, teacher_weight)):
         student = h.clone().requires_grad_()

@@ -43,8 +43,8 @@ def _naive(model, samples) -> list[float]:
             prompt, response, policy = sample
             ids = torch.tensor([prompt + response])
             logp = torch.log_softmax(model(ids, torch.arange(ids.shape[1])[None]).float()[0], -1)
-            out.append(sum(float(logp[len(prompt) - 1 + i, token]) for i, (token, keep) in enumerate(zip(response, policy))
-                           if keep))
+            out.append(sum(float(logp[len(prompt) - 1 + i, token])
+                           for i, (token, keep) in enumerate(zip(response, policy)) if keep))
     return out
 
 
@@ -101,8 +101,8 @@ def test_two_ranks_give_the_single_rank_numbers(tmp_path, parallel):
     load_hf_state(single, state, config)
     expected = frozen_sequence_logprobs(single, micro_batches(sample_rows(_samples(config.vocab_size), SEQ_LEN, 0), 2))
     out = tmp_path / "out.pt"
-    mp.spawn(distributed_worker.run, args=(2, _port(), parallel_logprobs,
-                                           (config, parallel, str(tmp_path / "state.pt"), str(out))), nprocs=2, join=True)
+    mp.spawn(distributed_worker.run, nprocs=2, join=True,
+             args=(2, _port(), parallel_logprobs, (config, parallel, str(tmp_path / "state.pt"), str(out))))
     result = torch.load(out)
     assert (result["frozen"] - expected).abs().max().item() <= 1e-4
     if "live" in result:

@@ -15,7 +15,8 @@ def long_config():
     return tiny_config(
         architecture="Ministral3ForCausalLM",
         rope_theta=1_000_000.0,
-        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=ORIGINAL_MAX, beta_fast=32.0, beta_slow=1.0),
+        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=ORIGINAL_MAX,
+                                 beta_fast=32.0, beta_slow=1.0),
         attention_temperature_beta=0.5,
         max_position_embeddings=4 * ORIGINAL_MAX,
     )

@@ -39,7 +39,8 @@ def test_table1_shapes(name, shape):
 
 def test_ministral3_long_context_settings():
     config = load("ministral3_8b")
-    assert config.rope_scaling.factor * config.rope_scaling.original_max_position_embeddings == config.max_position_embeddings == 262_144
+    scaling = config.rope_scaling
+    assert scaling.factor * scaling.original_max_position_embeddings == config.max_position_embeddings == 262_144
     assert config.attention_temperature_beta == 0.1
     assert load("ministral3_3b").tie_embeddings and not load("ministral3_14b").tie_embeddings
 
@@ -48,6 +49,7 @@ def test_transformers_accepts_exported_ministral3_config():
     import transformers
 
     hf = load("ministral3_3b").to_hf()
-    config = transformers.Ministral3Config(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    not_arguments = ("architectures", "model_type", "torch_dtype")
+    config = transformers.Ministral3Config(**{k: v for k, v in hf.items() if k not in not_arguments})
     assert config.rope_parameters["llama_4_scaling_beta"] == 0.1
     assert config.head_dim == 128 and config.tie_word_embeddings

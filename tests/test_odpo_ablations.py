@@ -72,12 +72,14 @@ def test_each_ablation_writes_its_table_from_runs_whose_setting_took_effect(root
     looping = _stage(3, train=train, sampling={**sampling, "truncation_is_loop": True}, eval_prompts=4)
     done_dir = tmp_path / "stage"
     done = (done_dir, run(stage, done_dir))
-    tables = {name: run_ablation(name, stage, run, tmp_path / name, done=done) for name in ("odpo_labels", "odpo_beta_rescale")}
+    tables = {name: run_ablation(name, stage, run, tmp_path / name, done=done)
+              for name in ("odpo_labels", "odpo_beta_rescale")}
     tables["odpo_loop_as_loser"] = run_ablation("odpo_loop_as_loser", looping, run, tmp_path / "odpo_loop_as_loser")
     for name, table in tables.items():
         lines = table.splitlines()
         variants = ODPO_ABLATIONS[name][1](stage)
-        assert lines[0].startswith("## Ablation: online DPO") and len([x for x in lines if x.startswith("| ")]) == 1 + len(variants)
+        rows = [x for x in lines if x.startswith("| ")]
+        assert lines[0].startswith("## Ablation: online DPO") and len(rows) == 1 + len(variants)
         assert sum("(the stage's own run)" in x for x in lines) == (name != "odpo_loop_as_loser")
 
     def steps(name, slug):  # the variant equal to the stage is the stage's own run

@@ -47,7 +47,8 @@ def built(tmp_path_factory):
 
 
 def _code_verdicts(pairs: list[Pair]) -> list[list[dict]]:
-    jobs = [{**{k: p.meta[k] for k in ("module", "name", "cases")}, "candidates": [code_of(p.chosen), code_of(p.rejected)]}
+    jobs = [{**{k: p.meta[k] for k in ("module", "name", "cases")},
+             "candidates": [code_of(p.chosen), code_of(p.rejected)]}
             for p in pairs]
     return run_code_checks(jobs, LIMITS)
 
@@ -88,7 +89,8 @@ def test_the_split_holds_out_the_tail_of_every_kind_and_the_cache_is_reused(buil
         assert row["chosen_sampled"] == row["rejected_sampled"] == 0  # no sampler: references and perturbations
     again, same_path = build_or_load_pairs(SETTINGS, path.parent)
     assert same_path == path and again == pairs
-    assert cache_name(PairwiseSettings(counts={"arithmetic": 6}), None) != cache_name(PairwiseSettings(counts={"arithmetic": 7}), None)
+    six, seven = PairwiseSettings(counts={"arithmetic": 6}), PairwiseSettings(counts={"arithmetic": 7})
+    assert cache_name(six, None) != cache_name(seven, None)
     assert cache_name(SETTINGS, "megatron:/a") != cache_name(SETTINGS, None)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(path.read_text().splitlines()[0] + "\n{\"kind\": 3}\n")

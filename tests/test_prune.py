@@ -41,10 +41,12 @@ def test_keeping_everything_reproduces_the_parent(tied, recalibrate):
     c = parent.config
     tokens, positions = calibration_batch(c)
     target = PruneTarget(c.num_layers, c.hidden_size, c.ffn_hidden_size, tie_embeddings=False)
-    child, report = prune(parent, target, PruneOptions(recalibrate=recalibrate), megatron_calibrator(ParallelConfig(), tokens, positions, progress=False))
+    calibrator = megatron_calibrator(ParallelConfig(), tokens, positions, progress=False)
+    child, report = prune(parent, target, PruneOptions(recalibrate=recalibrate), calibrator)
     rotation = torch.tensor(report["hidden"]["importance"])
     assert rotation.numel() == c.hidden_size
-    assert not torch.equal(child.tensors["model.embed_tokens.weight"], parent.tensors["model.embed_tokens.weight"]), "a real rotation was applied"
+    embedding = "model.embed_tokens.weight"
+    assert not torch.equal(child.tensors[embedding], parent.tensors[embedding]), "a real rotation was applied"
     test_tokens, test_positions = calibration_batch(c, rows=2, seed=2)
     diff = (logits(child, test_tokens, test_positions) - logits(parent, test_tokens, test_positions)).abs().max().item()
     assert diff <= 1e-4, diff
@@ -75,14 +77,16 @@ def test_near_identity_blocks_are_dropped_first_and_the_rest_keep_their_order():
     assert report["layers"]["kept"] == [0, 2, 4]
     test_tokens, test_positions = calibration_batch(c, rows=2, seed=2)
     reference = without_blocks(parent, [0, 2, 4], test_tokens)
-    assert (logits(child, test_tokens, test_positions) - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
+    error = (logits(child, test_tokens, test_positions) - reference).abs().max().item()
+    assert error <= 1e-4 * reference.abs().max().item()
     assert (without_blocks(parent, [4, 2, 0], test_tokens) - reference).abs().max().item() > 1e-2, "order matters here"
 
 
 def stored_statistics(state: ModelState, tokens: torch.Tensor, token_normalized: bool):
     """The same statistics from every activation stored by hooks on the transformers model."""
     model = hf_model(state.config)
-    model.load_state_dict({**state.tensors, **({"lm_head.weight": state.tensors["model.embed_tokens.weight"]} if state.config.tie_embeddings else {})})
+    tied = {"lm_head.weight": state.tensors["model.embed_tokens.weight"]} if state.config.tie_embeddings else {}
+    model.load_state_dict({**state.tensors, **tied})
     store: dict[str, list[torch.Tensor]] = {}
 
     def keep(name):
@@ -90,7 +94,8 @@ def stored_statistics(state: ModelState, tokens: torch.Tensor, token_normalized:
 
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(keep(f"in{i}"))
-        layer.register_forward_hook(lambda m, a, out, i=i: store.setdefault(f"out{i}", []).append((out[0] if isinstance(out, tuple) else out).detach()))
+        layer.register_forward_hook(lambda m, a, out, i=i: store.setdefault(f"out{i}", []).append(
+            (out[0] if isinstance(out, tuple) else out).detach()))
         layer.input_layernorm.register_forward_pre_hook(keep(f"attn_norm{i}"))
         layer.post_attention_layernorm.register_forward_pre_hook(keep(f"ffn_norm{i}"))
         layer.mlp.down_proj.register_forward_pre_hook(keep(f"ffn{i}"))
@@ -102,7 +107,8 @@ def stored_statistics(state: ModelState, tokens: torch.Tensor, token_normalized:
             flat[key] = flat[key] / flat[key].pow(2).mean(dim=1, keepdim=True).sqrt()
     L = state.config.num_layers
     ratios = torch.stack([(flat[f"out{i}"].norm(dim=1) / flat[f"in{i}"].norm(dim=1)).sum() for i in range(L)])
-    moments = torch.stack([torch.stack([flat[f"{s}{i}"].T @ flat[f"{s}{i}"] for s in ("attn_norm", "ffn_norm")]) for i in range(L)])
+    moments = torch.stack([torch.stack([flat[f"{s}{i}"].T @ flat[f"{s}{i}"] for s in ("attn_norm", "ffn_norm")])
+                           for i in range(L)])
     ffn = torch.stack([flat[f"ffn{i}"].abs().sum(0) for i in range(L)])
     return ratios, moments, ffn
 
@@ -112,7 +118,8 @@ def test_streaming_statistics_equal_stored_activations(token_normalized):
     state = parent_state(num_layers=2)
     tokens, positions = calibration_batch(state.config, rows=6, length=16)
     model = model_from_state(state, ParallelConfig())
-    stats = calibrate(model, state.config, tokens, positions, micro_batch_size=4, progress=False, token_normalized=token_normalized)
+    stats = calibrate(model, state.config, tokens, positions, micro_batch_size=4, progress=False,
+                      token_normalized=token_normalized)
     ratios, moments, ffn = stored_statistics(state, tokens, token_normalized)
     assert stats.tokens == tokens.numel()
     torch.testing.assert_close(stats.layer_ratio_sum, ratios, rtol=1e-5, atol=1e-6)
@@ -153,8 +160,8 @@ print(json.dumps({"growth_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 def test_calibration_memory_is_flat_in_tokens():
     """16x more tokens (65k) must not raise peak memory; storing the activations would add ~0.5 GiB."""
     def growth(rows):
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(rows)], capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.dirname(__file__)))
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(rows)], capture_output=True, text=True,
+                             check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
         return json.loads(out.stdout.strip().splitlines()[-1])["growth_kib"]
 
     small, large = growth(16), growth(256)
@@ -205,5 +212,6 @@ def test_tying_with_a_fitted_norm_scale_beats_plain_tying():
     assert (fitted_output - output).norm() < (plain.tensors["model.embed_tokens.weight"] - output).norm()
     tokens, positions = calibration_batch(parent.config)
     reference = logits(parent, tokens, positions)
-    error = {name: (logits(s, tokens, positions) - reference).abs().mean().item() for name, s in (("fit", fit), ("plain", plain))}
+    error = {name: (logits(s, tokens, positions) - reference).abs().mean().item()
+             for name, s in (("fit", fit), ("plain", plain))}
     assert error["fit"] < 1e-4 < error["plain"], error  # no rotation here: the scale is exactly gamma

@@ -96,7 +96,8 @@ def test_energy_compensation_is_the_formula_and_matches_the_parents_activation_s
     y = x @ u
     child = scale * y / y.pow(2).mean(dim=1, keepdim=True).sqrt()
     assert child.pow(2).sum(1).mean().item() == pytest.approx(y.pow(2).sum(1).mean().item(), rel=1e-9)
-    assert norm_scale(moment, u, "dim_ratio") == pytest.approx(math.sqrt(D / k)) and norm_scale(moment, u, "none") == 1.0
+    assert norm_scale(moment, u, "dim_ratio") == pytest.approx(math.sqrt(D / k))
+    assert norm_scale(moment, u, "none") == 1.0
 
 
 def low_rank_parent(rank: int) -> tuple[ModelState, torch.Tensor]:
@@ -177,14 +178,17 @@ def test_ffn_keeps_planted_large_channels_and_drops_planted_small_ones(case):
     assert torch.equal(select_channels(stats.ffn_scores(), expected.shape[1]), expected)
     child = keep_channels(parent, expected)
     for layer in range(3):
-        assert torch.equal(child.tensors[layer_key(layer, "mlp.up_proj")], parent.tensors[layer_key(layer, "mlp.up_proj")][expected[layer]])
+        up = layer_key(layer, "mlp.up_proj")
+        assert torch.equal(child.tensors[up], parent.tensors[up][expected[layer]])
     # end to end through the pipeline (full depth and width: only the FFN shrinks): the child computes what the
     # parent does with only those channels on
     target = PruneTarget(c.num_layers, c.hidden_size, expected.shape[1], tie_embeddings=False)
-    pruned, _ = prune(parent, target, PruneOptions(), megatron_calibrator(ParallelConfig(), tokens, positions, progress=False))
+    calibrator = megatron_calibrator(ParallelConfig(), tokens, positions, progress=False)
+    pruned, _ = prune(parent, target, PruneOptions(), calibrator)
     test_tokens, test_positions = calibration_batch(c, rows=2, seed=6)
     reference = logits(only_channels(parent, expected), test_tokens, test_positions)
-    assert (logits(pruned, test_tokens, test_positions) - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
+    error = (logits(pruned, test_tokens, test_positions) - reference).abs().max().item()
+    assert error <= 1e-4 * reference.abs().max().item()
 
 
 # ------------------------------------------------------------------------------------------ the real parent
@@ -205,7 +209,8 @@ def real_parent():
     tokens, positions = pack_text(tokenizer, CalibrationData().paths, 128, 8)
     windows = token_windows(tokenizer, iter_documents(PruneEval().paths), 128, 2)
     parent = ModelState(config, tensors)
-    stats = calibrate(model_from_state(parent, ParallelConfig()), config, tokens, positions, {"hidden", "ffn"}, progress=False)
+    model = model_from_state(parent, ParallelConfig())
+    stats = calibrate(model, config, tokens, positions, {"hidden", "ffn"}, progress=False)
     return parent, stats, windows
 
 
@@ -236,7 +241,8 @@ def test_real_parent_top_directions_and_energy_compensation_beat_their_opposites
     ones = {name: torch.ones_like(t) if "norm" in name else t for name, t in child.tensors.items()}
     assert all(norm_scale(m, basis.vectors[:, :k], "none") == 1.0 for m in moments.values())
     none = _perplexity(child.derive(child.config, ones), windows)
-    print(f"SmolLM2 -> hidden {k}: perplexity top-k {top:.1f}, bottom-k {bottom:.1f}, top-k without compensation {none:.1f}")
+    print(f"SmolLM2 -> hidden {k}: perplexity top-k {top:.1f}, bottom-k {bottom:.1f}, "
+          f"top-k without compensation {none:.1f}")
     assert 3 * top < bottom
     assert 1.5 * top < none
 
@@ -247,6 +253,7 @@ def test_real_parent_ffn_top_channels_beat_the_bottom_ones(real_parent):
     parent, stats, windows = real_parent
     scores, k = stats.ffn_scores(), 768
     top = _perplexity(keep_channels(parent, select_channels(scores, k)), windows)
-    bottom = _perplexity(keep_channels(parent, torch.sort(torch.topk(-scores, k, dim=1).indices, dim=1).values), windows)
+    bottom_k = torch.sort(torch.topk(-scores, k, dim=1).indices, dim=1).values
+    bottom = _perplexity(keep_channels(parent, bottom_k), windows)
     print(f"SmolLM2 -> FFN {k}: perplexity top-k {top:.1f}, bottom-k {bottom:.1f}")
     assert 3 * top < bottom

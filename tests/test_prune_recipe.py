@@ -57,7 +57,8 @@ def test_prune_recipe_refuses_a_target_larger_than_the_parent(tiny_parent_with_t
     from nemo_plugins.errors import ConfigError
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="prune", overrides=[f"model.source=hf:{tiny_parent_with_tokenizer}", "model.architecture=null",
-                                                      "stage.prune.target.num_layers=5", f"output_dir={tmp_path}/x"])
+        cfg = compose(config_name="prune", overrides=[f"model.source=hf:{tiny_parent_with_tokenizer}",
+                                                      "model.architecture=null", "stage.prune.target.num_layers=5",
+                                                      f"output_dir={tmp_path}/x"])
     with pytest.raises(ConfigError, match="prune.target.num_layers=5 must be between 1 and the parent's 4"):
         prune_recipe.run(cfg)

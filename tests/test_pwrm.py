@@ -138,8 +138,10 @@ def test_the_judge_is_order_invariant_though_the_model_is_not(chat_format):
 
 def test_pairs_too_long_are_dropped_in_training_and_scored_one_half_by_the_judge(chat_format):
     template = PairTemplate(chat_format)
-    short = Pair("t", [{"role": "user", "content": "Hi?"}], "Hello.", "Go away.", "r", {"chosen": "reference", "rejected": "perturbed"})
-    long = Pair("t", [{"role": "user", "content": "Hi?"}], "Hello. " * 200, "No.", "r", {"chosen": "reference", "rejected": "perturbed"})
+    short = Pair("t", [{"role": "user", "content": "Hi?"}], "Hello.", "Go away.", "r",
+                 {"chosen": "reference", "rejected": "perturbed"})
+    long = Pair("t", [{"role": "user", "content": "Hi?"}], "Hello. " * 200, "No.", "r",
+                {"chosen": "reference", "rejected": "perturbed"})
     stream = PairStream([short, long, short], template, seq_len=256, seed=0)
     assert stream.dropped == 1 and len(stream.rows) == 4
     tokens, positions, last, targets, cursor = stream.next_rows(Cursor(), 4, 256)
@@ -148,8 +150,10 @@ def test_pairs_too_long_are_dropped_in_training_and_scored_one_half_by_the_judge
     assert stream.rows_left(cursor, 256, 10) == 0
     with pytest.raises(DataError, match="exhausted"):
         stream.next_rows(cursor, 2, 256)
-    judge = PairwiseJudge(build_model(tiny_config(vocab_size=49152), ParallelConfig()), chat_format, 1.0, max_tokens=256)
-    p = judge.prob_first_wins([short.messages, long.messages], [short.chosen, long.chosen], [short.rejected, long.rejected])
+    model = build_model(tiny_config(vocab_size=49152), ParallelConfig())
+    judge = PairwiseJudge(model, chat_format, 1.0, max_tokens=256)
+    p = judge.prob_first_wins([short.messages, long.messages], [short.chosen, long.chosen],
+                              [short.rejected, long.rejected])
     assert p[1] == 0.5 and p[0] != 0.5 and judge.too_long == 1
 
 
@@ -190,12 +194,14 @@ def planted_pairs(count: int, split: str, seed: int) -> list[Pair]:
     rng = random.Random(seed)
     words = "apple river stone cloud green table seven music paper light".split()
     return [Pair("planted", [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(3)) + "?"}],
-                 rng.choice(GOOD), rng.choice(BAD), "planted: the good word list", {"chosen": "reference", "rejected": "perturbed"},
-                 1.0, split) for _ in range(count)]
+                 rng.choice(GOOD), rng.choice(BAD), "planted: the good word list",
+                 {"chosen": "reference", "rejected": "perturbed"}, 1.0, split)
+            for _ in range(count)]
 
 
 @pytest.mark.slow
-def test_a_tiny_pwrm_learns_a_planted_property_and_serves_as_the_calibrated_judge(smollm2_tokenizer, chat_format, tmp_path):
+def test_a_tiny_pwrm_learns_a_planted_property_and_serves_as_the_calibrated_judge(smollm2_tokenizer, chat_format,
+                                                                                   tmp_path):
     config = tiny_config(vocab_size=49152)
     torch.manual_seed(0)
     megatron_checkpoint.save_model(build_model(config, ParallelConfig()), config, tmp_path / "init",
@@ -203,7 +209,8 @@ def test_a_tiny_pwrm_learns_a_planted_property_and_serves_as_the_calibrated_judg
     steps, rows = 24, 16
     stage = PWRMStage("pwrm", TrainSettings(seq_len=128, micro_batch_size=8, global_batch_size=rows,
                                             train_tokens=steps * rows * 128),
-                      OptimizerSettings(lr=1e-2, min_lr=0.0, warmup_fraction=0.0, weight_decay=0.0, decay_style="constant"),
+                      OptimizerSettings(lr=1e-2, min_lr=0.0, warmup_fraction=0.0, weight_decay=0.0,
+                                        decay_style="constant"),
                       score_micro_batch_size=24)
     pairs = planted_pairs(steps * rows // 2, "train", 0) + planted_pairs(24, "heldout", 1)
     out = tmp_path / "pwrm"
@@ -212,7 +219,8 @@ def test_a_tiny_pwrm_learns_a_planted_property_and_serves_as_the_calibrated_judg
     assert manifest["heldout"]["after"]["accuracy"] >= 0.75, manifest["heldout"]
     assert manifest["heldout"]["after"]["nll"] < manifest["heldout"]["before"]["nll"]
     calibration = manifest["calibration"]
-    assert calibration["fit_pairs"] == calibration["test_pairs"] == 12 and calibration["nll_after"] <= calibration["nll_before"]
+    assert calibration["fit_pairs"] == calibration["test_pairs"] == 12
+    assert calibration["nll_after"] <= calibration["nll_before"]
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
     judge = load_judge(str(out / "manifest.json"), policy=f"megatron:{tmp_path / 'init'}")
@@ -264,8 +272,8 @@ def test_tensor_parallel_2_scores_and_trains_as_1(tmp_path):
     train = TrainSettings(seq_len=24, micro_batch_size=2, global_batch_size=4, train_tokens=96)
     loss = PWRMStep(train, LABELS)(ddp, (batch["tokens"], batch["positions"], batch["last"], targets))
     grads = {name: p.main_grad for name, p in single.named_parameters() if "final_layernorm" in name}
-    mp.spawn(distributed_worker.run, args=(2, _port(), tp_scores, (config, str(tmp_path / "state.pt"), str(tmp_path / "tp2.pt"))),
-             nprocs=2, join=True)
+    mp.spawn(distributed_worker.run, nprocs=2, join=True,
+             args=(2, _port(), tp_scores, (config, str(tmp_path / "state.pt"), str(tmp_path / "tp2.pt"))))
     result = torch.load(tmp_path / "tp2.pt")
     assert torch.allclose(result["z"], z, atol=1e-5)
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
@@ -291,13 +299,15 @@ def test_the_recipe_trains_calibrates_reports_and_skips_a_finished_stage(tmp_pat
     assert set(manifest["heldout"]["after"]["accuracy_by_kind"]) == {"arithmetic", "loops", "format"}
     assert manifest["calibration"]["tau"] > 0 and (out / "reliability.png").is_file()
     again = subprocess.run(command, check=True, env=recipe_env(), capture_output=True, text=True)
-    assert json.loads((out / "manifest.json").read_text())["wall_seconds"] == manifest["wall_seconds"], again.stderr[-500:]
+    rerun = json.loads((out / "manifest.json").read_text())
+    assert rerun["wall_seconds"] == manifest["wall_seconds"], again.stderr[-500:]
 
 
 def _recipe_command(root, out_dir, steps):
     return [sys.executable, "-m", "recipes.pwrm", "model=tiny", f"source=megatron:{root / 'teacher'}",
             f"pairs.cache_dir={root / 'pairs'}", "pairs.counts={arithmetic: 12, code: 0, loops: 12, format: 12}",
-            "stage.pwrm.train.seq_len=512", "stage.pwrm.train.global_batch_size=4", "stage.pwrm.train.micro_batch_size=2",
+            "stage.pwrm.train.seq_len=512", "stage.pwrm.train.global_batch_size=4",
+            "stage.pwrm.train.micro_batch_size=2",
             f"stage.pwrm.train.train_tokens={512 * 4 * steps}", "stage.pwrm.train.save_interval=1",
             "stage.pwrm.optimizer.lr=1e-3", f"output_dir={out_dir}"]
 

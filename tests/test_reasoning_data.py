@@ -1,5 +1,6 @@
 """Reasoning data: deterministic, exact, honest (every worked step recomputed, every code answer run against its
-tests, every rubric item checked on the answer), unique prompts, and the SFT / GRPO mixes sharing their held-out tail."""
+tests, every rubric item checked on the answer), unique prompts, and the SFT / GRPO mixes sharing their held-out
+tail."""
 
 import json
 import re

@@ -28,7 +28,8 @@ def parent():
 def reference():
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(hf_dir(SOURCE)), dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir(SOURCE)), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_gguf_reader_matches_transformers_gguf_loader():
 
     path = embedded_gguf("smollm2")
     _, ours = read_gguf(path)
-    theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).state_dict()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    theirs = model.state_dict()
     for name, tensor in ours.items():
         assert torch.equal(tensor, theirs[name]), name
 

@@ -70,8 +70,8 @@ def test_the_models_tool_call_runs_and_its_real_output_continues_the_response(ch
         script[k] = chat_format.end_of_turn_id  # the policy would stop here: only the injected tool turn is right
     model = PositionScriptedModel(script, chat_format.vocab_size)
 
-    params = SamplingParams(temperature=0.0, max_new_tokens=len(rendered.tokens), stop_token_ids=(chat_format.end_of_turn_id,),
-                            loop=LoopConfig(stop_on_loop=False))
+    params = SamplingParams(temperature=0.0, max_new_tokens=len(rendered.tokens),
+                            stop_token_ids=(chat_format.end_of_turn_id,), loop=LoopConfig(stop_on_loop=False))
     [response] = TorchEngine(model, pad_id=chat_format.pad_id).generate(
         [Request(tuple(prompt), params)], make_tool_hook(chat_format, registry, max_calls=2))
 

@@ -70,7 +70,8 @@ def test_a_call_is_executed_and_the_response_reads_like_the_training_rendering(f
     assert encoded.tokens[len(prompt) : len(prompt) + len(response)] == response
     assert registry.asked == ["2+3"]
     injected = [k for k, bit in enumerate(policy) if not bit]
-    assert injected == list(range(len(call_turn) - 1, len(response) - len(answer))), "exactly the tool turn is non-policy"
+    tool_turn = list(range(len(call_turn) - 1, len(response) - len(answer)))
+    assert injected == tool_turn, "exactly the tool turn is non-policy"
     expected = {"hf_template": "<|im_end|>\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n",
                 "tekken": "</s>[TOOL_RESULTS]5[/TOOL_RESULTS]"}[kind]
     assert chat_format.decode([response[k] for k in injected]) == expected
