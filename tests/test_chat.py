@@ -16,7 +16,7 @@ from nemo_plugins.data.chat import (
     load_chat_format,
     normalize_messages,
 )
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import ConfigError, DataError
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 CALL = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2+3"}}}
@@ -193,7 +193,7 @@ def test_format_spec_errors(spec, match):
     ([], "non-empty list"),
 ])
 def test_bad_messages_name_the_message_and_the_problem(messages, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(DataError, match=match):
         normalize_messages(messages)
 
 

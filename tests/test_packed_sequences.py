@@ -7,7 +7,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from nemo_plugins.data.batches import next_token_targets, packed_context_parallel_part
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.errors import ConfigError, DataError
+from nemo_plugins.errors import DataError
 from nemo_plugins.model.attention_temperature import with_query_scale
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.model.config import YarnScaling
@@ -114,7 +114,7 @@ def test_each_rank_reads_the_global_boundaries_back_from_its_positions(cp):
 def test_unpartitioned_positions_are_refused_under_context_parallelism():
     positions = packed_positions(ROWS)
     for rank in range(2):
-        with pytest.raises(ConfigError, match="local_batch"):
+        with pytest.raises(DataError, match="local_batch"):
             cu_seqlens_from_positions(positions, 2, rank)
 
 
