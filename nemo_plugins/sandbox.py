@@ -65,7 +65,7 @@ _BLOCKED_EVENTS = ("socket.", "os.exec", "os.posix_spawn", "os.spawn", "os.syste
                    "subprocess.Popen")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SandboxLimits:
     """Per-run limits; each is enforced by the kernel (rlimits) or by the parent (wall clock, output)."""
 

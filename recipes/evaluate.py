@@ -22,29 +22,28 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
-from nemo_plugins.convert.sources import ModelSource, check_declared, declared_architecture, load_model, tokenizer_dir
+from nemo_plugins.config.schemas import EvaluateConfig, Task
+from nemo_plugins.convert.sources import ModelSource, check_declared, load_model, tokenizer_dir
 from nemo_plugins.data.chat_prompts import ChatPrompts
+from nemo_plugins.data.from_config import load_chat_data
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.data.text_files import iter_documents
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
-from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, checked, torch_dtype, typed
-from nemo_plugins.eval.humaneval import HumanEvalSettings, evaluate_humaneval
-from nemo_plugins.eval.pass_at_k import ProblemsSettings, evaluate_problems
+from nemo_plugins.distributed import initialize
+from nemo_plugins.errors import ConfigError, torch_dtype
+from nemo_plugins.eval.humaneval import evaluate_humaneval
+from nemo_plugins.eval.pass_at_k import evaluate_problems
 from nemo_plugins.eval.perplexity import evaluate_perplexity, token_windows
-from nemo_plugins.rl.rewards import RewardSettings, build_rewards
+from nemo_plugins.rl.rewards import build_rewards
 from nemo_plugins.rl.rewards.rubric import load_judge
-from recipes._chat_data import load_chat_data
 from recipes._entry import hydra_entry
 
 logger = logging.getLogger("recipes.evaluate")
-Task = Literal["perplexity", "problems", "humaneval"]
 
 
 def check_writable(path: Path) -> None:
@@ -62,7 +61,7 @@ def check_writable(path: Path) -> None:
 Evaluation = Callable[[torch.nn.Module, Any, ModelSource], dict]
 
 
-def perplexity(cfg: DictConfig) -> Evaluation:
+def perplexity(cfg: EvaluateConfig) -> Evaluation:
     def evaluate(model, tokenizer, source: ModelSource) -> dict:
         windows = token_windows(tokenizer, iter_documents(list(cfg.data.paths)), cfg.data.seq_len,
                                 cfg.data.max_windows)
@@ -73,9 +72,8 @@ def perplexity(cfg: DictConfig) -> Evaluation:
     return evaluate
 
 
-def problems(cfg: DictConfig) -> Evaluation:
-    settings = typed(ProblemsSettings, cfg.problems, "problems")
-    reward_settings = typed(RewardSettings, cfg.rewards, "rewards")
+def problems(cfg: EvaluateConfig) -> Evaluation:
+    settings, reward_settings = cfg.problems, cfg.rewards
 
     def evaluate(model, tokenizer, source: ModelSource) -> dict:
         chat_format, chat = load_chat_data(cfg, tokenizer_dir(source))
@@ -94,8 +92,8 @@ def problems(cfg: DictConfig) -> Evaluation:
     return evaluate
 
 
-def humaneval(cfg: DictConfig) -> Evaluation:
-    settings = typed(HumanEvalSettings, cfg.humaneval, "humaneval")
+def humaneval(cfg: EvaluateConfig) -> Evaluation:
+    settings = cfg.humaneval
 
     def evaluate(model, tokenizer, source: ModelSource) -> dict:
         report = evaluate_humaneval(model, tokenizer, settings)
@@ -109,22 +107,22 @@ def _pass_rates(report: dict) -> dict:
     return {k: round(v, 4) for k, v in report.items() if k.startswith("pass@")}
 
 
-TASKS: dict[str, Callable[[DictConfig], Evaluation]] = {"perplexity": perplexity, "problems": problems,
-                                                         "humaneval": humaneval}
+TASKS: dict[Task, Callable[[EvaluateConfig], Evaluation]] = {Task.perplexity: perplexity, Task.problems: problems,
+                                                             Task.humaneval: humaneval}
 
 
-def run(cfg: DictConfig) -> dict:
-    task = checked(cfg.task, Task, "task")
+def run(cfg: EvaluateConfig) -> dict:
+    task = cfg.task
     evaluate = TASKS[task](cfg)
     if not cfg.model.source:
         raise ConfigError("model.source is null: say where the weights are, e.g. model.source=hf:/path/to/dir")
     out = Path(cfg.output)
     check_writable(out)
-    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    parallel = cfg.parallel
     source = ModelSource.parse(cfg.model.source)
     initialize(parallel)
     config, model = load_model(source, parallel, torch_dtype(cfg.dtype))
-    check_declared(declared_architecture(cfg.model.architecture), config, cfg.model.source)
+    check_declared(cfg.model.architecture, config, cfg.model.source)
     tokenizer = load_tokenizer(tokenizer_dir(source))
     check_vocab(tokenizer, config)
     result = evaluate(model, tokenizer, source)

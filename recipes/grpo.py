@@ -27,43 +27,40 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
+from nemo_plugins.config.schemas import GRPOConfig
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
+from nemo_plugins.data.from_config import load_chat_data
 from nemo_plugins.data.mix import cursor_from_manifest
-from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, checked, typed
+from nemo_plugins.distributed import initialize
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.output_lock import output_lock
-from nemo_plugins.rl.grpo import GRPOStage, run_grpo_stage
+from nemo_plugins.rl.grpo import run_grpo_stage
 from nemo_plugins.rl.rewards import Rewards, build_rewards
-from nemo_plugins.rl.sft_kd import SFTStage
-from recipes._chat_data import load_chat_data
 from recipes._entry import hydra_entry
 
 
-def _targets(cfg: DictConfig, key: str) -> dict | None:
-    node = cfg[key]
+def _targets(cfg: GRPOConfig, key: str) -> dict | None:
+    node = getattr(cfg, key)
     if not node:
         return None
-    if "_target_" not in node:
+    if not isinstance(node, dict) or "_target_" not in node:
         raise ConfigError(f"{key} must be null or '{{_target_: <module>.<callable>, ...}}', got {node}")
-    return OmegaConf.to_container(node, resolve=True)
+    return node
 
 
-def load_problems(cfg: DictConfig, tokenizer_path: Path) -> tuple[ChatFormat, ChatMix]:
+def load_problems(cfg: GRPOConfig, tokenizer_path: Path) -> tuple[ChatFormat, ChatMix]:
     """The chat format and the problem mix, screened by the policy's SFT stage (``stage.sft_kd``): a policy asked
     without the system prompt it was trained with answers another distribution than the one it learnt."""
-    sft = SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd")
-    return load_chat_data(cfg, tokenizer_path, sft.prompt_screen())
+    return load_chat_data(cfg, tokenizer_path, cfg.stage.sft_kd.prompt_screen())
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: GRPOConfig) -> dict:
     if not cfg.policy:
         raise ConfigError("policy is null: say which model to train, e.g. policy=megatron:runs/reasoning_sft/...")
-    stage = GRPOStage.from_config(cfg.stage.grpo, "stage.grpo")
-    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    stage, parallel = cfg.stage.grpo, cfg.parallel
     custom, judge = _targets(cfg, "rewards"), _targets(cfg, "judge")
     policy = ModelSource.parse(cfg.policy)
     reference = ModelSource.parse(cfg.reference) if cfg.reference else policy
@@ -80,7 +77,7 @@ def run(cfg: DictConfig) -> dict:
     with output_lock(cfg.output_dir):
         return run_grpo_stage(stage, policy, reference, {"rewards": custom, "judge": judge}, make_rewards, chat,
                               chat_format, policy_tokenizer, tokenizer_dir(reference), cursor, Path(cfg.output_dir),
-                              parallel, resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
+                              parallel, resume_with_changes=cfg.resume_with_changes)
 
 
 main = hydra_entry("grpo", run)

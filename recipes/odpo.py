@@ -14,26 +14,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
+from nemo_plugins.config.schemas import ODPOConfig
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.from_config import load_chat_data
 from nemo_plugins.data.mix import cursor_from_manifest
-from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, checked, typed
+from nemo_plugins.distributed import initialize
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.output_lock import output_lock
-from nemo_plugins.rl.odpo import ODPOStage, run_odpo_stage
-from recipes._chat_data import load_chat_data
+from nemo_plugins.rl.odpo import run_odpo_stage
 from recipes._entry import hydra_entry
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: ODPOConfig) -> dict:
     if not cfg.policy:
         raise ConfigError("policy is null: say which SFT model to train, e.g. policy=megatron:runs/sft/sft_kd/checkpoints/...")
-    if not cfg.judge or "_target_" not in cfg.judge:
+    if not isinstance(cfg.judge, dict) or "_target_" not in cfg.judge:
         raise ConfigError("judge is not set: give 'judge={_target_: <module>.<callable>}' building an object with "
                           "prob_first_wins(conversations, responses_a, responses_b) (the calibrated PWRM)")
-    stage = ODPOStage.from_config(cfg.stage.odpo, "stage.odpo")
-    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
+    stage, parallel = cfg.stage.odpo, cfg.parallel
     policy = ModelSource.parse(cfg.policy)
     reference = ModelSource.parse(cfg.reference) if cfg.reference else policy
     initialize(parallel, stage.train.seed)
@@ -41,10 +40,10 @@ def run(cfg: DictConfig) -> dict:
     chat_format, chat = load_chat_data(cfg, policy_tokenizer)
     cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
     with output_lock(cfg.output_dir):
-        return run_odpo_stage(stage, policy, reference, OmegaConf.to_container(cfg.judge, resolve=True),
+        return run_odpo_stage(stage, policy, reference, cfg.judge,
                               lambda: instantiate(cfg.judge), chat, chat_format, policy_tokenizer,
                               tokenizer_dir(reference), cursor, Path(cfg.output_dir), parallel,
-                              resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
+                              resume_with_changes=cfg.resume_with_changes)
 
 
 main = hydra_entry("odpo", run)

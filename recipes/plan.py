@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from nemo_plugins.cascade.launch import (
     STORAGE_KEYS,
@@ -30,18 +30,18 @@ from nemo_plugins.cascade.launch import (
     stage_launch,
 )
 from nemo_plugins.cascade.memory import estimate_memory, stage_memory
-from nemo_plugins.convert.sources import ModelSource, declared_architecture, source_config
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.cascade.plan import plan_from_config
+from nemo_plugins.config.build import typed_config
+from nemo_plugins.config.schemas import CascadeConfig, register_schemas
+from nemo_plugins.convert.sources import ModelSource, source_config
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
-from nemo_plugins.prune.stage import CalibrationData
-from recipes._entry import CONF_DIR, project_errors
-from recipes.cascade import build_plan
+from recipes._entry import CONF_DIR, composition_error, project_errors
 
 
-def parent_config(cfg: DictConfig) -> MistralConfig:
-    declared = declared_architecture(cfg.model.architecture)
-    if declared is not None:
-        return declared
+def parent_config(cfg: CascadeConfig) -> MistralConfig:
+    if cfg.model.architecture is not None:
+        return cfg.model.architecture
     if not cfg.model.source:
         raise ConfigError("model.source and model.architecture are both null: the plan needs the parent's shape")
     return source_config(ModelSource.parse(cfg.model.source))
@@ -52,23 +52,23 @@ def stage_nodes(cluster: ClusterConfig, stage: str) -> int:
     return 1 if stage == "prune" else cluster.nodes
 
 
-def cluster_storage(cfg: DictConfig, overrides: list[str]) -> tuple[ClusterConfig, ContainerStorage | None]:
-    """The typed cluster config and, on Slurm, where the job's outputs and caches go (None: this machine)."""
-    cluster = typed(ClusterConfig, cfg.cluster, "cluster")
+def cluster_storage(cfg: CascadeConfig, overrides: list[str]) -> tuple[ClusterConfig, ContainerStorage | None]:
+    """The cluster config and, on Slurm, where the job's outputs and caches go (None: this machine)."""
+    cluster = cfg.cluster
     check_allocation(cluster)
     if cluster.kind == "local":
         return cluster, None
     check_image(cluster)
     check_torchrun()
     overridden = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
-    values = {key: str(OmegaConf.select(cfg, key)) for key in STORAGE_KEYS}
+    values = {key: str(_select(cfg, key)) for key in STORAGE_KEYS}
     return cluster, container_storage(cluster, values, overridden & set(STORAGE_KEYS))
 
 
-def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, StageLaunch]]:
+def launch_lines(cfg: CascadeConfig, overrides: list[str]) -> list[tuple[str, StageLaunch]]:
     """(plan text, launch) for every stage in order, up to ``until`` if set; without it the last command has no
     `until`, so that it also runs the ablations and writes the report."""
-    plan = build_plan(cfg)
+    plan = plan_from_config(cfg)
     parent = parent_config(cfg)
     children = plan.child_configs(parent)
     previous = dict(zip(children, [parent, *children.values()]))  # what each child is pruned from
@@ -85,7 +85,7 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, Stage
         text = (f"{child}/{stage}: {nodes} node(s) x {cluster.gpus_per_node} GPUs, tp={layout.tp} pp={layout.pp} "
                 f"cp={layout.cp} dp={data_parallel}")
         if stage == "prune":
-            calibration = typed(CalibrationData, cfg.stage.prune.calibration, "stage.prune.calibration")
+            calibration = cfg.stage.prune.calibration
             steps = stage_memory(stage, previous[child], children[child], layout, seq_len=calibration.seq_len,
                                  micro_batch_size=calibration.micro_batch_size)
         else:
@@ -104,12 +104,20 @@ def launch_lines(cfg: DictConfig, overrides: list[str]) -> list[tuple[str, Stage
     return lines
 
 
-def compose_cascade(overrides: list[str]) -> DictConfig:
+def _select(cfg: object, key: str) -> object:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def compose_cascade(overrides: list[str]) -> CascadeConfig:
+    """The cascade's typed config with these overrides, as ``recipes.cascade`` composes it."""
+    register_schemas()
     try:
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            return compose("cascade", overrides=overrides)
-    except ConfigCompositionException as err:
-        raise ConfigError(str(err)) from err
+            return typed_config(compose("cascade", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise composition_error(err) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,34 +10,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from nemo_plugins.convert.sources import ModelSource, declared_architecture
-from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, torch_dtype, typed
+from nemo_plugins.config.schemas import PruneConfig
+from nemo_plugins.convert.sources import ModelSource
+from nemo_plugins.distributed import initialize
+from nemo_plugins.errors import ConfigError, torch_dtype
 from nemo_plugins.output_lock import output_lock
-from nemo_plugins.prune.pipeline import PruneOptions, PruneTarget
-from nemo_plugins.prune.stage import CalibrationData, PruneEval, run_prune_stage
+from nemo_plugins.prune.stage import run_prune_stage
 from recipes._entry import hydra_entry
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: PruneConfig) -> dict:
     stage = cfg.stage.prune
     if not cfg.model.source:
         raise ConfigError("model.source is null: say where the parent's weights are, e.g. model.source=hf:/path")
-    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
-    target = typed(PruneTarget, stage.target, "stage.prune.target")
-    options = typed(PruneOptions, stage.options, "stage.prune.options")
-    calibration = typed(CalibrationData, stage.calibration, "stage.prune.calibration")
-    evaluation = typed(PruneEval, stage.eval, "stage.prune.eval")
-    dtype = torch_dtype(cfg.dtype)
+    parallel, dtype = cfg.parallel, torch_dtype(cfg.dtype)
     source = ModelSource.parse(cfg.model.source)
     initialize(parallel)
     with output_lock(cfg.output_dir):
-        manifest = run_prune_stage(source, target, options, calibration, evaluation, Path(cfg.output_dir), parallel,
-                                   dtype, declared_architecture(cfg.model.architecture))
+        manifest = run_prune_stage(source, stage.target, stage.options, stage.calibration, stage.eval,
+                                   Path(cfg.output_dir), parallel, dtype, cfg.model.architecture)
         if dist.get_rank() == 0:
-            (Path(cfg.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (Path(cfg.output_dir) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return manifest["report"]
 
 

@@ -13,25 +13,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from nemo_plugins.config.schemas import SFTConfig
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
+from nemo_plugins.data.from_config import load_chat_data
 from nemo_plugins.data.mix import cursor_from_manifest
-from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, checked, typed
+from nemo_plugins.distributed import initialize
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.output_lock import output_lock
-from nemo_plugins.rl.sft_kd import SFTStage, run_sft_stage
-from recipes._chat_data import load_chat_data
+from nemo_plugins.rl.sft_kd import run_sft_stage
 from recipes._entry import hydra_entry
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: SFTConfig) -> dict:
     if not cfg.student:
         raise ConfigError("student is null: say where the student starts, e.g. student=megatron:runs/demo/<child>/distill_long/...")
-    stage = SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd")
+    stage, parallel = cfg.stage.sft_kd, cfg.parallel
     if stage.teacher is None and not cfg.model.source:
         raise ConfigError("no teacher: set stage.sft_kd.teacher or model.source")
-    parallel = typed(ParallelConfig, cfg.parallel, "parallel")
     student = ModelSource.parse(cfg.student)
     teacher = stage.teacher_source(ModelSource.parse(cfg.model.source) if cfg.model.source else None)
     initialize(parallel, stage.train.seed)
@@ -40,7 +38,7 @@ def run(cfg: DictConfig) -> dict:
     cursor = cursor_from_manifest(cfg.chat_cursor, chat.identity(), "chat_cursor")
     with output_lock(cfg.output_dir):
         return run_sft_stage(stage, teacher, student, chat, chat_format, student_tokenizer, tokenizer_dir(teacher),
-                             cursor, Path(cfg.output_dir), parallel, resume_with_changes=checked(cfg.resume_with_changes, bool, "resume_with_changes"))
+                             cursor, Path(cfg.output_dir), parallel, resume_with_changes=cfg.resume_with_changes)
 
 
 main = hydra_entry("sft", run)

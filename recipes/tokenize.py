@@ -23,83 +23,34 @@ prompt alone. (Rendering unscreened files and refusing them in the stage would l
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
+from nemo_plugins.config.schemas import TokenizeConfig
 from nemo_plugins.convert.sources import ModelSource, source_config, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import RecordScreen, build_chat_mix
+from nemo_plugins.data.from_config import mix_images
 from nemo_plugins.data.interleaved import ImageInputs, interleaved_file
-from nemo_plugins.data.mix import source_specs
 from nemo_plugins.data.token_store import BuildOptions, TokenFile, build_token_file
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
-from nemo_plugins.errors import ConfigError, checked
-from nemo_plugins.rl.sft_kd import SFTStage
-from nemo_plugins.vision.checkpoint import image_inputs
+from nemo_plugins.errors import ConfigError
 from recipes._entry import hydra_entry
 
 logger = logging.getLogger(__name__)
 
-# the override keys that decide which token files a run opens (the rest: layouts, stages, outputs, do not)
-DATA_KEYS = ("cascade", "model", "data", "chat_data", "posttrain", "reasoning", "reasoning_data", "problem_data")
-# the stages whose screen (filters, system prompt) is part of the chat token files' key
-SCREEN_STAGES = ("stage.sft_kd", "stage.reasoning_sft")
-SCREEN_SETTINGS = ("filters", "system_prompt")
 
-
-def data_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that decide which token files a run opens: data, model and cascade keys, and the choice or the
-    screen settings of a stage that screens its conversations."""
-    kept = []
-    for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0]
-        stage = key.removeprefix("stage@")
-        screens = any(stage == s or any(stage.startswith(f"{s}.{name}") for name in SCREEN_SETTINGS)
-                      for s in SCREEN_STAGES)
-        if screens or key.replace("@", ".").split(".")[0] in DATA_KEYS:
-            kept.append(override)
-    return kept
-
-
-def prebuilt_by(cfg: DictConfig, group: str = "data") -> str | None:
-    """The command that builds ``cfg.<group>``'s token files before the run, with this run's data overrides, when
-    that data config says ``require_prebuilt: true``; None when the run may build them on first use."""
-    if not checked(cfg[group].require_prebuilt, bool, f"{group}.require_prebuilt"):
-        return None
-    kept = data_overrides(list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
-    if group == "chat_data" or "posttrain" not in cfg:  # a cascade renders its chat data as posttrain says
-        kept.append(f"chat={str(group == 'chat_data').lower()}")
-    command = shlex.join(["python", "-m", "recipes.tokenize", *kept])
-    return f"`{command} workers=<cpus>` (on Slurm: `sbatch slurm/tokenize.sbatch {shlex.join(kept)}`)"
-
-
-def mix_images(cfg: DictConfig, source: ModelSource) -> ImageInputs | None:
-    """The image settings ``data``'s interleaved sources are tokenised and read with: the model's (None for a
-    text-only model) with ``data.max_image_side``, the longest input side accepted before any resize."""
-    side = checked(cfg.data.max_image_side, int, "data.max_image_side")
-    if side < 1:
-        raise ConfigError(f"data.max_image_side={side} must be a positive number of pixels (the longest side an "
-                          "input image may have; larger ones are refused with file:line)")
-    return image_inputs(source, max_input_side=side)
-
-
-def run(cfg: DictConfig) -> dict:
+def run(cfg: TokenizeConfig) -> dict:
     if not cfg.model.source:
         raise ConfigError("model.source is null: token files are keyed on the tokenizer of the model that reads "
                           "them; give the run's model.source")
-    options = BuildOptions(workers=checked(cfg.workers, int, "workers"), parts=checked(cfg.parts, int | None, "parts"),
-                           shard=checked(cfg.shard, str | None, "shard"))
+    options = BuildOptions(workers=cfg.workers, parts=cfg.parts, shard=cfg.shard)
     source = ModelSource.parse(cfg.model.source)
     tok_dir = tokenizer_dir(source)
     tokenizer = load_tokenizer(tok_dir)
     check_vocab(tokenizer, source_config(source))
     built = {}
-    specs = source_specs(cfg.data.sources)
-    images = mix_images(cfg, source) if any(s.kind == "interleaved" for s in specs) else None
-    for spec in specs:
+    images = mix_images(cfg, source) if any(s.kind == "interleaved" for s in cfg.data.sources) else None
+    for spec in cfg.data.sources:
         if spec.kind == "interleaved":
             if options.shard is None:
                 built[spec.name] = build_interleaved(cfg, tokenizer, spec, images)
@@ -124,27 +75,27 @@ def run(cfg: DictConfig) -> dict:
     return built
 
 
-def build_interleaved(cfg: DictConfig, tokenizer, spec, images: ImageInputs | None) -> dict:
+def build_interleaved(cfg: TokenizeConfig, tokenizer, spec, images: ImageInputs | None) -> dict:
     """An interleaved source's token file and images side file, as ``build_mix`` opens them."""
     file, index = interleaved_file(tokenizer, list(spec.paths), cfg.data.cache_dir, spec.name, images)
     print(f"{spec.name}: {len(file):,} tokens, {len(index):,} images (interleaved) at {file.prefix}")
     return {"prefix": str(file.prefix), "tokens": len(file), "images": len(index)}
 
 
-def chat_groups(cfg: DictConfig) -> list[tuple[str, RecordScreen | None]]:
+def chat_groups(cfg: TokenizeConfig) -> list[tuple[str, RecordScreen | None]]:
     """The chat-data groups this run renders, each with the screen of the stage that reads it."""
     groups = []
-    if checked(cfg.chat, bool, "chat"):
-        groups.append(("chat_data", SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd").data_screen()))
-    if checked(cfg.get("reasoning", False), bool, "reasoning"):
-        reasoning = SFTStage.from_config(cfg.stage.reasoning_sft, "stage.reasoning_sft")
+    if cfg.chat:
+        groups.append(("chat_data", cfg.stage.sft_kd.data_screen()))
+    if cfg.reasoning:
+        reasoning = cfg.stage.reasoning_sft
         groups += [("reasoning_data", reasoning.data_screen()), ("problem_data", reasoning.prompt_screen())]
     return groups
 
 
-def render_chat(cfg: DictConfig, group: str, screen: RecordScreen | None, tok_dir) -> dict:
-    data = cfg[group]
-    chat = build_chat_mix(load_chat_format(data.format, tok_dir), source_specs(data.sources), data.cache_dir,
+def render_chat(cfg: TokenizeConfig, group: str, screen: RecordScreen | None, tok_dir) -> dict:
+    data = getattr(cfg, group)
+    chat = build_chat_mix(load_chat_format(data.format, tok_dir), data.sources, data.cache_dir,
                           data.heldout_fraction, screen=screen)
     built = {}
     for s in chat.sources:

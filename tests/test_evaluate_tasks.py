@@ -5,11 +5,10 @@ source) and humaneval write their reports; bad task names and settings are refus
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from nemo_plugins.errors import ConfigError
 from recipes import evaluate as evaluate_recipe
-from recipes._entry import CONF_DIR
+from tests.configs import composed
 from tests.conftest import save_tiny_teacher_and_student
 
 
@@ -19,8 +18,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _run(overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return evaluate_recipe.run(compose(config_name="evaluate", overrides=overrides))
+    return evaluate_recipe.run(composed("evaluate", *overrides))
 
 
 def _model(checkpoints):
@@ -52,9 +50,9 @@ def test_humaneval_task_writes_its_report(checkpoints, tmp_path):
     assert (report["task"], report["problems"], report["pass@1"]) == ("humaneval", 2, 0.0)
 
 
-@pytest.mark.parametrize("override, message", [("task=mmlu", "task='mmlu' must be one of"),
+@pytest.mark.parametrize("override, message", [("task=mmlu", r"^task: Invalid value 'mmlu', expected one of \[perplexity, problems, humaneval\]"),
                                                ("humaneval.samples=3", "temperature 0"),
-                                               ("+humaneval.bogus=1", "humaneval.bogus")])
+                                               ("+humaneval.bogus=1", r"^humaneval.bogus: unknown key")])
 def test_bad_settings_are_refused(checkpoints, tmp_path, override, message):
     task = [] if override.startswith("task=") else ["task=humaneval"]
     with pytest.raises(ConfigError, match=message):

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from nemo_plugins.config.build import build
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat_prompts import ChatPrompts
 from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.errors import ConfigError, DataError, typed
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.rl.grpo import (
     STEP_METRICS,
     FilteredPrompts,
@@ -28,7 +29,6 @@ from nemo_plugins.rl.grpo import (
 )
 from nemo_plugins.rl.online_stage import StepMetrics
 from nemo_plugins.rl.rollouts import sample_groups
-from nemo_plugins.rl.sft_kd import SFTStage
 from nemo_plugins.train.metrics import MetricsLog
 from tests import distributed_worker, grpo_worker, test_odpo
 from tests.recipe_runs import interrupt_after_step, recipe_env, train_records
@@ -78,7 +78,7 @@ def _stage(steps: int, **changes) -> GRPOStage:
               "optimizer": {"lr": 0.01, "min_lr": 0.01, "weight_decay": 0.0, "warmup_fraction": 0.0},
               "sampling": {"group_size": 4, "max_new_tokens": 12, "loop": {"ngram": 2, "repeats": 3}},
               "eval_prompts": 24, "eval_temperature": 1.0, **changes}
-    return typed(GRPOStage, values, "stage.grpo")
+    return build(GRPOStage, values, "stage.grpo")
 
 
 def test_bad_settings_are_named():
@@ -97,35 +97,29 @@ def test_bad_settings_are_named():
 
 
 def test_the_paper_presets_compose():
-    from hydra import compose, initialize_config_dir
+    from tests.configs import composed
 
-    from recipes._entry import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        stem, general = (GRPOStage.from_config(compose("grpo", [f"stage@stage.grpo={name}"]).stage.grpo, "stage.grpo")
-                         for name in ("grpo_stem", "grpo_general"))
+    stem, general = (composed("grpo", f"stage@stage.grpo={name}", "dtype=bfloat16").stage.grpo
+                     for name in ("grpo_stem", "grpo_general"))
     assert (stem.name, general.name) == ("grpo_stem", "grpo_general")
     assert stem.sampling.max_new_tokens == 32768 and general.sampling.max_new_tokens == 81920
     assert general.sampling.group_size == stem.sampling.group_size == 16, "general inherits stem's settings"
-    assert stem.problem_filter.samples > 0 and general.train.precision == "bfloat16"
+    assert stem.problem_filter.samples > 0 and general.train.precision == "bfloat16", "the one dtype setting"
 
 
 def test_the_recipe_asks_the_problems_with_the_policys_sft_system_prompt(tmp_path):
     """Standalone as in the cascade: the reasoning SFT stage's system prompt goes first in every problem the policy
     reads (it was trained with it; the judge's messages stay the record's own), and ``stage.sft_kd.system_prompt=null``
     (a policy SFT'd without one) leaves the problems as they are."""
-    from hydra import compose, initialize_config_dir
     from transformers import AutoTokenizer
 
-    from recipes._entry import CONF_DIR
     from recipes.grpo import load_problems
+    from tests.configs import composed
 
     base = ["model=tiny", f"chat_data.cache_dir={tmp_path}", "chat_data.heldout_fraction=0.2",
             "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=20'], weight: 1.0}]"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        screened, plain = (compose("grpo", base + extra) for extra in ([], ["stage.sft_kd.system_prompt=null"]))
-        reasoning_sft = compose("sft", ["stage@stage.sft_kd=reasoning_sft"]).stage.sft_kd
-    system = SFTStage.from_config(reasoning_sft, "stage.sft_kd").system_prompt
+    screened, plain = (composed("grpo", *base, *extra) for extra in ([], ["stage.sft_kd.system_prompt=null"]))
+    system = composed("sft", "stage@stage.sft_kd=reasoning_sft").stage.sft_kd.system_prompt
     tokenizer = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
     asked, bare = (ChatPrompts(load_problems(cfg, tokenizer)[1], 0, Cursor(), 1).heldout(4) for cfg in (screened, plain))
     decode = AutoTokenizer.from_pretrained(tokenizer).decode

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from nemo_plugins.config.build import build
 from nemo_plugins.convert import megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
@@ -18,7 +19,7 @@ from nemo_plugins.data.chat_mix import build_chat_mix
 from nemo_plugins.data.chat_prompts import ChatPrompts
 from nemo_plugins.data.mix import Cursor, SourceSpec
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.generation.engine import Response
 from nemo_plugins.rl.odpo import (
     STEP_METRICS,
@@ -77,7 +78,7 @@ def test_tool_calls_are_the_injected_runs():
 def test_stage_settings_are_checked():
     train = {"seq_len": 64, "micro_batch_size": 1, "global_batch_size": 2, "train_tokens": 128}
     with pytest.raises(ConfigError, match="no room for a prompt"):
-        typed(ODPOStage, {"name": "odpo", "train": train, "optimizer": {}, "sampling": {"max_new_tokens": 64}}, "stage")
+        build(ODPOStage, {"name": "odpo", "train": train, "optimizer": {}, "sampling": {"max_new_tokens": 64}}, "stage")
     with pytest.raises(ConfigError, match="sampling.temperature must be > 0"):
         ODPOSampling(temperature=0.0)
     with pytest.raises(ConfigError, match="parallel.pp=2"):
@@ -159,7 +160,7 @@ def _stage(steps: int, **changes) -> ODPOStage:
               "sampling": {"max_new_tokens": 12, "tools": False, "truncation_is_loop": False,
                            "loop": {"ngram": 2, "repeats": 3}},
               "eval_prompts": 24, **changes}
-    return typed(ODPOStage, values, "stage.odpo")
+    return build(ODPOStage, values, "stage.odpo")
 
 
 @pytest.mark.slow

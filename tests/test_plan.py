@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nemo_plugins.cascade.launch import (
@@ -20,12 +19,13 @@ from nemo_plugins.cascade.launch import (
     container_storage,
     torchrun_command,
 )
+from nemo_plugins.cascade.plan import plan_from_config
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.loop import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from recipes._entry import CONF_DIR
-from recipes.cascade import build_plan
 from recipes.plan import main as plan_main
+from tests.configs import composed
 
 IMAGE = "nvcr.io#org/cascade:test"
 SLURM = dict(kind="slurm", nodes=2, gpus_per_node=8, runs_dir="/workspace/runs", cache_dir="/workspace/cache",
@@ -36,8 +36,7 @@ VALUES = {"output_dir": "/workspace/runs/ministral3", "data.cache_dir": "/somewh
 
 
 def _compose(*overrides):
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("cascade", overrides=list(overrides))
+    return composed("cascade", *overrides)
 
 
 def _dry_run(*overrides, image=IMAGE):
@@ -71,9 +70,9 @@ def test_sbatch_dry_run_prints_one_container_step_per_stage_writing_only_on_the_
         assert overrides[:1] == ["cascade=ministral3"]
         assert (f"until={stage}" in overrides) == (stage != stages[-1])
         cfg = _compose(*overrides)
-        build_plan(cfg)  # every command composes and validates
-        for key in ("output_dir", "data.cache_dir", "chat_data.cache_dir"):  # what the stage writes, on a mount
-            path = str(OmegaConf.select(cfg, key))
+        plan_from_config(cfg)  # every command composes and validates
+        for path in (cfg.output_dir, cfg.data.cache_dir, cfg.chat_data.cache_dir):  # what the stage writes, on a mount
+            key = path
             assert any(path.startswith(inside + "/") for inside in ("/workspace/runs", "/workspace/cache")), (key, path)
     assert "GiB/GPU" in done.stdout and "EXCEEDS" not in done.stdout
 
@@ -134,7 +133,6 @@ def test_storage_derives_container_paths_and_keeps_only_overrides_on_a_writable_
 @pytest.mark.parametrize("changes,message", [
     ({"runs_dir": "runs"}, "cluster.runs_dir='runs' must be an absolute path"),
     ({"host_cache_dir": None}, "cluster.host_cache_dir=None must be an absolute path"),
-    ({"container_image": None}, "export CASCADE_IMAGE="),
     ({"mounts": ["/lustre/data"]}, "cluster.mounts entry '/lustre/data'"),
     ({"nodes": 0}, "cluster.nodes=0 must be >= 1"),
     ({"kind": "local", "nodes": 2}, "cluster.nodes=2 with cluster.kind=local"),
@@ -142,6 +140,13 @@ def test_storage_derives_container_paths_and_keeps_only_overrides_on_a_writable_
 def test_cluster_config_names_the_key_to_fix(changes, message):
     with pytest.raises(ConfigError, match=message):
         ClusterConfig(**{**SLURM, **changes})
+
+
+def test_a_job_needs_its_container_image(monkeypatch):
+    """Checked when the job is planned (the stages run inside the image, where the variable need not be set)."""
+    monkeypatch.delenv("CASCADE_IMAGE", raising=False)
+    with pytest.raises(ConfigError, match="cluster.container_image is not set: export CASCADE_IMAGE="):
+        check_image(ClusterConfig(**{**SLURM, "container_image": None}))
 
 
 def test_the_job_and_the_config_must_agree(monkeypatch):

@@ -1,7 +1,6 @@
 """Reasoning online DPO: the preset is the ODPO stage with the thinking stripped for the judge only; the policy's
 log-prob rows keep every thinking token as a target."""
 
-from hydra import compose, initialize_config_dir
 
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
@@ -9,12 +8,11 @@ from nemo_plugins.data.chat_prompts import Prompt
 from nemo_plugins.generation.engine import Response
 from nemo_plugins.rl.logprobs import sample_rows
 from nemo_plugins.rl.odpo import ODPOStage, Pair, _row_samples, judged
-from recipes._entry import CONF_DIR
+from tests.configs import composed
 
 
 def _stage(name: str) -> ODPOStage:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return ODPOStage.from_config(compose("odpo", [f"stage@stage.odpo={name}"]).stage.odpo, "stage.odpo")
+    return composed("odpo", f"stage@stage.odpo={name}").stage.odpo
 
 
 class RecordingJudge:

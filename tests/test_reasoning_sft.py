@@ -2,14 +2,13 @@
 dropped records counted per filter and reason, the kept ones rendered as a naive reference renders them; the stage
 config composes and names its bad keys; the recipe trains on think-block data and reports the filter counts."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
@@ -21,6 +20,7 @@ from nemo_plugins.errors import ConfigError
 from nemo_plugins.rl.filters import FilterSettings
 from nemo_plugins.rl.sft_kd import SFTScreen, SFTStage, check_screen
 from nemo_plugins.train.metrics import MetricsLog
+from tests.configs import composed
 from tests.conftest import save_tiny_teacher_and_student
 from tests.recipe_runs import recipe_env
 
@@ -89,8 +89,7 @@ def test_the_screen_drops_and_counts_and_the_rest_renders_with_the_system_prompt
     check_screen(stage, mix)
     with pytest.raises(ConfigError, match="rendered without stage 'reasoning_sft'"):
         check_screen(stage, plain)
-    check_screen(SFTStage.from_config(OmegaConf.merge(_stage([])[1].stage.sft_kd, {"system_prompt": None, "filters": None}),
-                                      "stage.sft_kd"), plain)
+    check_screen(dataclasses.replace(_stage([])[0], system_prompt=None, filters=None), plain)
 
 
 def test_the_system_prompt_goes_before_a_system_message_already_there():
@@ -102,9 +101,8 @@ def test_the_system_prompt_goes_before_a_system_message_already_there():
 
 
 def _stage(overrides: list[str]) -> SFTStage:
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose("sft", overrides=["stage@stage.sft_kd=reasoning_sft", "data@chat_data=reasoning_demo", *overrides])
-    return SFTStage.from_config(cfg.stage.sft_kd, "stage.sft_kd"), cfg
+    cfg = composed("sft", "stage@stage.sft_kd=reasoning_sft", "data@chat_data=reasoning_demo", *overrides)
+    return cfg.stage.sft_kd, cfg
 
 
 def test_the_reasoning_stage_composes_with_its_data_and_names_bad_keys():
@@ -112,8 +110,7 @@ def test_the_reasoning_stage_composes_with_its_data_and_names_bad_keys():
     assert stage.name == "reasoning_sft" and stage.kl.ce_weight == 1.0 and stage.filters == FilterSettings()
     assert stage.data_screen() == SFTScreen(stage.system_prompt, FilterSettings())
     assert [s.name for s in cfg.chat_data.sources] == ["reasoning_math", "reasoning_code", "reasoning_rubric"]
-    assert SFTStage.from_config(OmegaConf.merge(cfg.stage.sft_kd, {"system_prompt": None, "filters": None}),
-                                "stage.sft_kd").data_screen() is None
+    assert dataclasses.replace(stage, system_prompt=None, filters=None).data_screen() is None
     with pytest.raises(ConfigError, match="filters.max_repetition"):
         _stage(["stage.sft_kd.filters.max_repetition=2"])
     with pytest.raises(ConfigError, match="stage.sft_kd.filters.bogus"):

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 
 from nemo_plugins.convert.sources import ModelSource, tokenizer_dir
 from nemo_plugins.data.mix import SourceSpec, build_mix
@@ -28,7 +27,7 @@ from nemo_plugins.data.token_store import (
 )
 from nemo_plugins.data.tokenizer import load_tokenizer
 from nemo_plugins.errors import ConfigError, DataError
-from recipes._entry import CONF_DIR
+from tests.configs import composed
 
 SMOLLM2 = "embedded:smollm2"
 
@@ -147,15 +146,14 @@ def test_a_missing_prebuilt_store_names_the_command(tmp_path, tokenizer):
 
 
 def _cascade_config(*overrides):
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("cascade", overrides=list(overrides))
+    return composed("cascade", *overrides)
 
 
 def test_ministral3_prunes_on_the_user_corpus_and_requires_prebuilt_stores():
     from omegaconf import OmegaConf
 
     cfg = _cascade_config("cascade=ministral3")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     assert "stdlib:" not in json.dumps(resolved), "the preset reads only the user's data"
     assert resolved["stage"]["distill_long"]["long_eval"]["paths"] == resolved["stage"]["prune"]["eval"]["paths"]
     calibration = set(resolved["stage"]["prune"]["calibration"]["paths"])
@@ -242,9 +240,7 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
     """``recipes.sft stage@stage.sft_kd=reasoning_sft chat_data.require_prebuilt=true`` opens the files rendered
     with the stage's filters and system prompt: the command it prints keeps the overrides that decide the screen,
     and that command renders exactly those files (and the cascade's reasoning mixes with reasoning=true)."""
-    from nemo_plugins.rl.sft_kd import SFTStage
-    from recipes._chat_data import load_chat_data
-    from recipes.tokenize import data_overrides
+    from nemo_plugins.data.from_config import data_overrides, load_chat_data
     from recipes.tokenize import run as tokenize
 
     small = ["data@chat_data=reasoning_demo", f"chat_data.cache_dir={tmp_path / 'chat'}",
@@ -254,11 +250,10 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
         == [*small, *screen]
     corpus = make_corpus(tmp_path / "corpus")
     text = [f"data.sources=[{{name: c, paths: ['{corpus / 'a.jsonl'}'], weight: 1.0}}]", f"data.cache_dir={tmp_path / 'tok'}"]
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        built = tokenize(compose("tokenize", overrides=["model.source=embedded:smollm2", *small, *screen, *text,
-                                                        "chat=true", "posttrain=false"]))
-        sft = compose("sft", overrides=[*small, *screen, "chat_data.require_prebuilt=true"])
-    stage = SFTStage.from_config(sft.stage.sft_kd, "stage.sft_kd")
+    built = tokenize(composed("tokenize", "model.source=embedded:smollm2", *small, *screen, *text, "chat=true",
+                              "posttrain=false"))
+    sft = composed("sft", *small, *screen, "chat_data.require_prebuilt=true")
+    stage = sft.stage.sft_kd
     _, chat = load_chat_data(sft, tokenizer_dir(ModelSource.parse("embedded:smollm2")), stage.data_screen())
     assert str(chat.sources[0].data.file.prefix) == built["chat_data:reasoning_math"]["prefix"]
     assert chat.sources[0].data.file.metadata["screen"] == stage.data_screen().fingerprint()
@@ -266,11 +261,9 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
     reasoning = [f"reasoning_data.cache_dir={tmp_path / 'r'}", f"problem_data.cache_dir={tmp_path / 'r'}",
                  *(f"{g}.sources=[{{name: reasoning_math, paths: ['builtin:reasoning_math?count=40'], weight: 1.0}}]"
                    for g in ("reasoning_data", "problem_data"))]
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("tokenize", overrides=["model.source=embedded:smollm2", *text, *reasoning, "chat=false",
-                                             "reasoning=true"])
+    cfg = composed("tokenize", "model.source=embedded:smollm2", *text, *reasoning, "chat=false", "reasoning=true")
     built = tokenize(cfg)
-    stage = SFTStage.from_config(cfg.stage.reasoning_sft, "stage.reasoning_sft")
+    stage = cfg.stage.reasoning_sft
     screens = {group: json.loads(Path(built[f"{group}:reasoning_math"]["prefix"] + ".json").read_text()).get("screen")
                for group in ("reasoning_data", "problem_data")}
     assert screens == {"reasoning_data": stage.data_screen().fingerprint(),
@@ -281,9 +274,7 @@ def _tokenize_interleaved(tmp_path, *overrides: str) -> dict:
     from recipes.tokenize import run as tokenize
 
     captions = "data.sources=[{name: captions, kind: interleaved, paths: ['builtin:captions?count=4&size=56'], weight: 1.0}]"
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return tokenize(compose("tokenize", overrides=[captions, f"data.cache_dir={tmp_path / 'tok'}", "posttrain=false",
-                                                       *overrides]))
+    return tokenize(composed("tokenize", captions, f"data.cache_dir={tmp_path / 'tok'}", "posttrain=false", *overrides))
 
 
 def test_interleaved_sources_need_a_vision_parent_and_a_valid_max_image_side(tmp_path):
@@ -292,6 +283,6 @@ def test_interleaved_sources_need_a_vision_parent_and_a_valid_max_image_side(tmp
     with pytest.raises(ConfigError, match=r"'captions' is interleaved \(images\) but the model has no vision part"):
         _tokenize_interleaved(tmp_path, "model.source=embedded:smollm2")
     for bad in ("0", "-5", "big"):
-        with pytest.raises(ConfigError, match=rf"data.max_image_side={bad}|data.max_image_side='{bad}'"):
+        with pytest.raises(ConfigError, match=rf"data.max_image_side={bad} must be a positive|data.max_image_side: Value '{bad}'"):
             _tokenize_interleaved(tmp_path, "model.source=embedded:smollm2", f"data.max_image_side={bad}")
     assert not (tmp_path / "tok").exists()

@@ -13,27 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from nemo_plugins.cascade.plan import plan_from_config
 from nemo_plugins.cascade.runner import CascadeInputs, run_cascade, sft_child
 from nemo_plugins.convert.sources import ModelSource, hf_dir
-from nemo_plugins.data.mix import Cursor, build_mix, source_specs
+from nemo_plugins.data.from_config import load_chat_data
+from nemo_plugins.data.mix import Cursor, build_mix
 from nemo_plugins.data.tokenizer import load_tokenizer
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.errors import typed
 from nemo_plugins.manifest import read_json
 from nemo_plugins.model.config import MistralConfig
-from nemo_plugins.prune.pipeline import PruneOptions
-from nemo_plugins.prune.stage import CalibrationData, PruneEval
 from nemo_plugins.vision.checkpoint import image_inputs, load_vision_language_model, source_vision
 from nemo_plugins.vision.config import IMAGE_TOKENS
 from nemo_plugins.vision.projector import build_projector
-from recipes._chat_data import load_chat_data
-from recipes._entry import CONF_DIR
-from recipes.cascade import build_plan
 from recipes.tokenize import run as tokenize
+from tests.configs import composed
 from tests.conftest import tiny_config
 from tests.test_mistral3_source import VISION
 from tests.test_vision import TOKEN_PIXELS, our_logits, transformers_logits
@@ -78,27 +74,25 @@ def mistral3_parent(path: Path, text: MistralConfig) -> Path:
 
 def cascade_inputs(cfg) -> tuple:
     """The recipe's inputs (``recipes/cascade.py``), the mix built with the parent's image settings."""
-    plan = build_plan(cfg)
+    plan = plan_from_config(cfg)
     parent = ModelSource.parse(cfg.model.source)
     tok_dir = hf_dir(parent)
     tokenizer = load_tokenizer(tok_dir)
     stage = cfg.stage.prune
-    mix = build_mix(tokenizer, source_specs(cfg.data.sources), cfg.data.cache_dir, cfg.data.heldout_fraction,
+    mix = build_mix(tokenizer, cfg.data.sources, cfg.data.cache_dir, cfg.data.heldout_fraction,
                     images=image_inputs(parent))
     inputs = CascadeInputs(parent=parent, mix=mix, tokenizer=tokenizer, tokenizer_dir=tok_dir,
-                           prune_options=typed(PruneOptions, stage.options, "stage.prune.options"),
-                           calibration=typed(CalibrationData, stage.calibration, "stage.prune.calibration"),
-                           prune_eval=typed(PruneEval, stage.eval, "stage.prune.eval"), out_dir=Path(cfg.output_dir),
+                           prune_options=stage.options, calibration=stage.calibration, prune_eval=stage.eval,
+                           out_dir=Path(cfg.output_dir),
                            dtype=torch.float32, sample_prompt=cfg.report.sample_prompt,
                            sample_tokens=cfg.report.sample_tokens, seed=plan.short.train.seed,
-                           resolved_config=OmegaConf.to_yaml(cfg, resolve=True))
+                           resolved_config=OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return inputs, plan
 
 
 def compose_tiny(parent: Path, out_dir: Path, *extra: str):
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("cascade", overrides=[*BASE, f"model.source=hf:{parent}", f"output_dir={out_dir}",
-                                             f"data.cache_dir={out_dir / 'cache'}", *extra])
+    return composed("cascade", *BASE, f"model.source=hf:{parent}", f"output_dir={out_dir}",
+                    f"data.cache_dir={out_dir / 'cache'}", *extra)
 
 
 def image_prompt(vision):
@@ -164,8 +158,7 @@ def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenise
     cascade's mix opens them (it may not build any), and the first child's distill_short reads image rows."""
     overrides = [*BASE, f"model.source=hf:{multimodal_parent}", f"data.cache_dir={tmp_path / 'tokens'}",
                  "data.heldout_fraction=0.1"]  # a held-out row of the captions
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        built = tokenize(compose("tokenize", overrides=overrides))
+    built = tokenize(composed("tokenize", *overrides))
     assert built["captions"]["images"] == 64 and Path(built["captions"]["prefix"] + ".images.json").is_file()
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CASCADE_CACHE_DIR": str(tmp_path)}

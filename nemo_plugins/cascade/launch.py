@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import PurePosixPath
-from typing import Literal
 
 from nemo_plugins.errors import ConfigError
 
@@ -37,11 +37,16 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 STORAGE_KEYS = ("output_dir", "data.cache_dir", "chat_data.cache_dir")
 
 
-@dataclass(frozen=True)
+class ClusterKind(StrEnum):
+    local = "local"
+    slurm = "slurm"
+
+
+@dataclass
 class ClusterConfig:
     """``conf/cluster/*.yaml``. ``local``: this machine, torchrun standalone. ``slurm``: pyxis containers."""
 
-    kind: Literal["local", "slurm"] = "local"
+    kind: ClusterKind = ClusterKind.local
     nodes: int = 1
     gpus_per_node: int = 1
     gpu_memory_gib: float = 80.0
@@ -69,9 +74,6 @@ class ClusterConfig:
             if not value or not value.startswith("/"):
                 raise ConfigError(f"cluster.{key}={value!r} must be an absolute path: on slurm every output and cache "
                                   "lives on a shared host directory mounted into the container")
-        if not self.container_image:
-            raise ConfigError(f"cluster.container_image is not set: export {IMAGE_ENV}=<the image built from "
-                              "./Dockerfile> (an enroot URI such as nvcr.io#org/cascade:tag, or a .sqsh path)")
         for mount in self.mounts:
             parts = mount.split(":")
             if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]):
@@ -125,7 +127,11 @@ def container_storage(cluster: ClusterConfig, values: dict[str, str], overridden
 
 def check_image(cluster: ClusterConfig) -> None:
     """The planning step runs in ``$CASCADE_IMAGE``; a config naming another image would plan in one and train in
-    the other."""
+    the other. (Checked when a job is planned, not in the config: the stages run inside the image, where the
+    variable need not be set.)"""
+    if not cluster.container_image:
+        raise ConfigError(f"cluster.container_image is not set: export {IMAGE_ENV}=<the image built from "
+                          "./Dockerfile> (an enroot URI such as nvcr.io#org/cascade:tag, or a .sqsh path)")
     planned = os.environ.get(IMAGE_ENV)
     if planned and planned != cluster.container_image:
         raise ConfigError(f"cluster.container_image={cluster.container_image} but the job planned in {IMAGE_ENV}="

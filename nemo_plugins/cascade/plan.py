@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from nemo_plugins.config.build import build
 from nemo_plugins.convert.sources import ModelSource
 from nemo_plugins.distill.stage import DistillStage
 from nemo_plugins.distributed import ParallelConfig
@@ -34,6 +36,9 @@ from nemo_plugins.rl.odpo import ODPOStage
 from nemo_plugins.rl.online_stage import check_sampling_layout
 from nemo_plugins.rl.pwrm import PWRMStage
 from nemo_plugins.rl.sft_kd import SFTStage
+
+if TYPE_CHECKING:
+    from nemo_plugins.config.schemas import CascadeConfig
 
 BASE_STAGES = ("prune", "distill_short", "distill_long")
 POSTTRAIN_STAGES = ("sft_kd", "pwrm", "odpo")
@@ -50,7 +55,7 @@ PWRM_INITS = ("first_child", "parent")
 ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init", "odpo_labels", "odpo_beta_rescale", "odpo_loop_as_loser")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ChildSpec:
     name: str
     num_layers: int
@@ -198,3 +203,52 @@ def parse_until(text: str | None) -> tuple[str, str] | None:
     if not sep:
         raise ConfigError(f"until={text!r} must look like <child>/<stage>, stage one of {', '.join(STAGES)}")
     return child, stage
+
+
+def plan_from_config(cfg: CascadeConfig) -> CascadePlan:
+    """The plan of a typed cascade config (``conf/cascade.yaml``), checked before any model or data is touched;
+    the stages of a branch that is off stay None."""
+    posttrain, reasoning = cfg.posttrain, cfg.reasoning
+    stages = cfg.stage
+    if (posttrain or reasoning) and cfg.pairs.sample_from:
+        raise ConfigError(f"pairs.sample_from={cfg.pairs.sample_from}: in the cascade the pair answers come from the "
+                          "first child's SFT model; set pwrm_pairs_from_policy=true and pairs.sample_from=null")
+    layouts = {name: build(ParallelConfig, {**dataclasses.asdict(cfg.parallel), **layout},
+                           f"cascade.stage_parallel.{name}")
+               for name, layout in cfg.cascade.stage_parallel.items()}
+    branch = {}
+    if posttrain:
+        branch.update(sft=scale_tokens(stages.sft_kd, cfg.token_scale), odpo=stages.odpo)
+    if reasoning:
+        check_reasoning_data(cfg, posttrain)
+        branch.update(reasoning_sft=scale_tokens(stages.reasoning_sft, cfg.token_scale), grpo_stem=stages.grpo_stem,
+                      grpo_general=stages.grpo_general, odpo_reasoning=stages.odpo_reasoning,
+                      grpo_stem_sources=tuple(cfg.grpo_stem_sources), rubric_judge=cfg.rubric_judge)
+    return CascadePlan(
+        children=list(cfg.cascade.children),
+        short=scale_tokens(stages.distill_short, cfg.token_scale),
+        long=scale_tokens(stages.distill_long, cfg.token_scale),
+        parallel=cfg.parallel,
+        stage_parallel=layouts,
+        until=parse_until(cfg.until),
+        ablations=tuple(cfg.ablations),
+        pwrm=stages.pwrm if posttrain or reasoning else None,
+        pwrm_init=cfg.pwrm_init,
+        pwrm_pairs_from_policy=cfg.pwrm_pairs_from_policy,
+        **branch,
+    )
+
+
+def check_reasoning_data(cfg: CascadeConfig, posttrain: bool) -> None:
+    """The STEM sources are problem sources, and every chat mix the run reads renders in one format (the runner
+    samples and trains every branch with one chat format)."""
+    problem_sources = [s.name for s in cfg.problem_data.sources]
+    unknown = sorted(set(cfg.grpo_stem_sources) - set(problem_sources))
+    if unknown:
+        raise ConfigError(f"grpo_stem_sources names {unknown}, which are not sources of problem_data "
+                          f"({', '.join(problem_sources)})")
+    groups = ["reasoning_data", "problem_data"] + (["chat_data"] if posttrain else [])
+    formats = {group: getattr(cfg, group).format for group in groups}
+    if len(set(formats.values())) > 1:
+        raise ConfigError(f"the chat mixes render in different formats ({formats}): give them one format (e.g. "
+                          + " ".join(f"{group}.format={formats[groups[-1]]}" for group in groups[:-1]) + ")")

@@ -27,7 +27,7 @@ import torch
 
 from nemo_plugins.data.interleaved import ImageIndex, ImageInputs, interleaved_file, text_target_mask
 from nemo_plugins.data.token_store import TokenFile, tokenize_to_file
-from nemo_plugins.errors import ConfigError, DataError, typed
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.manifest import changed_keys, describe_changes, read_json
 
 
@@ -60,7 +60,7 @@ class MixSource:
     images: ImageIndex | None = None  # an interleaved source's images
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourceSpec:
     """One corpus of the mix: files / directories / jsonl (``stdlib:`` = this Python's standard library);
     ``kind: interleaved`` for image-text JSONL (``data/interleaved.py``)."""
@@ -73,14 +73,6 @@ class SourceSpec:
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"data source {self.name!r}: kind={self.kind!r} must be one of {SOURCE_KINDS}")
-
-
-def source_specs(node) -> list[SourceSpec]:
-    """The ``sources`` list of a data config (``data.sources`` / ``chat_data.sources``), typed."""
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(node, resolve=True) if not isinstance(node, list) else node
-    return [typed(SourceSpec, s, f"data.sources[{i}]") for i, s in enumerate(values)]
 
 
 def cursor_from_manifest(path: str | None, identity: dict, key: str = "cursor") -> Cursor:

@@ -604,7 +604,7 @@ def pair_stats(pairs: Sequence[Pair]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ model samples
-@dataclass(frozen=True)
+@dataclass
 class PairSampling:
     """How the sampling model answers each prompt: ``samples`` answers at ``temperature``, ``max_new_tokens`` each."""
 

@@ -11,7 +11,7 @@ from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig, YarnScaling
 
 
-@dataclass(frozen=True)
+@dataclass
 class ContextExtension:
     """``original_context`` (the short stage's length) x ``yarn_factor`` = the new maximum context."""
 

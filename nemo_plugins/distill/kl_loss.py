@@ -32,7 +32,7 @@ import torch.distributed as dist
 from nemo_plugins.errors import ConfigError
 
 
-@dataclass(frozen=True)
+@dataclass
 class KLOptions:
     temperature: float = 1.0
     ce_weight: float = 0.0

@@ -25,7 +25,7 @@ from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distill.step import train_with_distillation
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig
-from nemo_plugins.errors import ConfigError, typed_stage
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.eval.long_context import (
     heldout_windows,
     model_multiple,
@@ -43,7 +43,7 @@ from nemo_plugins.vision.checkpoint import load_source_model
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LongContextEval:
     """Perplexity by position on ``windows`` windows of the stage's seq_len from the text of ``paths``, and passkey
     retrieval at the ``passkey_lengths`` up to seq_len.
@@ -62,7 +62,7 @@ class LongContextEval:
     passkey_samples: int = 4
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistillStage:
     name: str
     train: TrainSettings
@@ -71,13 +71,10 @@ class DistillStage:
     context: ContextExtension | None = None
     long_eval: LongContextEval | None = None
 
-    @classmethod
-    def from_config(cls, node, key: str) -> "DistillStage":
-        stage = typed_stage(cls, node, key)
-        if stage.context is not None and stage.train.seq_len > stage.context.max_context:
-            raise ConfigError(f"{key}.train.seq_len={stage.train.seq_len} exceeds the extended context "
-                              f"{stage.context.max_context} (original_context x yarn_factor)")
-        return stage
+    def __post_init__(self) -> None:
+        if self.context is not None and self.train.seq_len > self.context.max_context:
+            raise ConfigError(f"stage.{self.name}.train.seq_len={self.train.seq_len} exceeds the extended context "
+                              f"{self.context.max_context} (original_context x yarn_factor)")
 
 
 def student_config(stage: DistillStage, source: ModelSource) -> MistralConfig:

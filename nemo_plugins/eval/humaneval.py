@@ -29,7 +29,7 @@ from nemo_plugins.sandbox import SandboxLimits
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
-@dataclass(frozen=True)
+@dataclass
 class HumanEvalSettings(PassAtKSampling):
     """``limit``: the first problems only (None: all 164); the sandbox limits of one completion's run."""
 

@@ -33,7 +33,7 @@ from nemo_plugins.rl.rollouts import response_text, sample_groups, tool_hook
 from nemo_plugins.sandbox import SandboxLimits
 
 
-@dataclass(frozen=True)
+@dataclass
 class PassAtKSampling:
     """How the answers are sampled: ``samples`` per problem at ``temperature`` (0 = greedy, one sample), up to
     ``max_new_tokens`` each; pass@k reported for each k of ``ks``."""
@@ -73,7 +73,7 @@ def pass_at_k(solved: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str, 
     return {f"pass@{k}": float(np.mean(estimate_pass_at_k(counts, correct, k))) for k in ks}
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProblemsSettings(PassAtKSampling):
     """The held-out problems of a chat-data config: how many, the context they are sampled in, what solves one;
     ``tools``: offer the default tools (sandboxed with ``sandbox``) and run the calls, as GRPO may."""

@@ -22,7 +22,7 @@ REPEATED_NGRAM = "repeated_ngram"
 NO_STOP = "no_stop"
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoopConfig:
     """``ngram`` tokens seen ``repeats`` times is a loop; ``stop_on_loop`` ends generation there ("loop")."""
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from nemo_plugins.errors import ConfigError, typed
+from nemo_plugins.errors import ConfigError
 
 
 @dataclass
@@ -138,12 +138,11 @@ class MistralConfig:
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], key: str = "model.architecture") -> "MistralConfig":
-        """Build from a plain mapping (Hydra node, manifest JSON); unknown keys are an error naming them."""
-        values = dict(values)
-        scaling = values.get("rope_scaling")
-        if scaling is not None and not isinstance(scaling, YarnScaling):
-            values["rope_scaling"] = typed(YarnScaling, scaling, f"{key}.rope_scaling")
-        return typed(cls, values, key)
+        """Build from a plain mapping (Hydra node, manifest JSON), validated by OmegaConf against the fields: an
+        unknown key or a value of the wrong type is a ConfigError naming ``key.<field>``."""
+        from nemo_plugins.config.build import build
+
+        return build(cls, values, key)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,16 +14,23 @@ the parent's final-norm weight into W put there (exactly, when no rotation mixed
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.shards import sum_over_slices
 from nemo_plugins.prune.state import ModelState
 
-TieMethod = Literal["output", "embedding_fit", "embedding", "mean"]
+
+class TieMethod(StrEnum):
+    """Which matrix a child that ties an untied parent's embeddings keeps (or how it fits them)."""
+
+    output = "output"
+    embedding_fit = "embedding_fit"
+    embedding = "embedding"
+    mean = "mean"
 
 
-def set_tied(state: ModelState, tied: bool, method: TieMethod = "output") -> ModelState:
+def set_tied(state: ModelState, tied: bool, method: TieMethod = TieMethod.output) -> ModelState:
     if tied == state.config.tie_embeddings:
         return state
     t = dict(state.tensors)
@@ -34,7 +41,8 @@ def set_tied(state: ModelState, tied: bool, method: TieMethod = "output") -> Mod
     if method == "embedding_fit":
         e, w = embedding.double(), output.double()
         # sums over the vocabulary: a TP slice holds some of its rows
-        scale = sum_over_slices((e * w).sum(0), state.slice) / sum_over_slices((e * e).sum(0), state.slice).clamp_min(1e-30)
+        scale = (sum_over_slices((e * w).sum(0), state.slice)
+                 / sum_over_slices((e * e).sum(0), state.slice).clamp_min(1e-30))
         t["model.norm.weight"] = (t["model.norm.weight"].double() * scale).to(t["model.norm.weight"].dtype)
         shared = embedding
     elif method == "embedding":

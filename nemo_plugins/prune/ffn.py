@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
 import torch
 
@@ -10,10 +10,15 @@ from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.shards import part, whole
 from nemo_plugins.prune.state import ModelState, layer_key
 
-FfnMethod = Literal["activation", "random"]
+
+class FfnMethod(StrEnum):
+    """How SwiGLU channels are chosen: by activation (the paper), or at random (ablation)."""
+
+    activation = "activation"
+    random = "random"
 
 
-def select_channels(scores: torch.Tensor, keep: int, method: FfnMethod = "activation", seed: int = 0) -> torch.Tensor:
+def select_channels(scores: torch.Tensor, keep: int, method: FfnMethod = FfnMethod.activation, seed: int = 0) -> torch.Tensor:
     """``[layers, keep]`` ascending channel indices per layer (``scores`` is ``[layers, ffn]``)."""
     layers, total = scores.shape
     if not 1 <= keep <= total:

@@ -4,9 +4,9 @@
    so that all norms become weightless; a weightless RMSNorm commutes with any rotation of its input,
    hence a full-rank rotation changes no logit.
 2. ``hidden_basis``: PCA of the second moment of the attention-norm and FFN-norm inputs of every block,
-   concatenated (summed moments), each token scaled to RMS 1 by default (see ``calibration``): on SmolLM2
-   -> hidden 384 that alone took held-out perplexity right after pruning from 660 to 180, because raw
-   moments are dominated by a few tokens with massive activations (99.7% "explained" yet badly pruned).
+   concatenated (summed moments), each token scaled to RMS 1 by default (see ``calibration``): raw moments
+   are dominated by the few tokens with massive activations, so a raw PCA "explains" nearly all of the energy
+   with directions that serve those tokens and prunes the rest badly.
    The PCA is **uncentred** by default: the network has no biases and RMSNorm
    does not subtract a mean, so the subspace that keeps the most of E[x x^T] (the energy the blocks actually
    see, mean included) is the one to keep; a centred PCA can discard a large mean direction. ``centred=True``
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
 
 import torch
 
@@ -32,8 +32,18 @@ from nemo_plugins.distributed import device
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.state import READS_RESIDUAL, WRITES_RESIDUAL, ModelState, layer_key
 
-HiddenMethod = Literal["pca", "magnitude"]
-NormCompensation = Literal["energy", "dim_ratio", "none"]
+
+class HiddenMethod(StrEnum):
+    """How the hidden size is cut: one PCA rotation (the paper), or Minitron-style channel slicing."""
+
+    pca = "pca"
+    magnitude = "magnitude"
+class NormCompensation(StrEnum):
+    """How the RMSNorm weights are rescaled after the hidden size is cut."""
+
+    energy = "energy"
+    dim_ratio = "dim_ratio"
+    none = "none"
 NORM_SITES = ("input_layernorm", "post_attention_layernorm")
 
 
@@ -42,7 +52,8 @@ def fold_norms(state: ModelState) -> ModelState:
     t = dict(state.tensors)
     config = state.config
     for layer in range(config.num_layers):
-        for norm, readers in (("input_layernorm", READS_RESIDUAL[:3]), ("post_attention_layernorm", READS_RESIDUAL[3:])):
+        sites = (("input_layernorm", READS_RESIDUAL[:3]), ("post_attention_layernorm", READS_RESIDUAL[3:]))
+        for norm, readers in sites:
             gamma = t[layer_key(layer, norm)]
             for reader in readers:
                 t[layer_key(layer, reader)] = t[layer_key(layer, reader)] * gamma[None, :]
@@ -65,7 +76,8 @@ class HiddenBasis:
         return torch.cumsum(self.importance, 0) / self.importance.sum()
 
 
-def hidden_basis(moment: torch.Tensor, mean: torch.Tensor | None = None, method: HiddenMethod = "pca", centred: bool = False) -> HiddenBasis:
+def hidden_basis(moment: torch.Tensor, mean: torch.Tensor | None = None, method: HiddenMethod = HiddenMethod.pca,
+                 centred: bool = False) -> HiddenBasis:
     """Basis of the residual stream from its (fp64) second moment E[x x^T] (and mean, for centred PCA)."""
     moment = moment.to(torch.float64)
     if method == "magnitude":
@@ -129,8 +141,10 @@ def rotate_hidden(folded: ModelState, basis_k: torch.Tensor, scales: dict[str, f
             t[layer_key(layer, writer)] = _matmul(basis_k.T, folded.tensors[layer_key(layer, writer)])
         for site in NORM_SITES:
             prefix = f"model.layers.{layer}.{site}"
-            t[f"{prefix}.weight"] = torch.full((k,), scales.get(prefix, 1.0), dtype=folded.tensors[f"{prefix}.weight"].dtype)
-    t["model.norm.weight"] = torch.full((k,), scales.get("model.norm", 1.0), dtype=folded.tensors["model.norm.weight"].dtype)
+            dtype = folded.tensors[f"{prefix}.weight"].dtype
+            t[f"{prefix}.weight"] = torch.full((k,), scales.get(prefix, 1.0), dtype=dtype)
+    dtype = folded.tensors["model.norm.weight"].dtype
+    t["model.norm.weight"] = torch.full((k,), scales.get("model.norm", 1.0), dtype=dtype)
     return folded.derive(config.replace(hidden_size=k), t)
 
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
 import torch
 
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.prune.state import ModelState
 
-LayerMethod = Literal["norm_ratio", "random", "drop_last"]
+
+class LayerMethod(StrEnum):
+    """How layers are chosen: by norm ratio (the paper), or the ablation baselines."""
+
+    norm_ratio = "norm_ratio"
+    random = "random"
+    drop_last = "drop_last"
 
 
-def select_layers(scores: torch.Tensor, keep: int, method: LayerMethod = "norm_ratio", seed: int = 0) -> list[int]:
+def select_layers(scores: torch.Tensor, keep: int, method: LayerMethod = LayerMethod.norm_ratio, seed: int = 0) -> list[int]:
     """Indices of the blocks to keep, ascending.
 
     ``norm_ratio`` keeps the blocks with the largest mean ||x_out|| / ||x_in|| (a block that leaves the

@@ -43,7 +43,7 @@ from nemo_plugins.prune.state import ModelState
 Calibrator = Callable[[ModelState, frozenset[str]], CalibrationStats]
 
 
-@dataclass(frozen=True)
+@dataclass
 class PruneTarget:
     """The child's shape; heads and head_dim are never pruned (Ministral 3 keeps 32 q / 8 kv heads)."""
 
@@ -61,14 +61,14 @@ class PruneTarget:
             raise ConfigError(f"prune.target.ffn_hidden_size={self.ffn_hidden_size} is not divisible by parallel.tp={tensor_parallel}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PruneOptions:
-    layer_method: LayerMethod = "norm_ratio"
-    hidden_method: HiddenMethod = "pca"
+    layer_method: LayerMethod = LayerMethod.norm_ratio
+    hidden_method: HiddenMethod = HiddenMethod.pca
     centred: bool = False
-    norm_compensation: NormCompensation = "energy"
-    ffn_method: FfnMethod = "activation"
-    tie_method: TieMethod = "output"
+    norm_compensation: NormCompensation = NormCompensation.energy
+    ffn_method: FfnMethod = FfnMethod.activation
+    tie_method: TieMethod = TieMethod.output
     recalibrate: bool = True
     seed: int = 0
 

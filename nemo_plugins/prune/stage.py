@@ -38,7 +38,7 @@ MEGATRON_DIR = "megatron"
 HF_DIR = "hf"
 
 
-@dataclass(frozen=True)
+@dataclass
 class CalibrationData:
     paths: list[str] = field(default_factory=lambda: ["stdlib:asyncio", "stdlib:email", "stdlib:http"])
     tokens: int = 8192
@@ -46,7 +46,7 @@ class CalibrationData:
     micro_batch_size: int = 4
 
 
-@dataclass(frozen=True)
+@dataclass
 class PruneEval:
     """Held-out perplexity of parent and child (paths disjoint from the calibration paths)."""
 

@@ -33,7 +33,7 @@ from nemo_plugins.errors import ConfigError, DataError
 TAU_BOUNDS = (1e-2, 1e2)  # a fit outside this range means the logits carry no usable signal
 
 
-@dataclass(frozen=True)
+@dataclass
 class CalibrationSettings:
     """``bins``: ECE / reliability bins; ``max_iterations``: L-BFGS iterations of the fit."""
 

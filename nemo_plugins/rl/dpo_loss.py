@@ -24,7 +24,7 @@ from nemo_plugins.errors import ConfigError
 BETA_RESCALES = ("none", "inv_beta")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DPOOptions:
     beta: float = 0.1
     beta_rescale: str = "inv_beta"

@@ -42,7 +42,7 @@ _CJK = frozenset({"CJK", "HIRAGANA", "KATAKANA", "IDEOGRAPHIC"})
 _NOT_A_SCRIPT = frozenset({"MATHEMATICAL", "MODIFIER", "SUPERSCRIPT", "SUBSCRIPT", "DOUBLE-STRUCK", "FULLWIDTH"})
 
 
-@dataclass(frozen=True)
+@dataclass
 class FilterSettings:
     """Which filters run and their thresholds; a threshold set to null turns its filter off."""
 

@@ -61,7 +61,7 @@ from nemo_plugins.data.mix import Cursor
 from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device, initialize
-from nemo_plugins.errors import ConfigError, DataError, typed_stage
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.generation.engine import Response, SamplingParams
 from nemo_plugins.generation.loops import LoopConfig
 from nemo_plugins.manifest import write_json_atomic, write_manifest
@@ -88,7 +88,7 @@ STEP_METRICS = "grpo_metrics.jsonl"
 FILTER_FILE = "problem_filter.json"
 
 
-@dataclass(frozen=True)
+@dataclass
 class GRPOSampling:
     """How the G responses per prompt are drawn."""
 
@@ -118,7 +118,7 @@ class GRPOSampling:
                               max_new_tokens=self.max_new_tokens, stop_token_ids=(stop_id,), seed=seed, loop=self.loop)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProblemFilter:
     """``samples`` responses per problem from the starting policy (0: no filtering); which verdicts drop it."""
 
@@ -132,7 +132,7 @@ class ProblemFilter:
                               f"from 'sometimes'), got {self.samples}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class GRPOStage:
     name: str
     train: TrainSettings  # global_batch_size: problems per step; micro_batch_size: groups (G rows each) per micro-batch
@@ -154,10 +154,6 @@ class GRPOStage:
         if self.eval_prompts < 1 or self.eval_temperature < 0:
             raise ConfigError(f"eval_prompts must be >= 1 and eval_temperature >= 0 (0: greedy), got "
                               f"{self.eval_prompts} and {self.eval_temperature}")
-
-    @classmethod
-    def from_config(cls, node, key: str) -> "GRPOStage":
-        return typed_stage(cls, node, key)
 
 
 # ----------------------------------------------------------------------------------------------- grading

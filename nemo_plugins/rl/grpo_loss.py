@@ -30,7 +30,7 @@ from nemo_plugins.errors import ConfigError
 STD_EPS = 1e-4  # added to a group's reward std before dividing: a near-constant group's advantages stay bounded
 
 
-@dataclass(frozen=True)
+@dataclass
 class GRPOLossOptions:
     eps_low: float = 0.2
     eps_high: float = 0.28

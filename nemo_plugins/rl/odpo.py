@@ -44,7 +44,7 @@ from nemo_plugins.data.thinking import strip_thinking
 from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device, initialize
-from nemo_plugins.errors import ConfigError, DataError, typed_stage
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.generation.engine import Response, SamplingParams
 from nemo_plugins.generation.loops import NO_STOP, LoopConfig
 from nemo_plugins.manifest import write_manifest
@@ -76,7 +76,7 @@ class Judge(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class ODPOSampling:
     """How the two responses per prompt are drawn, and what counts as looping."""
 
@@ -103,7 +103,7 @@ class ODPOSampling:
                               stop_token_ids=(stop_id,), seed=seed, loop=self.loop)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ODPOStage:
     name: str
     train: TrainSettings  # global_batch_size: prompts per step; micro_batch_size: pairs per micro-batch
@@ -119,10 +119,6 @@ class ODPOStage:
                               f"train.seq_len={self.train.seq_len}: raise seq_len or lower max_new_tokens")
         if self.eval_prompts < 1:
             raise ConfigError(f"eval_prompts must be >= 1, got {self.eval_prompts}")
-
-    @classmethod
-    def from_config(cls, node, key: str) -> "ODPOStage":
-        return typed_stage(cls, node, key)
 
 
 # ----------------------------------------------------------------------------------------------- sampling

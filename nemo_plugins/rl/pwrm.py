@@ -47,7 +47,7 @@ from nemo_plugins.data.tokenizer import same_tokenizer
 from nemo_plugins.distill.stage import prepare_stage
 from nemo_plugins.distill.step import mean_loss_schedule, require_per_token_loss, use_per_token_loss
 from nemo_plugins.distributed import ParallelConfig, device
-from nemo_plugins.errors import ConfigError, DataError, typed_stage
+from nemo_plugins.errors import ConfigError, DataError
 from nemo_plugins.manifest import read_json, write_manifest
 from nemo_plugins.parallel_ops import full_sequence, tp_group
 from nemo_plugins.rl.calibration import CalibrationSettings, calibrate, probabilities, reliability_plot, top_label
@@ -349,7 +349,7 @@ class PWRMStep:
                 for t, p, la, g in zip(*(x[mine].split(size) for x in (tokens, positions, last, targets)))]
 
 
-@dataclass(frozen=True)
+@dataclass
 class PWRMStage:
     name: str
     train: TrainSettings  # global_batch_size: rows (orderings) per step; keep it even so both orders share a step
@@ -360,10 +360,6 @@ class PWRMStage:
     def __post_init__(self) -> None:
         if self.score_micro_batch_size < 1:
             raise ConfigError(f"score_micro_batch_size must be >= 1, got {self.score_micro_batch_size}")
-
-    @classmethod
-    def from_config(cls, node, key: str) -> "PWRMStage":
-        return typed_stage(cls, node, key)
 
 
 def heldout_report(scores: BothOrders, pairs: Sequence[Pair], tau: float = 1.0) -> dict:

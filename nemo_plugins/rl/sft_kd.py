@@ -46,7 +46,7 @@ from nemo_plugins.distill.step import (
 )
 from nemo_plugins.distill.teacher import Teacher
 from nemo_plugins.distributed import ParallelConfig, initialize
-from nemo_plugins.errors import ConfigError, typed_stage
+from nemo_plugins.errors import ConfigError
 from nemo_plugins.eval.chat_samples import chat_samples
 from nemo_plugins.generation.torch_engine import generation_layout
 from nemo_plugins.manifest import write_manifest
@@ -61,7 +61,7 @@ from nemo_plugins.vision.checkpoint import load_source_model
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ChatSampleSettings:
     """Greedy answers to a few prompts, before and after the stage, for the report."""
 
@@ -74,7 +74,7 @@ class ChatSampleSettings:
             raise ConfigError(f"sample.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SFTStage:
     name: str
     train: TrainSettings
@@ -101,10 +101,6 @@ class SFTStage:
         """The screen of the prompts a model trained by this stage answers later (GRPO, online DPO): its system
         prompt, no filter (a problem is not a trace to judge)."""
         return None if self.system_prompt is None else SFTScreen(self.system_prompt, None)
-
-    @classmethod
-    def from_config(cls, node, key: str) -> "SFTStage":
-        return typed_stage(cls, node, key)
 
     def teacher_source(self, parent: ModelSource) -> ModelSource:
         return ModelSource.parse(self.teacher) if self.teacher else parent

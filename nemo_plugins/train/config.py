@@ -12,7 +12,7 @@ PRECISIONS = ("float32", "bfloat16")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 
 
-@dataclass(frozen=True)
+@dataclass
 class OptimizerSettings:
     """Adam with decoupled weight decay, global-norm clipping, warmup then cosine / linear / WSD decay."""
 
@@ -39,7 +39,7 @@ class OptimizerSettings:
             raise ConfigError("optimizer.clip_grad must be >= 0 (0 disables clipping)")
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainSettings:
     """How many tokens, in which batches, and how often to log / evaluate / checkpoint."""
 

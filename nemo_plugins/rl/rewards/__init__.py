@@ -32,7 +32,7 @@ class Rewards(Protocol):
     def __call__(self, items: Sequence[RewardItem]) -> list[float]: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class MathRewardSettings:
     """``format_weight`` w: reward = (1 - w) * correct + w * well_formed (a closed think block, then an answer
     line); 0 grades correctness alone."""
@@ -45,7 +45,7 @@ class MathRewardSettings:
                               "of the reward given to a well-formed response; 0 turns the format reward off")
 
 
-@dataclass(frozen=True)
+@dataclass
 class CodeRewardSettings:
     """The sandbox limits of one response's run (its program and all its tests: ``sandbox.SandboxLimits``), the
     alarm of each test (and of the program's own top level), and how many runs go at once (each is a process that
@@ -71,7 +71,7 @@ DEFAULT_JUDGE_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class RubricRewardSettings:
     """The judge's prompt (``{prompt}``, ``{response}`` and ``{item}`` are filled in), the two answer strings whose
     next-token logits are compared (their first token each), and the judge's micro-batch size."""
@@ -100,7 +100,7 @@ class RubricRewardSettings:
                               "integer")
 
 
-@dataclass(frozen=True)
+@dataclass
 class RewardSettings:
     """Each kind's settings (``rewards:`` in a stage config)."""
 
