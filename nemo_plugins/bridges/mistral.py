@@ -9,7 +9,6 @@ and lives in ``nemo_plugins.convert``.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping
 
 from nemo_plugins.bridges.param_mapping import ParamMapping
@@ -24,8 +23,10 @@ ARCHITECTURES = {
 }
 
 MAPPINGS: tuple[ParamMapping, ...] = (
-    ParamMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), split="column"),
-    ParamMapping("decoder.layers.{layer}.input_layernorm.weight", ("model.layers.{layer}.input_layernorm.weight",)),
+    ParamMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), (("vocab", "hidden"),),
+                 split="column"),
+    ParamMapping("decoder.layers.{layer}.input_layernorm.weight", ("model.layers.{layer}.input_layernorm.weight",),
+                 (("hidden",),)),
     ParamMapping(
         "decoder.layers.{layer}.self_attention.linear_qkv.weight",
         (
@@ -33,29 +34,26 @@ MAPPINGS: tuple[ParamMapping, ...] = (
             "model.layers.{layer}.self_attn.k_proj.weight",
             "model.layers.{layer}.self_attn.v_proj.weight",
         ),
+        (("q", "hidden"), ("kv", "hidden"), ("kv", "hidden")),
         fusion="qkv",
         split="column",
     ),
-    ParamMapping(
-        "decoder.layers.{layer}.self_attention.linear_proj.weight",
-        ("model.layers.{layer}.self_attn.o_proj.weight",),
-        split="row",
-    ),
-    ParamMapping(
-        "decoder.layers.{layer}.pre_mlp_layernorm.weight",
-        ("model.layers.{layer}.post_attention_layernorm.weight",),
-    ),
+    ParamMapping("decoder.layers.{layer}.self_attention.linear_proj.weight",
+                 ("model.layers.{layer}.self_attn.o_proj.weight",), (("hidden", "q"),), split="row"),
+    ParamMapping("decoder.layers.{layer}.pre_mlp_layernorm.weight",
+                 ("model.layers.{layer}.post_attention_layernorm.weight",), (("hidden",),)),
     ParamMapping(
         "decoder.layers.{layer}.mlp.linear_fc1.weight",
         ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
+        (("ffn", "hidden"), ("ffn", "hidden")),
         fusion="gated",
         split="column",
     ),
-    ParamMapping(
-        "decoder.layers.{layer}.mlp.linear_fc2.weight", ("model.layers.{layer}.mlp.down_proj.weight",), split="row"
-    ),
-    ParamMapping("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    ParamMapping("output_layer.weight", ("lm_head.weight",), split="column", untied_only=True),
+    ParamMapping("decoder.layers.{layer}.mlp.linear_fc2.weight", ("model.layers.{layer}.mlp.down_proj.weight",),
+                 (("hidden", "ffn"),), split="row"),
+    ParamMapping("decoder.final_layernorm.weight", ("model.norm.weight",), (("hidden",),)),
+    ParamMapping("output_layer.weight", ("lm_head.weight",), (("vocab", "hidden"),), split="column",
+                 untied_only=True),
 )
 
 # llama.cpp's names: whole-model tensors, and per block ``blk.<layer>.<name>.<weight|bias>``
@@ -197,22 +195,10 @@ class MistralBridge:
         """A CausalLM directory stores its tensors under their own names."""
         return stored
 
-    def hf_shape(self, name: str, config: MistralConfig) -> tuple[int, ...]:
-        """The shape an HF tensor of this name has under ``config``."""
-        h, d = config.hidden_size, config.head_dim
-        table = {
-            r"embed_tokens|lm_head": (config.vocab_size, h),
-            r"layernorm|model\.norm": (h,),
-            r"q_proj": (config.num_attention_heads * d, h),
-            r"[kv]_proj": (config.num_kv_heads * d, h),
-            r"o_proj": (h, config.num_attention_heads * d),
-            r"gate_proj|up_proj": (config.ffn_hidden_size, h),
-            r"down_proj": (h, config.ffn_hidden_size),
-        }
-        for pattern, shape in table.items():
-            if re.search(pattern, name):
-                return shape
-        raise KeyError(name)
+    def dims(self, config: MistralConfig) -> dict[str, int]:
+        """The sizes of the dimension names ``MAPPINGS`` gives its tensors' shapes in."""
+        return {"vocab": config.vocab_size, "hidden": config.hidden_size, "ffn": config.ffn_hidden_size,
+                "q": config.num_attention_heads * config.head_dim, "kv": config.num_kv_heads * config.head_dim}
 
     # ------------------------------------------------------------------------------------- GGUF
     def gguf_tensor_name(self, gguf_name: str) -> str:

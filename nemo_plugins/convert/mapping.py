@@ -14,6 +14,8 @@ ever needs a full tensor. Export is the inverse, one tensor at a time: ``unshard
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Mapping, Protocol
 
 import torch
@@ -30,6 +32,7 @@ TE_NAME_ALIASES = {
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
 EMBEDDING = "embedding.word_embeddings.weight"  # megatron's input embedding: on the first pipeline stage
+LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")  # the layer number in an HF name (``{layer}`` in a template)
 
 
 def active_mappings(config: MistralConfig) -> list[ParamMapping]:
@@ -141,9 +144,21 @@ def hf_names(mapping: ParamMapping, layer: int | None) -> list[str]:
     return [n.format(layer=layer) if mapping.per_layer else n for n in mapping.hf]
 
 
+@functools.cache
+def _rows_by_name(mappings: tuple[ParamMapping, ...]) -> dict[str, tuple[ParamMapping, int]]:
+    """HF name template -> (its row, its index among the row's HF tensors)."""
+    return {name: (mapping, index) for mapping in mappings for index, name in enumerate(mapping.hf)}
+
+
 def hf_shape(name: str, config: MistralConfig) -> tuple[int, ...]:
-    """The shape an HF tensor of this name has under ``config`` (its bridge knows the names)."""
-    return text_bridge(config.architecture).hf_shape(name, config)
+    """The shape an HF tensor of this name has under ``config``, as its bridge's table declares it."""
+    bridge = text_bridge(config.architecture)
+    found = _rows_by_name(bridge.mappings).get(LAYER_INDEX.sub("{layer}", name))
+    if found is None:
+        raise KeyError(name)
+    mapping, index = found
+    dims = bridge.dims(config)
+    return tuple(dims[dim] for dim in mapping.shapes[index])
 
 
 def hf_layout(config: MistralConfig) -> dict[str, tuple[ParamMapping, int | None, int]]:
