@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nemo_plugins import cpu_compat
+from nemo_plugins.config.build import build
 from nemo_plugins.convert.sources import ModelSource, load_model, tokenizer_dir
 from nemo_plugins.data.chat import load_chat_format
 from nemo_plugins.data.chat_mix import build_chat_mix
@@ -34,7 +35,6 @@ from nemo_plugins.data.chat_prompts import ChatPrompts
 from nemo_plugins.data.mix import Cursor, SourceSpec
 from nemo_plugins.data.pairwise import final_answer, read_pairs
 from nemo_plugins.distributed import ParallelConfig, initialize, shutdown
-from nemo_plugins.errors import typed
 from nemo_plugins.logs import setup_logging
 from nemo_plugins.rl.odpo import ODPOStage, loops, run_odpo_stage, sample_pairs
 from nemo_plugins.rl.pwrm import PWRMStage, load_judge, run_pwrm_stage
@@ -47,7 +47,7 @@ def finish_pwrm(previous: Path, out: Path) -> dict:
     record = json.loads((previous / "manifest.json").read_text())
     if not (out / "manifest.json").is_file():
         shutil.copytree(previous, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json", ".lock"))
-    stage = typed(PWRMStage, record["config"], "pwrm manifest config")
+    stage = build(PWRMStage, record["config"], "pwrm manifest config")
     source = ModelSource.parse(record["source"])
     pairs = read_pairs(Path(record["pair_data"]["file"]))
     cpu_compat.install()
@@ -60,13 +60,14 @@ def finish_pwrm(previous: Path, out: Path) -> dict:
 def odpo_stage(args: argparse.Namespace) -> ODPOStage:
     node = OmegaConf.load(CONF / "stage" / "odpo.yaml")
     seq_len = args.max_prompt_tokens + args.max_new_tokens
-    node.merge_with({"train": {"seq_len": seq_len, "global_batch_size": args.prompts_per_step, "micro_batch_size": 1,
+    node.merge_with({"train": {"precision": "float32", "seq_len": seq_len, "global_batch_size": args.prompts_per_step,
+                               "micro_batch_size": 1,
                                "train_tokens": seq_len * args.prompts_per_step * args.steps, "save_interval": 0},
                      "optimizer": {"lr": args.lr, "min_lr": args.lr, "warmup_fraction": 0.0, "decay_style": "constant"},
                      "sampling": {"max_new_tokens": args.max_new_tokens, "max_batch_size": 2 * args.prompts_per_step,
                                   "truncation_is_loop": args.truncation_is_loop},
                      "eval_prompts": args.eval_prompts})
-    return typed(ODPOStage, OmegaConf.to_container(node, resolve=True), "stage.odpo")
+    return build(ODPOStage, node, "stage.odpo")
 
 
 def properties(model: torch.nn.Module, prompts, stage: ODPOStage, chat_format) -> dict:

@@ -331,7 +331,7 @@ def test_a_cursor_from_another_data_mix_is_refused(tmp_path, mix):
     other["sources"]["b"] = other["sources"].pop("a")
     elsewhere = write_manifest(tmp_path / "elsewhere", {"cursor_end": {"offsets": {"b": 256}, "rows": {"b": 8}},
                                                         "fingerprint": {"data": other}})
-    with pytest.raises(ConfigError, match=r"cursor=.*elsewhere.* another data mix \(sources.a.key: '<absent>' -> 'k1'"):
+    with pytest.raises(DataError, match=r"cursor=.*elsewhere.* another data mix \(sources.a.key: '<absent>' -> 'k1'"):
         cursor_from_manifest(str(elsewhere), identity)
     unrecorded = write_manifest(tmp_path / "old", {"cursor_end": {"offsets": {"a": 256}, "rows": {"a": 8}}})
     with pytest.raises(ConfigError, match="records no data mix"):

@@ -142,10 +142,12 @@ def test_masked_tokens_do_not_count():
 
 MEMORY_SCRIPT = r"""
 import json, resource, sys, torch
+from nemo_plugins import cpu_compat
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.prune.calibration import calibrate
 from nemo_plugins.prune.megatron_calibrator import model_from_state
 from tests.test_prune import parent_state
+cpu_compat.install()
 initialize(ParallelConfig())
 state = parent_state(hidden_size=128, head_dim=32, ffn_hidden_size=256, num_layers=4)
 rows = int(sys.argv[1])

@@ -88,7 +88,7 @@ def cursor_from_manifest(path: str | None, identity: dict, key: str = "cursor") 
     recorded = manifest.get("fingerprint", {}).get("data")
     if recorded != identity:
         found = describe_changes(changed_keys(recorded or {}, identity)) if recorded else "it records no data mix"
-        raise ConfigError(f"{key}={path} was written for another data mix ({found}): a cursor continues only the mix "
+        raise DataError(f"{key}={path} was written for another data mix ({found}): a cursor continues only the mix "
                           f"that wrote it; use that stage's data settings, or leave {key} unset to start at the beginning")
     return Cursor.from_dict(manifest["cursor_end"])
 

@@ -214,13 +214,13 @@ def fused_kl_loss(
     [tokens] (global ids; only with ``ce_weight > 0``). The teacher receives no gradient.
     """
     if options.ce_weight > 0 and labels is None:
-        raise ConfigError("distill.ce_weight > 0 needs labels")
+        raise ValueError("kl.ce_weight > 0 needs labels")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if isinstance(teacher, torch.Tensor):
         teacher = DenseTeacher(teacher)
     if teacher.shape != (hidden.shape[0], weight.shape[0]):
-        raise ConfigError(
+        raise ValueError(
             f"teacher logits {teacher.shape} do not match student tokens x vocab shard "
             f"({hidden.shape[0]}, {weight.shape[0]}): teacher and student need the same vocabulary and TP layout"
         )

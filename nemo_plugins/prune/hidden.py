@@ -88,7 +88,7 @@ def hidden_basis(moment: torch.Tensor, mean: torch.Tensor | None = None, method:
         raise ConfigError(f"prune.hidden.method={method!r} is not one of pca, magnitude")
     if centred:
         if mean is None:
-            raise ConfigError("centred PCA needs the activation mean")
+            raise ValueError("centred PCA needs the activation mean")
         mean = mean.to(torch.float64)
         moment = moment - torch.outer(mean, mean)
     values, vectors = torch.linalg.eigh((moment + moment.T) / 2)
@@ -123,10 +123,10 @@ def rotate_hidden(folded: ModelState, basis_k: torch.Tensor, scales: dict[str, f
     """
     config = folded.config
     if config.tie_embeddings:
-        raise ConfigError("rotate_hidden needs a norm-folded (untied) model: call fold_norms first")
+        raise ValueError("rotate_hidden needs a norm-folded (untied) model: call fold_norms first")
     d, k = basis_k.shape
     if d != config.hidden_size:
-        raise ConfigError(f"basis has {d} rows but the model's hidden_size is {config.hidden_size}")
+        raise ValueError(f"basis has {d} rows but the model's hidden_size is {config.hidden_size}")
     if not 1 <= k <= d:
         raise ConfigError(f"target hidden_size={k} must be between 1 and the parent's {d}")
     scales = scales or {}

@@ -29,7 +29,7 @@ from nemo_plugins.convert.mapping import (
 from nemo_plugins.convert.model_io import load_hf_state
 from nemo_plugins.convert.sources import ModelSource, hf_dir, load_model, source_config
 from nemo_plugins.distributed import ParallelConfig, device
-from nemo_plugins.errors import ConfigError
+from nemo_plugins.errors import CheckpointError, ConfigError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.prune.state import ModelState, TensorSlice
 
@@ -96,7 +96,8 @@ def read_slice(source: ModelSource, parallel: ParallelConfig) -> ModelState:
     tensors = {}
     for name, (mapping, _, _) in hf_layout(config).items():
         if reader.shape(name) is None:
-            raise ConfigError(f"{source}: checkpoint is missing tensor {name!r} required by its config")
+            raise CheckpointError(f"{source}: checkpoint is missing tensor {name!r} required by its config: copy or convert "
+                                  "it again")
         (rows, cols), = hf_slices(mapping, [name], config, where.rank, where.size)
         tensors[name] = reader.read(name, rows, cols)
     return ModelState(config, tensors, where)
