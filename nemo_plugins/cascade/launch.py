@@ -66,8 +66,8 @@ class ClusterConfig:
                 raise ConfigError(f"cluster.{key}={getattr(self, key)} must be >= 1")
         if self.kind == "local":
             if self.nodes != 1:
-                raise ConfigError(f"cluster.nodes={self.nodes} with cluster.kind=local: one machine; use a slurm cluster "
-                                  "config (cluster=slurm_h100) for several nodes")
+                raise ConfigError(f"cluster.nodes={self.nodes} with cluster.kind=local: one machine; "
+                                  "use a slurm cluster config (cluster=slurm_h100) for several nodes")
             return
         for key in ("runs_dir", "cache_dir", "host_runs_dir", "host_cache_dir", "workdir"):
             value = getattr(self, key)
@@ -118,9 +118,10 @@ def container_storage(cluster: ClusterConfig, values: dict[str, str], overridden
     for key in STORAGE_KEYS:
         paths[key] = values[key] if key in overridden else defaults[key]
         if not any(_under(paths[key], root) for _, root, _ in writable):
-            raise ConfigError(f"{key}={paths[key]} is not under cluster.runs_dir={cluster.runs_dir} or cluster.cache_dir="
-                              f"{cluster.cache_dir} (the shared host directories mounted into the container): it "
-                              "would be written inside a throw-away container; drop the override or put it there")
+            raise ConfigError(f"{key}={paths[key]} is not under cluster.runs_dir={cluster.runs_dir} "
+                              f"or cluster.cache_dir={cluster.cache_dir} (the shared host directories mounted into "
+                              "the container): it would be written inside a throw-away container; "
+                              "drop the override or put it there")
     return ContainerStorage(writable + extra, tuple(f"{k}={v}" for k, v in paths.items()),
                             {"CASCADE_CACHE_DIR": cluster.cache_dir}, paths["output_dir"])
 
@@ -150,8 +151,8 @@ def check_torchrun(options: set[str] | None = None) -> None:
     if missing:
         import torch
 
-        raise ConfigError(f"torchrun of torch {torch.__version__} in this image lacks {', '.join(missing)} (torch >= 2.9): "
-                          "build the image from a newer NGC PyTorch base (Dockerfile FROM)")
+        raise ConfigError(f"torchrun of torch {torch.__version__} in this image lacks {', '.join(missing)} "
+                          "(torch >= 2.9): build the image from a newer NGC PyTorch base (Dockerfile FROM)")
 
 
 def container_flags(cluster: ClusterConfig, storage: ContainerStorage) -> list[str]:

@@ -52,7 +52,8 @@ REASONING_DIRS = {"reasoning_sft": "reasoning_sft", "grpo_stem": "reasoning_grpo
 SAMPLING_STAGES = {"odpo": "online DPO", "grpo_stem": "GRPO (STEM)", "grpo_general": "GRPO (General)",
                    "odpo_reasoning": "reasoning online DPO"}
 PWRM_INITS = ("first_child", "parent")
-ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init", "odpo_labels", "odpo_beta_rescale", "odpo_loop_as_loser")
+ABLATIONS = ("kl_ce_mix", "independent_pruning", "random_init", "odpo_labels", "odpo_beta_rescale",
+             "odpo_loop_as_loser")
 
 
 @dataclass
@@ -97,7 +98,8 @@ class CascadePlan:
             raise ConfigError(f"cascade.children names must be unique, got {names}")
         unknown = set(self.stage_parallel) - set(STAGES)
         if unknown:
-            raise ConfigError(f"cascade.stage_parallel has unknown stage(s) {sorted(unknown)}; allowed: {', '.join(STAGES)}")
+            raise ConfigError(f"cascade.stage_parallel has unknown stage(s) {sorted(unknown)}; "
+                              f"allowed: {', '.join(STAGES)}")
         if self.until is not None and self.until not in self.order():
             raise ConfigError(f"until={'/'.join(self.until)} is not a stage of this cascade; allowed: "
                               + ", ".join("/".join(s) for s in self.order()))
@@ -105,14 +107,16 @@ class CascadePlan:
         if bad:
             raise ConfigError(f"unknown ablation(s) {sorted(bad)}; allowed: {', '.join(ABLATIONS)}")
         if self.long.context is not None and self.long.context.original_context != self.short.train.seq_len:
-            raise ConfigError(f"stage.distill_long.context.original_context={self.long.context.original_context} must equal "
-                              f"stage.distill_short.train.seq_len={self.short.train.seq_len} (YaRN extends the short context)")
+            raise ConfigError(f"stage.distill_long.context.original_context={self.long.context.original_context} "
+                              f"must equal stage.distill_short.train.seq_len={self.short.train.seq_len} "
+                              "(YaRN extends the short context)")
         if self.odpo is None and any(a.startswith("odpo_") for a in self.ablations):
             raise ConfigError(f"ablations={list(self.ablations)}: the online-DPO ablations need posttrain=true")
         if (self.sft is None) != (self.odpo is None):
             raise ConfigError("the Instruct branch needs both stage.sft_kd and stage.odpo (posttrain=true) or neither")
         if (self.pwrm is None) != (self.odpo is None and self.odpo_reasoning is None):
-            raise ConfigError("stage.pwrm is needed exactly when a branch runs online DPO (posttrain=true or reasoning=true)")
+            raise ConfigError("stage.pwrm is needed exactly when a branch runs online DPO "
+                              "(posttrain=true or reasoning=true)")
         if self.pwrm_init not in PWRM_INITS:
             raise ConfigError(f"pwrm_init={self.pwrm_init!r}; allowed: {', '.join(PWRM_INITS)}")
         self._check_reasoning()
@@ -124,8 +128,8 @@ class CascadePlan:
                     raise ConfigError(f"{self.layout_key(stage)} (the layout of {stage}): {err}") from None
         if self.pwrm is not None:
             if self.layout("pwrm").cp > 1:
-                raise ConfigError(f"cascade.stage_parallel.pwrm.cp={self.layout('pwrm').cp}: the PWRM reads one position per "
-                                  "row, which context parallelism splits over ranks; set it to 1")
+                raise ConfigError(f"cascade.stage_parallel.pwrm.cp={self.layout('pwrm').cp}: the PWRM reads one "
+                                  "position per row, which context parallelism splits over ranks; set it to 1")
 
     def _check_reasoning(self) -> None:
         stages = (self.reasoning_sft, self.grpo_stem, self.grpo_general, self.odpo_reasoning)
@@ -182,8 +186,9 @@ class CascadePlan:
             config = previous.replace(num_layers=child.num_layers, hidden_size=child.hidden_size,
                                       ffn_hidden_size=child.ffn_hidden_size, tie_embeddings=child.tie_embeddings)
             if config.num_parameters() >= previous.num_parameters():
-                raise ConfigError(f"cascade child {child.name!r} has {config.num_parameters():,} parameters, not fewer "
-                                  f"than the model before it ({previous.num_parameters():,}): each child must be smaller")
+                raise ConfigError(f"cascade child {child.name!r} has {config.num_parameters():,} parameters, "
+                                  f"not fewer than the model before it ({previous.num_parameters():,}): "
+                                  "each child must be smaller")
             configs[child.name] = previous = config
         return configs
 

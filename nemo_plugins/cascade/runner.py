@@ -144,7 +144,8 @@ def _problems_read(plan: CascadePlan, stages: list[str], names: tuple[str, ...])
     """(problems, longest row) the stages among ``names`` read, one per prompt (a lower bound for a filtered
     GRPO stage: it screens more than it keeps)."""
     specs = [plan.training_stage(s) for s in stages if s in names]
-    return sum(s.train.steps * s.train.global_batch_size for s in specs), max((s.train.seq_len for s in specs), default=0)
+    problems = sum(s.train.steps * s.train.global_batch_size for s in specs)
+    return problems, max((s.train.seq_len for s in specs), default=0)
 
 
 def check_problem_budget(inputs: CascadeInputs, plan: CascadePlan, stages: list[str]) -> None:
@@ -167,9 +168,10 @@ def stem_problems(inputs: CascadeInputs, plan: CascadePlan) -> ChatMix:
                    problems.pad_id)
 
 
-def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, parent: ModelSource, stage_dir: Path) -> dict:
-    fingerprint = {"stage": prune_stage_config(child.target, inputs.prune_options, inputs.calibration, inputs.prune_eval),
-                   "parent": str(parent)}
+def prune_child(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, parent: ModelSource,
+                stage_dir: Path) -> dict:
+    stage = prune_stage_config(child.target, inputs.prune_options, inputs.calibration, inputs.prune_eval)
+    fingerprint = {"stage": stage, "parent": str(parent)}
     done = finished_stage(stage_dir, fingerprint, inputs.resume_with_changes)
     if done is not None:
         return done
@@ -188,8 +190,8 @@ def distill_child(inputs: CascadeInputs, plan: CascadePlan, stage: DistillStage,
         record_config(inputs)
         initialize(parallel, stage.train.seed)
 
-    return run_stage(stage, inputs.parent, student, inputs.mix, inputs.tokenizer, inputs.tokenizer_dir, cursor, stage_dir,
-                     parallel, manifest_extra={"child": child.name, "input": str(student)},
+    return run_stage(stage, inputs.parent, student, inputs.mix, inputs.tokenizer, inputs.tokenizer_dir, cursor,
+                     stage_dir, parallel, manifest_extra={"child": child.name, "input": str(student)},
                      resume_with_changes=inputs.resume_with_changes, before_work=start,
                      heldout_cache=inputs.out_dir / TEACHER_HELDOUT)
 
@@ -205,10 +207,11 @@ def _write_hf(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, stage: 
     # sample replaces its own export. A vision-language child is a Mistral3 directory (the parent's encoder, its
     # own projector)
     vision = source_vision(source)
+    extra_files = tokenizer_files(inputs.tokenizer_dir)
     if vision is not None:
-        export_mistral3(model, config, vision, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
+        export_mistral3(model, config, vision, hf_dir, extra_files=extra_files, overwrite=True)
     else:
-        export_hf(model, config, hf_dir, extra_files=tokenizer_files(inputs.tokenizer_dir), overwrite=True)
+        export_hf(model, config, hf_dir, extra_files=extra_files, overwrite=True)
     return model
 
 
@@ -220,9 +223,8 @@ def export_child(inputs: CascadeInputs, plan: CascadePlan, checkpoint: str, chil
         return finished
     record_config(inputs)
     model = _write_hf(inputs, plan, checkpoint, "distill_long", child_dir / HF_EXPORT)
-    sample = {"prompt": inputs.sample_prompt, "completion": greedy_generate(model, inputs.tokenizer, inputs.sample_prompt,
-                                                                            inputs.sample_tokens),
-              "hf_dir": str(child_dir / HF_EXPORT)}
+    completion = greedy_generate(model, inputs.tokenizer, inputs.sample_prompt, inputs.sample_tokens)
+    sample = {"prompt": inputs.sample_prompt, "completion": completion, "hf_dir": str(child_dir / HF_EXPORT)}
     if dist.get_rank() == 0:
         write_json_atomic(sample_path, sample)
     dist.barrier()
@@ -350,7 +352,8 @@ def pwrm_after_sft(inputs: CascadeInputs, plan: CascadePlan, done: dict, sft: di
     return plan.until is not None and plan.until[1] == "pwrm"
 
 
-def reasoning_branch(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, done: dict, state: BranchState) -> bool:
+def reasoning_branch(inputs: CascadeInputs, plan: CascadePlan, child: ChildSpec, done: dict,
+                     state: BranchState) -> bool:
     """The Reasoning branch of one child from its long-context base; True when ``until`` stops the run in it."""
     child_dir = inputs.out_dir / child.name
     done["reasoning_sft"] = sft_child(inputs, plan, child, megatron_source(done["distill_long"]["checkpoint"]),
@@ -384,8 +387,9 @@ def run_cascade(inputs: CascadeInputs, plan: CascadePlan) -> dict:
         done["prune"] = prune_child(inputs, plan, child, parent, child_dir / "prune")
         if plan.until == (child.name, "prune"):
             break
-        done["distill_short"] = distill_child(inputs, plan, plan.short, child, megatron_source(done["prune"]["checkpoint"]),
-                                              cursor, child_dir / "distill_short")
+        done["distill_short"] = distill_child(inputs, plan, plan.short, child,
+                                              megatron_source(done["prune"]["checkpoint"]), cursor,
+                                              child_dir / "distill_short")
         cursor = Cursor.from_dict(done["distill_short"]["cursor_end"])
         if plan.until == (child.name, "distill_short"):
             break
