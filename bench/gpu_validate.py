@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_plugins import cpu_compat
+from nemo_plugins.bridges import config_to_hf
 from nemo_plugins.cascade.memory import GIB, estimate_memory
 from nemo_plugins.convert.model_io import gather_hf_state, load_hf_state
 from nemo_plugins.distill.context import ContextExtension
@@ -146,7 +147,7 @@ def hf_twin(config: MistralConfig, state: dict, dtype: torch.dtype) -> torch.nn.
     """The transformers model of ``config`` holding ``state`` (HF names), on this rank's device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    values = config.to_hf()
+    values = config_to_hf(config)
     model_type = values.pop("model_type")
     for key in ("architectures", "torch_dtype"):
         values.pop(key)

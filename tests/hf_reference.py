@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from nemo_plugins.bridges import config_to_hf
 from nemo_plugins.model.config import MistralConfig
 
 CLASSES = {
@@ -21,7 +22,7 @@ def hf_model(config: MistralConfig, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised transformers model of exactly this config, fp32, eval mode, eager attention."""
     config_cls, model_cls = (getattr(transformers, n) for n in CLASSES[config.architecture])
     not_arguments = ("architectures", "model_type", "torch_dtype")
-    hf_config = config_cls(**{k: v for k, v in config.to_hf().items() if k not in not_arguments})
+    hf_config = config_cls(**{k: v for k, v in config_to_hf(config).items() if k not in not_arguments})
     hf_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(hf_config).float().eval()

@@ -334,7 +334,7 @@ def test_a_cursor_from_another_data_mix_is_refused(tmp_path, mix):
     with pytest.raises(DataError, match=r"cursor=.*elsewhere.* another data mix \(sources.a.key: '<absent>' -> 'k1'"):
         cursor_from_manifest(str(elsewhere), identity)
     unrecorded = write_manifest(tmp_path / "old", {"cursor_end": {"offsets": {"a": 256}, "rows": {"a": 8}}})
-    with pytest.raises(ConfigError, match="records no data mix"):
+    with pytest.raises(DataError, match="records no data mix"):
         cursor_from_manifest(str(unrecorded), identity, "chat_cursor")
 
 

@@ -8,7 +8,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from nemo_plugins.cascade.plan import ChildSpec
-from nemo_plugins.convert.sources import declared_architecture
 from nemo_plugins.model.config import MistralConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -17,7 +16,7 @@ DIMENSIONS = ("num_layers", "hidden_size", "ffn_hidden_size")
 
 
 def model(name: str) -> MistralConfig:
-    return declared_architecture(OmegaConf.load(CONF / "model" / f"{name}.yaml").architecture)
+    return MistralConfig.from_dict(OmegaConf.load(CONF / "model" / f"{name}.yaml").architecture)
 
 
 def demo_chain() -> list[MistralConfig]:

@@ -12,13 +12,13 @@ import pytest
 import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from hydra import compose, initialize_config_dir
 
+from nemo_plugins.bridges import config_to_hf
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, hf_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from recipes import prune as prune_recipe
-from recipes._entry import CONF_DIR
+from tests.configs import composed
 from tests.conftest import tiny_config
 from tests.hf_reference import assert_loads_with_our_logits, hf_model, hf_state
 
@@ -29,7 +29,7 @@ LLAMA_PARENT = tiny_config(architecture="LlamaForCausalLM", num_attention_heads=
 
 def hf_config_refuses(config) -> bool:
     """Whether transformers' own config class for ``config.architecture`` rejects its config.json."""
-    hf = config.to_hf()
+    hf = config_to_hf(config)
     cls = getattr(transformers, hf["architectures"][0].replace("ForCausalLM", "Config"))
     try:
         cls(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "torch_dtype")}).validate()
@@ -45,7 +45,7 @@ def test_a_reshaped_llama_becomes_mistral_only_when_llama_cannot_carry_it():
     assert child.architecture == "MistralForCausalLM"
     assert hf_config_refuses(child.replace(architecture="LlamaForCausalLM")), "the shape Llama cannot carry"
     assert not hf_config_refuses(child)
-    hf = child.to_hf()
+    hf = config_to_hf(child)
     assert (hf["head_dim"], hf["sliding_window"], hf["tie_word_embeddings"]) == (16, None, True)
     assert "rope_scaling" not in hf and "attention_bias" not in hf
     explicit = child.replace(architecture="LlamaForCausalLM")
@@ -65,8 +65,7 @@ def run_prune(parent: str, out: Path, *target: str) -> Path:
     overrides = [f"model.source={parent}", "model.architecture=null", *target,
                  "stage.prune.calibration.tokens=256", "stage.prune.calibration.seq_len=64",
                  "stage.prune.eval.seq_len=64", "stage.prune.eval.max_windows=1", f"output_dir={out}"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        prune_recipe.run(compose(config_name="prune", overrides=overrides))
+    prune_recipe.run(composed("prune", *overrides))
     return out
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
+from nemo_plugins.bridges import config_from_hf, config_to_hf
 from nemo_plugins.convert import hf_io
 from nemo_plugins.convert.sources import ModelSource, hf_dir, load_model, multimodal_part, source_config
 from nemo_plugins.data.text_files import iter_documents
@@ -21,6 +21,7 @@ from nemo_plugins.model.config import MistralConfig, YarnScaling
 from recipes import convert
 from recipes import evaluate as evaluate_recipe
 from recipes._entry import CONF_DIR
+from tests.configs import composed
 from tests.conftest import tiny_config
 
 VISION = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -37,7 +38,7 @@ TEXT = {
 
 def mistral3_model(text: MistralConfig, seed: int = 0) -> torch.nn.Module:
     """A random transformers Mistral3ForConditionalGeneration whose text model has exactly ``text``'s shape."""
-    text_config = {k: v for k, v in text.to_hf().items() if k not in ("architectures", "torch_dtype")}
+    text_config = {k: v for k, v in config_to_hf(text).items() if k not in ("architectures", "torch_dtype")}
     config = transformers.Mistral3Config(text_config=text_config, vision_config=dict(VISION),
                                          tie_word_embeddings=text.tie_embeddings)
     config._attn_implementation = "eager"
@@ -153,8 +154,7 @@ def test_evaluate_on_a_mistral3_source_matches_transformers_perplexity(tmp_path)
         (src / name).write_bytes(file.read_bytes())
     overrides = [f"model.source=hf:{src}", "model.architecture=null", "data.seq_len=32", "data.max_windows=3",
                  "micro_batch_size=3", f"output={tmp_path / 'ppl.json'}"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        report = evaluate_recipe.run(compose(config_name="evaluate", overrides=overrides))
+    report = evaluate_recipe.run(composed("evaluate", *overrides))
     windows = token_windows(load_tokenizer(src), iter_documents(["stdlib:json", "stdlib:email"]), 32, 3)
     logits = text_logits(reference, windows[:, :-1])
     expected = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
@@ -180,7 +180,5 @@ MISTRAL_SMALL_3_1 = {
 def test_the_parent_preset_is_the_released_24b_text_model():
     from omegaconf import OmegaConf
 
-    from nemo_plugins.convert.sources import declared_architecture
-
     preset = OmegaConf.load(f"{CONF_DIR}/model/mistral_small_3_1_24b.yaml")
-    assert declared_architecture(preset.architecture) == MistralConfig.from_hf(MISTRAL_SMALL_3_1)
+    assert MistralConfig.from_dict(preset.architecture) == config_from_hf(MISTRAL_SMALL_3_1)

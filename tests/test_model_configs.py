@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_plugins.convert.sources import declared_architecture
+from nemo_plugins.bridges import config_from_hf, config_to_hf
 from nemo_plugins.model.config import MistralConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -19,13 +19,13 @@ TABLE1 = {
 
 
 def load(name: str) -> MistralConfig:
-    return declared_architecture(OmegaConf.load(CONF / f"{name}.yaml").architecture)
+    return MistralConfig.from_dict(OmegaConf.load(CONF / f"{name}.yaml").architecture)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
 def test_config_json_roundtrip(name):
     config = load(name)
-    assert MistralConfig.from_hf(config.to_hf()) == config
+    assert config_from_hf(config_to_hf(config)) == config
 
 
 @pytest.mark.parametrize("name, shape", sorted(TABLE1.items()))
@@ -48,7 +48,7 @@ def test_ministral3_long_context_settings():
 def test_transformers_accepts_exported_ministral3_config():
     import transformers
 
-    hf = load("ministral3_3b").to_hf()
+    hf = config_to_hf(load("ministral3_3b"))
     not_arguments = ("architectures", "model_type", "torch_dtype")
     config = transformers.Ministral3Config(**{k: v for k, v in hf.items() if k not in not_arguments})
     assert config.rope_parameters["llama_4_scaling_beta"] == 0.1

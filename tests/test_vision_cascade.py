@@ -16,6 +16,7 @@ import transformers
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from nemo_plugins.bridges import config_to_hf
 from nemo_plugins.cascade.plan import plan_from_config
 from nemo_plugins.cascade.runner import CascadeInputs, run_cascade, sft_child
 from nemo_plugins.convert.sources import ModelSource, hf_dir
@@ -58,7 +59,7 @@ def mistral3_parent(path: Path, text: MistralConfig) -> Path:
     (ids 49152..49154: the config's image_token_index is the tokenizer's [IMG])."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir(ModelSource.parse("embedded:smollm2"))))
     tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
-    text_config = {k: v for k, v in text.to_hf().items() if k not in ("architectures", "torch_dtype")}
+    text_config = {k: v for k, v in config_to_hf(text).items() if k not in ("architectures", "torch_dtype")}
     config = transformers.Mistral3Config(text_config=text_config, vision_config=dict(VISION),
                                          tie_word_embeddings=text.tie_embeddings,
                                          image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))

@@ -61,3 +61,8 @@ def gguf_bridge(architecture: Any, where: str) -> MistralBridge:
 def config_from_hf(hf: Mapping[str, Any]) -> MistralConfig:
     """The text model's config of a ``config.json`` (a multimodal checkpoint's ``text_config``)."""
     return bridge_for(hf).text_config(hf)
+
+
+def config_to_hf(config: MistralConfig) -> dict[str, Any]:
+    """The ``config.json`` transformers loads into ``config.architecture``'s *ForCausalLM class."""
+    return text_bridge(config.architecture).config_to_hf(config)

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nemo_plugins.bridges import MISTRAL3, config_from_hf, multimodal_bridge
+from nemo_plugins.bridges import MISTRAL3, config_from_hf, config_to_hf, multimodal_bridge
 from nemo_plugins.convert import output_dir
 from nemo_plugins.errors import CheckpointError, ConfigError
 from nemo_plugins.manifest import read_json
@@ -193,7 +193,7 @@ def write_streamed(
     hf_config: dict | None = None,
 ) -> Path:
     """Write config.json + safetensors from ``tensors`` arriving in sorted name order (``specs`` announces them),
-    holding one shard at a time; atomically: temp dir, then rename. ``hf_config`` replaces ``config.to_hf()`` as
+    holding one shard at a time; atomically: temp dir, then rename. ``hf_config`` replaces ``bridges.config_to_hf(config)`` as
     config.json (a Mistral3 export's, from ``vision.checkpoint``).
 
     An existing ``out_dir`` is replaced only if it is an earlier export of this project and ``overwrite`` is set
@@ -203,7 +203,7 @@ def write_streamed(
     output_dir.claim(out_dir, "hf", overwrite)
     tmp = output_dir.temp_sibling(out_dir)
     try:
-        hf_config = dict(hf_config or config.to_hf())
+        hf_config = dict(hf_config or config_to_hf(config))
         dtypes = {dtype for _, dtype in specs.values()}
         hf_config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -212,15 +212,6 @@ def check_declared(declared: MistralConfig | None, actual: MistralConfig, where:
                           "model.architecture=null to take the weights' own): " + "; ".join(diffs))
 
 
-def declared_architecture(node) -> MistralConfig | None:
-    """MistralConfig from a Hydra ``model.architecture`` node, or None when left null."""
-    from omegaconf import OmegaConf
-
-    if node is None:
-        return None
-    return MistralConfig.from_dict(OmegaConf.to_container(node, resolve=True))
-
-
 def read_model_state(source: ModelSource, parallel: ParallelConfig) -> tuple[MistralConfig, dict[str, torch.Tensor]]:
     """Full HF-layout tensors of a source on every rank (gathered from the shards for megatron checkpoints)."""
     import torch.distributed as dist

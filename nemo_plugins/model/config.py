@@ -146,17 +146,3 @@ class MistralConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "MistralConfig":
-        """Read a Hugging Face ``config.json`` (Mistral, Llama, Ministral3 text, or Mistral3's text_config) through
-        the bridge of its architecture."""
-        from nemo_plugins.bridges import config_from_hf
-
-        return config_from_hf(hf)
-
-    def to_hf(self) -> dict[str, Any]:
-        """A ``config.json`` that transformers loads into the matching *ForCausalLM class (its bridge writes it)."""
-        from nemo_plugins.bridges import text_bridge
-
-        return text_bridge(self.architecture).config_to_hf(self)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from nemo_plugins.errors import ConfigError
-from nemo_plugins.model.config import MistralConfig
 
 VISION_CONFIG_NAME = "vision_config.json"  # beside a megatron checkpoint's config.json: the model is vision-language
 IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
@@ -64,13 +63,6 @@ class VisionConfig:
     def token_pixels(self) -> int:
         """Pixels per side of one image token: a ``spatial_merge_size``^2 block of patches becomes one token."""
         return self.patch_size * self.spatial_merge_size
-
-    def to_hf(self, text: MistralConfig) -> dict[str, Any]:
-        """The Mistral3 ``config.json`` of this vision part on ``text``'s language model (written by the Mistral3
-        bridge, which imports this module)."""
-        from nemo_plugins.bridges import MISTRAL3
-
-        return MISTRAL3.config_to_hf(text, self)
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoder": dict(self.encoder), "image_token_id": self.image_token_id,

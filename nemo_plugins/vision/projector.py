@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from nemo_plugins.bridges import MISTRAL3
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.vision.config import VisionConfig
 
@@ -28,7 +29,7 @@ def build_projector(vision: VisionConfig, text: MistralConfig, dtype: torch.dtyp
     from transformers import Mistral3Config
     from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
 
-    hf_config = Mistral3Config(**{k: v for k, v in vision.to_hf(text).items() if k != "architectures"})
+    hf_config = Mistral3Config(**{k: v for k, v in MISTRAL3.config_to_hf(text, vision).items() if k != "architectures"})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         projector = Mistral3MultiModalProjector(hf_config)
