@@ -32,7 +32,8 @@ def packed_context_parallel_part(rows: dict[str, torch.Tensor], cp_size: int, cp
     return part
 
 
-def local_batch(tokens: torch.Tensor, positions: torch.Tensor, target_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def local_batch(tokens: torch.Tensor, positions: torch.Tensor,
+                target_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One micro-batch as this rank feeds it to the model: targets made on the whole rows, then every tensor
     cut to this context-parallel rank's part, on this rank's device.
 
@@ -47,7 +48,8 @@ def local_batch(tokens: torch.Tensor, positions: torch.Tensor, target_mask: torc
     rows = {"tokens": tokens, "positions": positions, "labels": labels, "mask": mask}
     cp_size, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
     if cp_size > 1 and not is_single_document(positions):
-        part = packed_context_parallel_part(rows, cp_size, cp_rank, parallel_state.get_tensor_model_parallel_world_size())
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        part = packed_context_parallel_part(rows, cp_size, cp_rank, tp_size)
     else:
         part = {name: context_parallel_slice(value, cp_size, cp_rank) for name, value in rows.items()}
     return {name: value.to(device()) for name, value in part.items()}

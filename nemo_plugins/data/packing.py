@@ -7,7 +7,8 @@ from typing import Iterable
 import torch
 
 
-def pack_documents(documents: Iterable[list[int]], seq_len: int, rows: int, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_documents(documents: Iterable[list[int]], seq_len: int, rows: int,
+                   eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens, position_ids)``, each ``[rows, seq_len]``.
 
     Documents are EOS-terminated and laid end to end; positions restart at 0 at every document start and at

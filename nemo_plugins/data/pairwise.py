@@ -142,8 +142,8 @@ def final_answer(text: str) -> Fraction | None:
 
 
 def _arithmetic_tasks(count: int, seed: int) -> list[Task]:
-    return [Task("arithmetic", [{"role": "user", "content": problem.question + _ANSWER_INSTRUCTION}], problem.solution(),
-                 {"answer": tools.format_exact(problem.answer), "expression": problem.expression})
+    return [Task("arithmetic", [{"role": "user", "content": problem.question + _ANSWER_INSTRUCTION}],
+                 problem.solution(), {"answer": tools.format_exact(problem.answer), "expression": problem.expression})
             for problem in instruct_sources.word_problems(count, seed, stream="pairwise_arithmetic")]
 
 
@@ -170,9 +170,10 @@ def _arithmetic_pairs(tasks: list[Task], samples: list[list[Sample]], rng: rando
         else:
             rejected, shown = _wrong_solution(task, rng)
             origin, shown = "perturbed", f"final answer {shown}"
-        reason = f"exact answer {task.check['answer']} (= {task.check['expression']}): chosen has it, rejected has {shown}"
-        pairs.append(Pair("arithmetic", task.messages, chosen, rejected, reason, {"chosen": chosen_origin, "rejected": origin},
-                          meta=dict(task.check)))
+        reason = (f"exact answer {task.check['answer']} (= {task.check['expression']}): chosen has it, "
+                  f"rejected has {shown}")
+        pairs.append(Pair("arithmetic", task.messages, chosen, rejected, reason,
+                          {"chosen": chosen_origin, "rejected": origin}, meta=dict(task.check)))
     return pairs
 
 
@@ -189,7 +190,8 @@ def _words(rng: random.Random) -> str:
 
 def _snippet(rng: random.Random) -> str:
     indent = rng.choice(("", "  ", "    ", "\t"))
-    lines = [indent + rng.choice(("", "  ")) + _words(rng).strip() if rng.random() > 0.15 else "" for _ in range(rng.randint(1, 5))]
+    lines = [indent + rng.choice(("", "  ")) + _words(rng).strip() if rng.random() > 0.15 else ""
+             for _ in range(rng.randint(1, 5))]
     return "\n".join(lines) + rng.choice(("", "\n"))
 
 
@@ -215,7 +217,8 @@ CODE_FUNCTIONS: tuple[CodeFunction, ...] = (
     CodeFunction("colorsys", "rgb_to_yiq", lambda r: _floats(r, 3), "Convert an RGB colour (floats in [0, 1]) to YIQ."),
     CodeFunction("colorsys", "yiq_to_rgb", lambda r: [*_floats(r, 1), *_floats(r, 2, -0.6, 0.6)],
                  "Convert a YIQ colour to RGB, clamping each channel to [0, 1]."),
-    CodeFunction("string", "capwords", lambda r: [_words(r)], "Capitalise every word of a string (split on whitespace)."),
+    CodeFunction("string", "capwords", lambda r: [_words(r)],
+                 "Capitalise every word of a string (split on whitespace)."),
     CodeFunction("calendar", "isleap", lambda r: [r.choice((r.randint(1, 3000), 100 * r.randint(1, 30)))],
                  "Return True for leap years, False otherwise."),
     CodeFunction("calendar", "leapdays", lambda r: sorted([r.randint(1, 3000), r.randint(1, 3000)]),
@@ -223,18 +226,21 @@ CODE_FUNCTIONS: tuple[CodeFunction, ...] = (
     CodeFunction("calendar", "monthrange", lambda r: [r.randint(1, 2999), r.randint(1, 12)],
                  "Return the weekday of the first day of the month and the number of days in the month."),
     CodeFunction("shlex", "quote", lambda r: [_shell_text(r)], "Return a shell-escaped version of the string."),
-    CodeFunction("textwrap", "dedent", lambda r: [_snippet(r)], "Remove any common leading whitespace from every line."),
+    CodeFunction("textwrap", "dedent", lambda r: [_snippet(r)],
+                 "Remove any common leading whitespace from every line."),
     CodeFunction("textwrap", "indent", lambda r: [_snippet(r), r.choice(("  ", "> ", "\t"))],
                  "Add a prefix to the beginning of the lines of a text that are not whitespace only."),
     CodeFunction("statistics", "median_low", lambda r: [[r.randint(-9, 9) for _ in range(r.randint(1, 7))]],
                  "Return the low median of numeric data."),
     CodeFunction("statistics", "median_high", lambda r: [[r.randint(-9, 9) for _ in range(r.randint(1, 7))]],
                  "Return the high median of numeric data."),
-    CodeFunction("html", "escape", lambda r: ["".join(r.choice("ab<>&\"' ") for _ in range(r.randint(0, 8))), r.random() < 0.5],
+    CodeFunction("html", "escape",
+                 lambda r: ["".join(r.choice("ab<>&\"' ") for _ in range(r.randint(0, 8))), r.random() < 0.5],
                  "Replace the characters &, < and > (and quotes when quote is true) by HTML-safe sequences."),
 )
 CASES_PER_FUNCTION = 12
-_CODE_REQUEST = "Write the Python function `{name}{signature}` of the `{module}` module. {description}\nReply with the code in a ```python block."
+_CODE_REQUEST = ("Write the Python function `{name}{signature}` of the `{module}` module. {description}\n"
+                 "Reply with the code in a ```python block.")
 _CODE_BLOCK = re.compile(r"```(?:python)?\n(.*?)(?:```|$)", re.DOTALL)
 
 
@@ -341,10 +347,14 @@ for job in json.loads(sys.stdin.read()):
     verdicts = []
     for code in job["candidates"]:
         got, failure = outcomes(code, job, module)
-        bad = list(range(len(expected))) if got is None else [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+        if got is None:
+            bad = list(range(len(expected)))
+        else:
+            bad = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
         if got is not None and bad:
             i = bad[0]
-            failure = "%s%r returned %s, expected %s" % (job["name"], tuple(job["cases"][i]), got[i][:80], expected[i][:80])
+            failure = "%s%r returned %s, expected %s" % (job["name"], tuple(job["cases"][i]),
+                                                         got[i][:80], expected[i][:80])
         verdicts.append({"passed": len(expected) - len(bad), "failure": failure})
     results.append(verdicts)
 print("RESULTS " + json.dumps(results))
@@ -374,8 +384,9 @@ def _code_tasks(count: int, seed: int) -> list[Task]:
         request = _CODE_REQUEST.format(name=function.name, signature=inspect.signature(real), module=function.module,
                                        description=function.description)
         cases = [function.arguments(rng) for _ in range(CASES_PER_FUNCTION)]
-        tasks.append(Task("code", [{"role": "user", "content": request}], f"```python\n{function_source(function)}\n```",
-                          {"module": function.module, "name": function.name, "cases": cases, "mutant": k // len(CODE_FUNCTIONS)}))
+        reference = f"```python\n{function_source(function)}\n```"
+        check = {"module": function.module, "name": function.name, "cases": cases, "mutant": k // len(CODE_FUNCTIONS)}
+        tasks.append(Task("code", [{"role": "user", "content": request}], reference, check))
     return tasks
 
 
@@ -385,13 +396,15 @@ def code_of(text: str) -> str:
     return found.group(1) if found else text
 
 
-def _code_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Random, limits: SandboxLimits) -> list[Pair]:
+def _code_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Random,
+                limits: SandboxLimits) -> list[Pair]:
     """Every task's reference, samples and mutants checked in one sandbox run; a pair per task whose reference
     passes and that has a failing candidate (a failing sample first, else the task's own failing mutant)."""
     mutated = []
     for task in tasks:
         order = mutants(code_of(task.reference))
-        random.Random(f"{task.check['name']}/{len(order)}").shuffle(order)  # the same order for every task of a function
+        # the same order for every task of a function
+        random.Random(f"{task.check['name']}/{len(order)}").shuffle(order)
         mutated.append(order)
     jobs = [{"module": t.check["module"], "name": t.check["name"], "cases": t.check["cases"],
              "candidates": [code_of(t.reference), *(code_of(s.text) for s in drawn), *(code for code, _ in order)]}
@@ -409,11 +422,13 @@ def _code_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Rand
                            for (code, what), v in zip(order, verdicts[len(drawn):]) if v["passed"] < total]
         if not failing and not failing_mutants:
             continue
-        rejected, verdict, origin, what = failing[0] if failing else failing_mutants[task.check["mutant"] % len(failing_mutants)]
+        loser = failing[0] if failing else failing_mutants[task.check["mutant"] % len(failing_mutants)]
+        rejected, verdict, origin, what = loser
         chosen, chosen_origin = (passing[0], "sampled") if passing else (task.reference, "reference")
         reason = (f"sandboxed cases against the real {task.check['module']}.{task.check['name']}: chosen passes "
                   f"{total}/{total}, rejected ({what}) {verdict['passed']}/{total}: {verdict['failure']}")
-        pairs.append(Pair("code", task.messages, chosen, rejected, reason, {"chosen": chosen_origin, "rejected": origin},
+        pairs.append(Pair("code", task.messages, chosen, rejected, reason,
+                          {"chosen": chosen_origin, "rejected": origin},
                           meta={k: task.check[k] for k in ("module", "name", "cases")}))
     return pairs
 
@@ -462,13 +477,15 @@ def _loop_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Rand
             rejected, origin = _looping(task.reference, rng), "perturbed"
             span = word_loop(rejected)
             if span is None:
-                raise DataError("a looping perturbation that the loop detector does not flag: WORD_LOOP and _looping disagree")
+                raise DataError("a looping perturbation that the loop detector does not flag: "
+                                "WORD_LOOP and _looping disagree")
             reason = f"rejected loops: the span {span!r} repeats {WORD_LOOP.repeats}+ times; chosen does not"
         else:
             rejected, origin = _truncated(task.reference, rng), "perturbed"
             reason = (f"rejected is truncated: it stops after {len(rejected)} of {len(task.reference)} characters, "
                       f"without the final line {task.reference.splitlines()[-1]!r}")
-        pairs.append(Pair("loops", task.messages, task.reference, rejected, reason, {"chosen": "reference", "rejected": origin}))
+        pairs.append(Pair("loops", task.messages, task.reference, rejected, reason,
+                          {"chosen": "reference", "rejected": origin}))
     return pairs
 
 
@@ -509,7 +526,8 @@ def _format_tasks(count: int, seed: int) -> list[Task]:
     for k, problem in enumerate(instruct_sources.word_problems(count, seed, stream="pairwise_format")):
         constraint = FORMAT_CONSTRAINTS[k % len(FORMAT_CONSTRAINTS)]
         tasks.append(Task("format", [{"role": "user", "content": f"{problem.question}\n{constraint.instruction}"}],
-                          problem.solution(), {"constraint": constraint.name, "answer": tools.format_exact(problem.answer)}))
+                          problem.solution(),
+                          {"constraint": constraint.name, "answer": tools.format_exact(problem.answer)}))
     return tasks
 
 
@@ -526,8 +544,8 @@ def _format_pairs(tasks: list[Task], samples: list[list[Sample]], rng: random.Ra
         if constraint.follows(rejected):  # the reference happens to follow it too: no verified loser
             continue
         reason = f"constraint '{constraint.instruction}': chosen follows it, rejected does not"
-        pairs.append(Pair("format", task.messages, chosen, rejected, reason, {"chosen": "reference", "rejected": origin},
-                          meta=dict(task.check)))
+        pairs.append(Pair("format", task.messages, chosen, rejected, reason,
+                          {"chosen": "reference", "rejected": origin}, meta=dict(task.check)))
     return pairs
 
 
@@ -541,9 +559,11 @@ def make_tasks(settings: PairwiseSettings) -> dict[str, list[Task]]:
     return {kind: TASKS[kind](settings.counts[kind], settings.seed) for kind in KINDS if settings.counts.get(kind)}
 
 
+CODE_CHECK_LIMITS = SandboxLimits(wall_seconds=300, cpu_seconds=240, output_bytes=16 << 20)
+
+
 def verified_pairs(tasks: dict[str, list[Task]], samples: dict[str, list[list[Sample]]] | None,
-                   settings: PairwiseSettings, limits: SandboxLimits = SandboxLimits(wall_seconds=300, cpu_seconds=240,
-                                                                                      output_bytes=16 << 20)) -> list[Pair]:
+                   settings: PairwiseSettings, limits: SandboxLimits = CODE_CHECK_LIMITS) -> list[Pair]:
     """Pairs with their reasons, checked (the code in the sandbox), the last ``heldout_fraction`` of each kind
     marked held out."""
     out = []
@@ -553,7 +573,8 @@ def verified_pairs(tasks: dict[str, list[Task]], samples: dict[str, list[list[Sa
         if kind == "code":
             pairs = _code_pairs(kind_tasks, drawn, rng, limits)
         else:
-            pairs = {"arithmetic": _arithmetic_pairs, "loops": _loop_pairs, "format": _format_pairs}[kind](kind_tasks, drawn, rng)
+            make_pairs = {"arithmetic": _arithmetic_pairs, "loops": _loop_pairs, "format": _format_pairs}[kind]
+            pairs = make_pairs(kind_tasks, drawn, rng)
         train = len(pairs) - max(1, round(len(pairs) * settings.heldout_fraction))
         out += [Pair(**{**asdict(p), "split": "train" if i < train else "heldout"}) for i, p in enumerate(pairs)]
     return out
@@ -637,7 +658,8 @@ class EngineSampler:
         from nemo_plugins.generation.torch_engine import TorchEngine
 
         n = self.sampling.samples
-        requests = [Request(self.chat_format.prompt_ids(messages), dataclasses.replace(self.params, seed=self.seed + n * i + j))
+        requests = [Request(self.chat_format.prompt_ids(messages),
+                            dataclasses.replace(self.params, seed=self.seed + n * i + j))
                     for i, messages in enumerate(conversations) for j in range(n)]
         responses = TorchEngine(self.model, self.sampling.max_batch_size, self.chat_format.pad_id).generate(requests)
         out = []
@@ -663,7 +685,8 @@ def build_or_load_pairs(settings: PairwiseSettings, cache_dir: str | Path,
     if not path.is_file():
         tasks = make_tasks(settings)
         sampler = make_sampler() if make_sampler is not None else None
-        samples = {kind: sampler.sample([t.messages for t in kind_tasks]) for kind, kind_tasks in tasks.items()} if sampler else None
+        samples = ({kind: sampler.sample([t.messages for t in kind_tasks]) for kind, kind_tasks in tasks.items()}
+                   if sampler else None)
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_pairs(verified_pairs(tasks, samples, settings), path)
         if dist.is_initialized():

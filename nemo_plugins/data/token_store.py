@@ -85,7 +85,8 @@ def _write(documents: Iterable[list[int]], prefix: Path, vocab_size: int, eos_id
                     continue
                 ids = np.asarray(list(doc) + [eos_id], dtype=np.int64)
                 if ids.max() >= vocab_size or ids.min() < 0:
-                    raise ConfigError(f"token id {int(ids.max())} outside the vocabulary of {vocab_size}: wrong tokenizer for this model")
+                    raise ConfigError(f"token id {int(ids.max())} outside the vocabulary of {vocab_size}: "
+                                      "wrong tokenizer for this model")
                 out.write(ids.astype(dtype).tobytes())
                 starts.append(starts[-1] + len(ids))
         if len(starts) == 1 and not allow_empty:
@@ -96,7 +97,8 @@ def _write(documents: Iterable[list[int]], prefix: Path, vocab_size: int, eos_id
     _publish(partial, prefix, write)
 
 
-def write_token_file(documents: Iterable[list[int]], prefix: str | Path, vocab_size: int, eos_id: int, metadata: dict) -> "TokenFile":
+def write_token_file(documents: Iterable[list[int]], prefix: str | Path, vocab_size: int, eos_id: int,
+                     metadata: dict) -> "TokenFile":
     """Write documents (lists of ids) as a token file; returns it opened."""
     _write(documents, Path(prefix), vocab_size, eos_id, metadata, allow_empty=False)
     return TokenFile(prefix)
@@ -262,9 +264,11 @@ def build_token_file(tokenizer, paths: list[str], cache_dir: str | Path, name: s
         return BuildResult(prefix)
     parts = options.part_count()
     pieces = split_pieces(list(paths), parts)
-    jobs = [(tokenizer, pieces[i], part_prefix(prefix, i, parts), {"paths": list(paths), "key": key, "part": [i, parts]})
+    jobs = [(tokenizer, pieces[i], part_prefix(prefix, i, parts),
+             {"paths": list(paths), "key": key, "part": [i, parts]})
             for i in range(parts) if options.mine(i) and not is_built(part_prefix(prefix, i, parts))]
-    logger.info("tokenising %s: %d of %d parts with %d worker(s) into %s", name, len(jobs), parts, options.workers, prefix)
+    logger.info("tokenising %s: %d of %d parts with %d worker(s) into %s", name, len(jobs), parts, options.workers,
+                prefix)
     if options.workers == 1 or len(jobs) <= 1:
         done = [tokenize_part(*job) for job in jobs]
     else:
@@ -275,7 +279,8 @@ def build_token_file(tokenizer, paths: list[str], cache_dir: str | Path, name: s
     return BuildResult(prefix, len(done), sum(t for t, _ in done), sum(s for _, s in done))
 
 
-def built_once(locate: Callable[[], tuple[Path, Callable[[], object]]], what: str, prebuilt_by: str | None = None) -> Path:
+def built_once(locate: Callable[[], tuple[Path, Callable[[], object]]], what: str,
+               prebuilt_by: str | None = None) -> Path:
     """The prefix of a cache entry, built if missing by rank 0 alone while every other rank waits (a torch
     distributed job), then checked by all. ``locate`` (rank 0 only: it may stat a whole corpus) gives the prefix
     and the function that builds it. With ``prebuilt_by`` (the command that builds it offline) a missing entry is

@@ -13,7 +13,8 @@ MAX_VOCAB_PADDING = 1024
 
 def tokenizer_files(directory: str | Path) -> dict[str, Path]:
     """The tokenizer's files in a model directory, by name: what travels with every checkpoint and export."""
-    return {p.name: p for p in Path(directory).iterdir() if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json"}
+    return {p.name: p for p in Path(directory).iterdir()
+            if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json"}
 
 
 def load_tokenizer(path: str | Path):
