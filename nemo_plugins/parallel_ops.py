@@ -16,7 +16,9 @@ from nemo_plugins.distributed import device
 
 def tp_group():
     """The tensor-parallel group, or None at TP=1 (vocab-parallel functions then skip their collectives)."""
-    return parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
 
 
 def sum_from_last_stage(values: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ def check_teacher_student(teacher: MistralConfig, student: MistralConfig) -> Non
 def check_image_models(data, teacher: torch.nn.Module, student: torch.nn.Module) -> None:
     """Rows with images need a vision-language teacher and student (both embed the images)."""
     if getattr(data, "images", None) is not None:
-        text_only = [name for name, model in (("teacher", teacher), ("student", student)) if not hasattr(model, "vision")]
+        text_only = [name for name, model in (("teacher", teacher), ("student", student))
+                     if not hasattr(model, "vision")]
         if text_only:
             raise ConfigError(f"the data mix has interleaved image-text sources but the {' and '.join(text_only)} "
                               "has no vision part: distil from and into Mistral3 (vision-language) checkpoints")
@@ -153,7 +154,8 @@ def run_stage(stage: DistillStage, teacher_source: ModelSource, student_source: 
     s_config = student_config(stage, student_source)
     t_config = source_config(teacher_source)
     check_teacher_student(t_config, s_config)
-    facts, done = prepare_stage(stage.name, stage.train, stage.optimizer, stage_facts(stage, teacher_source, student_source, mix),
+    facts, done = prepare_stage(stage.name, stage.train, stage.optimizer,
+                                stage_facts(stage, teacher_source, student_source, mix),
                                 mix, cursor, out_dir, resume_with_changes, before_work)
     if done is not None:
         return done

@@ -37,5 +37,6 @@ def chat_samples(model: torch.nn.Module, chat_format: ChatFormat, settings: Samp
                 for prompt in settings.prompts]
     hook = make_tool_hook(chat_format, registry, MAX_TOOL_CALLS) if registry else None
     responses = TorchEngine(model, pad_id=chat_format.pad_id).generate(requests, hook)
-    return [{"prompt": prompt, "response": chat_format.decode(response.token_ids), "finish_reason": response.finish_reason}
+    return [{"prompt": prompt, "response": chat_format.decode(response.token_ids),
+             "finish_reason": response.finish_reason}
             for prompt, response in zip(settings.prompts, responses)]

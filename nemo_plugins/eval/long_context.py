@@ -134,7 +134,8 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list
     repeats = max(1, (length - fixed - 8) // per_filler)
     before = int(repeats * depth)
     text = FILLER * before + needle + FILLER * (repeats - before) + question
-    return tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return prompt, tokenizer(" " + key, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()

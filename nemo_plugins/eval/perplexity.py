@@ -54,14 +54,16 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def evaluate_perplexity(model: torch.nn.Module, windows: torch.Tensor, micro_batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+def evaluate_perplexity(model: torch.nn.Module, windows: torch.Tensor, micro_batch_size: int = 4,
+                        progress: bool = True) -> PerplexityResult:
     """Mean next-token NLL over all windows; data-parallel ranks take interleaved windows."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = windows[dp_rank::dp_size]
     seq_len = windows.shape[1] - 1
     positions = torch.arange(seq_len).expand(micro_batch_size, -1)
-    bar = tqdm(total=len(mine) * seq_len, unit="tok", unit_scale=True, desc="perplexity", disable=not progress or dist.get_rank() != 0)
+    bar = tqdm(total=len(mine) * seq_len, unit="tok", unit_scale=True, desc="perplexity",
+               disable=not progress or dist.get_rank() != 0)
 
     def batches():
         for i in range(0, len(mine), micro_batch_size):
@@ -80,7 +82,7 @@ def evaluate_perplexity(model: torch.nn.Module, windows: torch.Tensor, micro_bat
     result = PerplexityResult(tokens=int(totals[1].item()), mean_nll=(totals[0] / totals[1]).item())
     if not math.isfinite(result.mean_nll):
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-        raise NonFiniteError(f"the mean NLL over {result.tokens} tokens is {result.mean_nll}: "
-                             + (f"the model holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
-                                if bad else "the logits overflow (try dtype=float32)"))
+        listed = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        cause = f"the model holds non-finite weights ({listed})" if bad else "the logits overflow (try dtype=float32)"
+        raise NonFiniteError(f"the mean NLL over {result.tokens} tokens is {result.mean_nll}: {cause}")
     return result

@@ -215,7 +215,8 @@ class TorchEngine:
         dtype = self.model.config.params_dtype
         for layer in self.model.decoder.layers:
             attention = layer.self_attention
-            shape = (capacity, batch, attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head)
+            shape = (capacity, batch, attention.num_query_groups_per_partition,
+                     attention.hidden_size_per_attention_head)
             context.key_value_memory_dict[attention.layer_number] = (
                 torch.empty(shape, dtype=dtype, device=device()), torch.empty(shape, dtype=dtype, device=device()))
         return context

@@ -30,7 +30,8 @@ def with_query_scale(core_attention_cls: type) -> type:
     """Subclass of a megatron core-attention class that multiplies the query by the carried scale."""
 
     class QueryScaledAttention(core_attention_cls):
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
             if attention_bias is not None:
                 scale = attention_bias if query.dim() == 4 else attention_bias.reshape(-1, 1, 1)
                 query = query * scale.to(query.dtype)

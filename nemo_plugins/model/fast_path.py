@@ -57,7 +57,8 @@ class Available:
         found = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
         return cls(cuda=cuda, compute_capability=torch.cuda.get_device_capability() if cuda else None,
                    transformer_engine=te, apex_fused_wgrad=found("fused_weight_gradient_mlp_cuda"),
-                   fused_softmax=found("scaled_masked_softmax_cuda") and found("scaled_upper_triang_masked_softmax_cuda"))
+                   fused_softmax=(found("scaled_masked_softmax_cuda")
+                                  and found("scaled_upper_triang_masked_softmax_cuda")))
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,9 @@ class SpeedOptions:
         if self.fp8_amax_history_len < 1:
             raise ConfigError(f"train.fp8_amax_history_len must be >= 1, got {self.fp8_amax_history_len}")
         if self.fp8_bf16_first_last and self.fp8_recipe == "delayed":
-            raise ConfigError("train.fp8_bf16_first_last needs a current-scaling recipe (TE's delayed scaling cannot "
-                              "skip layers): set train.fp8_recipe=tensorwise or blockwise, or fp8_bf16_first_last=false")
+            raise ConfigError("train.fp8_bf16_first_last needs a current-scaling recipe "
+                              "(TE's delayed scaling cannot skip layers): "
+                              "set train.fp8_recipe=tensorwise or blockwise, or fp8_bf16_first_last=false")
 
 
 @dataclass(frozen=True)
