@@ -18,7 +18,8 @@ class FfnMethod(StrEnum):
     random = "random"
 
 
-def select_channels(scores: torch.Tensor, keep: int, method: FfnMethod = FfnMethod.activation, seed: int = 0) -> torch.Tensor:
+def select_channels(scores: torch.Tensor, keep: int, method: FfnMethod = FfnMethod.activation,
+                    seed: int = 0) -> torch.Tensor:
     """``[layers, keep]`` ascending channel indices per layer (``scores`` is ``[layers, ffn]``)."""
     layers, total = scores.shape
     if not 1 <= keep <= total:

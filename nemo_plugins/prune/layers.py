@@ -18,7 +18,8 @@ class LayerMethod(StrEnum):
     drop_last = "drop_last"
 
 
-def select_layers(scores: torch.Tensor, keep: int, method: LayerMethod = LayerMethod.norm_ratio, seed: int = 0) -> list[int]:
+def select_layers(scores: torch.Tensor, keep: int, method: LayerMethod = LayerMethod.norm_ratio,
+                  seed: int = 0) -> list[int]:
     """Indices of the blocks to keep, ascending.
 
     ``norm_ratio`` keeps the blocks with the largest mean ||x_out|| / ||x_in|| (a block that leaves the

@@ -58,7 +58,8 @@ class PruneTarget:
             if not 1 <= value <= limit:
                 raise ConfigError(f"prune.target.{name}={value} must be between 1 and the parent's {limit}")
         if self.ffn_hidden_size % tensor_parallel:
-            raise ConfigError(f"prune.target.ffn_hidden_size={self.ffn_hidden_size} is not divisible by parallel.tp={tensor_parallel}")
+            raise ConfigError(f"prune.target.ffn_hidden_size={self.ffn_hidden_size} is not divisible by "
+                              f"parallel.tp={tensor_parallel}")
 
 
 @dataclass
@@ -106,7 +107,8 @@ def _norm_sites(num_layers: int) -> list[str]:
 
 
 def _hidden_decision(stats: CalibrationStats, layer_index: list[int], renumber_from: list[int] | None,
-                     config: MistralConfig, target: PruneTarget, options: PruneOptions) -> tuple[HiddenBasis, dict[str, float]]:
+                     config: MistralConfig, target: PruneTarget,
+                     options: PruneOptions) -> tuple[HiddenBasis, dict[str, float]]:
     """The basis (every column, for the report) and one scale per norm of ``config``'s model, made on rank 0."""
     names, d = _norm_sites(config.num_layers), config.hidden_size
     vectors, importance = torch.empty(d, d, dtype=torch.float64), torch.empty(d, dtype=torch.float64)
@@ -118,7 +120,8 @@ def _hidden_decision(stats: CalibrationStats, layer_index: list[int], renumber_f
         vectors, importance = basis.vectors, basis.importance
         sites = stats.site_moments()
         if renumber_from is not None:  # parent numbering -> child numbering
-            sites = {_renumber(name, renumber_from): m for name, m in sites.items() if _renumber(name, renumber_from) is not None}
+            sites = {_renumber(name, renumber_from): m for name, m in sites.items()
+                     if _renumber(name, renumber_from) is not None}
         basis_k = vectors[:, : target.hidden_size]
         values = torch.tensor([norm_scale(sites[name], basis_k, options.norm_compensation) for name in names],
                               dtype=torch.float64)
@@ -126,7 +129,8 @@ def _hidden_decision(stats: CalibrationStats, layer_index: list[int], renumber_f
     return HiddenBasis(vectors, importance), dict(zip(names, values.tolist()))
 
 
-def prune(parent: ModelState, target: PruneTarget, options: PruneOptions, calibrate: Calibrator) -> tuple[ModelState, dict]:
+def prune(parent: ModelState, target: PruneTarget, options: PruneOptions,
+          calibrate: Calibrator) -> tuple[ModelState, dict]:
     target.check_against(parent.config)
     report: dict = {"options": dataclasses.asdict(options), "target": dataclasses.asdict(target),
                     "parameters": {"parent": parent.config.num_parameters()}}
@@ -156,8 +160,9 @@ def prune(parent: ModelState, target: PruneTarget, options: PruneOptions, calibr
     channels = select_channels(ffn_scores, target.ffn_hidden_size, options.ffn_method, options.seed)
     state = keep_channels(state, channels)
     kept_mass = torch.gather(ffn_scores, 1, channels).sum(1) / ffn_scores.sum(1)
-    report["ffn"] = {"score_quantiles": torch.quantile(ffn_scores.float(), torch.tensor([0.1, 0.5, 0.9]), dim=1).T.tolist(),
-                     "kept_score_fraction": kept_mass.tolist(), "calibration_tokens": stats.tokens}
+    quantiles = torch.quantile(ffn_scores.float(), torch.tensor([0.1, 0.5, 0.9]), dim=1).T.tolist()
+    report["ffn"] = {"score_quantiles": quantiles, "kept_score_fraction": kept_mass.tolist(),
+                     "calibration_tokens": stats.tokens}
 
     # 4. embeddings
     state = set_tied(state, target.tie_embeddings, options.tie_method)

@@ -96,8 +96,8 @@ def read_slice(source: ModelSource, parallel: ParallelConfig) -> ModelState:
     tensors = {}
     for name, (mapping, _, _) in hf_layout(config).items():
         if reader.shape(name) is None:
-            raise CheckpointError(f"{source}: checkpoint is missing tensor {name!r} required by its config: copy or convert "
-                                  "it again")
+            raise CheckpointError(f"{source}: checkpoint is missing tensor {name!r} required by its config: "
+                                  "copy or convert it again")
         (rows, cols), = hf_slices(mapping, [name], config, where.rank, where.size)
         tensors[name] = reader.read(name, rows, cols)
     return ModelState(config, tensors, where)

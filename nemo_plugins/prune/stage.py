@@ -55,7 +55,8 @@ class PruneEval:
     max_windows: int = 8
 
 
-def prune_stage_config(target: PruneTarget, options: PruneOptions, calibration: CalibrationData, evaluation: PruneEval) -> dict:
+def prune_stage_config(target: PruneTarget, options: PruneOptions, calibration: CalibrationData,
+                       evaluation: PruneEval) -> dict:
     """What the stage's manifest records as its config (and what a rerun must match to reuse it)."""
     return {"target": dataclasses.asdict(target), "options": dataclasses.asdict(options),
             "calibration": dataclasses.asdict(calibration), "eval": dataclasses.asdict(evaluation)}
@@ -78,7 +79,8 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
     check_vocab(tokenizer, config)
     calib_tokens, calib_positions = pack_text(tokenizer, list(calibration.paths), calibration.seq_len,
                                               max(1, calibration.tokens // calibration.seq_len))
-    windows = token_windows(tokenizer, iter_documents(list(evaluation.paths)), evaluation.seq_len, evaluation.max_windows)
+    windows = token_windows(tokenizer, iter_documents(list(evaluation.paths)), evaluation.seq_len,
+                            evaluation.max_windows)
 
     before = evaluate_perplexity(model_from_state(parent_state, parallel, dtype), windows)
     calibrator = megatron_calibrator(parallel, calib_tokens, calib_positions, calibration.micro_batch_size, dtype)
@@ -92,9 +94,11 @@ def run_prune_stage(parent: ModelSource, target: PruneTarget, options: PruneOpti
     if vision is not None:
         child_model = vision_child(child_model, child.config, parent, parallel, dtype)
     # the stage owns these folders: a rerun after a kill (no manifest yet) replaces its own earlier outputs
-    megatron_checkpoint.save_model(child_model, child.config, out_dir / MEGATRON_DIR, tokenizer_dir=tok_dir, overwrite=True)
+    megatron_checkpoint.save_model(child_model, child.config, out_dir / MEGATRON_DIR, tokenizer_dir=tok_dir,
+                                   overwrite=True)
     manifest = {**(manifest_extra or {}), "stage": "prune", "parent": str(parent),
-                "config": prune_stage_config(target, options, calibration, evaluation), "child_config": child.config.to_dict(),
+                "config": prune_stage_config(target, options, calibration, evaluation),
+                "child_config": child.config.to_dict(),
                 "parameters": {"parent": config.num_parameters(), "child": child.config.num_parameters()},
                 "perplexity": report["perplexity"], "checkpoint": str(out_dir / MEGATRON_DIR),
                 "wall_seconds": time.monotonic() - started}
