@@ -88,8 +88,9 @@ def cursor_from_manifest(path: str | None, identity: dict, key: str = "cursor") 
     recorded = manifest.get("fingerprint", {}).get("data")
     if recorded != identity:
         found = describe_changes(changed_keys(recorded or {}, identity)) if recorded else "it records no data mix"
-        raise DataError(f"{key}={path} was written for another data mix ({found}): a cursor continues only the mix "
-                          f"that wrote it; use that stage's data settings, or leave {key} unset to start at the beginning")
+        raise DataError(f"{key}={path} was written for another data mix ({found}): "
+                        "a cursor continues only the mix that wrote it; "
+                        f"use that stage's data settings, or leave {key} unset to start at the beginning")
     return Cursor.from_dict(manifest["cursor_end"])
 
 
@@ -141,7 +142,8 @@ def round_robin_order(cursor: Cursor, name: str, weight: float) -> tuple[float, 
 
 
 class DataMix:
-    def __init__(self, sources: list[MixSource], heldout_fraction: float = 0.02, images: ImageInputs | None = None) -> None:
+    def __init__(self, sources: list[MixSource], heldout_fraction: float = 0.02,
+                 images: ImageInputs | None = None) -> None:
         check_sources({s.name: s.weight for s in sources}, heldout_fraction, len(sources))
         self.sources = sources
         self.images = images if any(s.images is not None for s in sources) else None

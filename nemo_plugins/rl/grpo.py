@@ -416,10 +416,10 @@ def screen_problems(policy: torch.nn.Module, rewards: Rewards, chat_format: Chat
                     counts["no_room"])
         if counts["kept"] == 0 and counts["screened"] >= needed:
             raise DataError(f"problem filtering kept none of the first {counts['screened']:.0f} problems "
-                            f"({counts['always_solved']:.0f} always solved, {counts['never_solved']:.0f} never solved in "
-                            f"{stage.problem_filter.samples} answers each): the policy gets no signal from this data, and "
-                            "screening on would read the whole mix; choose problems it sometimes solves, or turn "
-                            "problem_filter.samples off")
+                            f"({counts['always_solved']:.0f} always solved, {counts['never_solved']:.0f} never "
+                            f"solved in {stage.problem_filter.samples} answers each): the policy gets no signal "
+                            "from this data, and screening on would read the whole mix; choose problems it "
+                            "sometimes solves, or turn problem_filter.samples off")
     counts["dropped"] = sorted(dropped)
     return counts
 
@@ -495,7 +495,8 @@ def run_grpo_stage(stage: GRPOStage, policy_source: ModelSource, reference_sourc
                             reference_tokenizer_dir)
     prompts = ChatPrompts(chat, stage.train.seed, cursor, stage.train.global_batch_size)
     facts, done = prepare_stage(stage.name, stage.train, stage.optimizer,
-                                stage_facts(stage, policy_source, reference_source, rewards_config, prompts, chat_format),
+                                stage_facts(stage, policy_source, reference_source, rewards_config, prompts,
+                                            chat_format),
                                 prompts, cursor, out_dir, resume_with_changes, before_work)
     if done is not None:
         return done

@@ -93,7 +93,8 @@ class ODPOSampling:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ConfigError(f"sampling.temperature must be > 0 (two greedy samples are one response), got {self.temperature}")
+            raise ConfigError("sampling.temperature must be > 0 (two greedy samples are one response), "
+                              f"got {self.temperature}")
         SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
         if self.max_tool_calls < 0 or self.max_batch_size < 1:
             raise ConfigError("sampling.max_tool_calls must be >= 0 and sampling.max_batch_size >= 1")
@@ -191,7 +192,8 @@ class ODPOStep:
         label, keep, stats = self._labels(pairs)
         rows = sample_rows([s for pair in pairs for s in _row_samples(pair)], train.seq_len, self.chat_format.pad_id)
         batches = micro_batches(rows, 2 * train.micro_batch_size)
-        reference = frozen_sequence_logprobs(self.reference, batches).to(torch.float32).split(2 * train.micro_batch_size)
+        reference = (frozen_sequence_logprobs(self.reference, batches).to(torch.float32)
+                     .split(2 * train.micro_batch_size))
         groups = list(zip(label.split(train.micro_batch_size), keep.split(train.micro_batch_size), reference))
         kept = torch.tensor([float(keep.sum())], device=device())
         dist.all_reduce(kept, group=parallel_state.get_data_parallel_group())
@@ -213,8 +215,9 @@ class ODPOStep:
         index = torch.tensor([i for i, pair in enumerate(pairs) if pair is not None], dtype=torch.long)
         label[index], keep[index] = p_present, keep_present
         responses = [r for x in present for r in (x.a, x.b)]
-        stats = torch.tensor([len(pairs), len(pairs) - len(present), len(responses), float(loops_a.sum() + loops_b.sum()),
-                              float((~keep_present).sum()), float(((p_present - 0.5).abs() * keep_present).sum()),
+        stats = torch.tensor([len(pairs), len(pairs) - len(present), len(responses),
+                              float(loops_a.sum() + loops_b.sum()), float((~keep_present).sum()),
+                              float(((p_present - 0.5).abs() * keep_present).sum()),
                               float(sum(sum(r.policy_mask) for r in responses)),
                               float(sum(tool_calls(r) for r in responses))], dtype=torch.float64)
         return label, keep, stats
@@ -256,7 +259,8 @@ class ODPOStep:
                              "label_confidence": confidence / max(sampled - dropped, 1.0),
                              "loop_rate": looping / max(responses, 1.0), "drop_rate": dropped / sampled,
                              "skipped_prompts": skipped, "pairs": pairs_kept,
-                             "response_tokens": tokens / max(responses, 1.0), "tool_calls": calls / max(responses, 1.0)})
+                             "response_tokens": tokens / max(responses, 1.0),
+                             "tool_calls": calls / max(responses, 1.0)})
 
 
 def _row_samples(pair: Pair | None) -> list:
@@ -293,13 +297,16 @@ class WinRate:
         loops_policy = torch.tensor([loops(a, sampling) for _, a, _ in both])
         loops_reference = torch.tensor([loops(b, sampling) for _, _, b in both])
         label, keep = pair_labels(p, loops_policy, loops_reference, True)
-        return {"win_rate": float(torch.where(keep, label, 0.5).mean()), "loop_rate": float(loops_policy.double().mean()),
+        return {"win_rate": float(torch.where(keep, label, 0.5).mean()),
+                "loop_rate": float(loops_policy.double().mean()),
                 "reference_loop_rate": float(loops_reference.double().mean()),
-                "response_tokens": float(np.mean([sum(a.policy_mask) for _, a, _ in both])), "prompts": float(len(both))}
+                "response_tokens": float(np.mean([sum(a.policy_mask) for _, a, _ in both])),
+                "prompts": float(len(both))}
 
     def _responses(self, model: torch.nn.Module) -> list[Response | None]:
         seeds = [self.stage.train.seed + 2 * i for i in range(len(self.prompts))]
-        pairs = sample_pairs(model, self.prompts, seeds, self.chat_format, self.stage.sampling, self.stage.train.seq_len)
+        pairs = sample_pairs(model, self.prompts, seeds, self.chat_format, self.stage.sampling,
+                             self.stage.train.seq_len)
         return [pair.a if pair is not None else None for pair in pairs]
 
 

@@ -156,7 +156,8 @@ def first_wins_logits(model: torch.nn.Module, rows: Sequence[Sequence[int]], lab
     longest = max(len(r) for r in rows)
     # stages exchange activations of one shape: under PP every micro-batch is padded to the longest row
     lengths = [-(-(longest if pipelined else max(len(r) for r in group)) // multiple) * multiple for group in groups]
-    batches = [{k: v.to(device()) for k, v in pad_rows(group, length, pad_id).items()} for group, length in zip(groups, lengths)]
+    batches = [{k: v.to(device()) for k, v in pad_rows(group, length, pad_id).items()}
+               for group, length in zip(groups, lengths)]
     sequence_parallel = model.config.sequence_parallel
     was_training = model.training
     model.eval()
@@ -235,8 +236,8 @@ class PairwiseJudge:
                 if max(len(self.template.ids(m, a, b)), len(self.template.ids(m, b, a))) <= self.max_tokens]
         if len(fits) < len(items):
             self.too_long += len(items) - len(fits)
-            logger.warning("PWRM: %d of %d pairs longer than its %d tokens scored 1/2 (%d so far)", len(items) - len(fits),
-                           len(items), self.max_tokens, self.too_long)
+            logger.warning("PWRM: %d of %d pairs longer than its %d tokens scored 1/2 (%d so far)",
+                           len(items) - len(fits), len(items), self.max_tokens, self.too_long)
         p = torch.full((len(items),), 0.5, dtype=torch.float64)
         if fits:
             scores = score_both_orders(self.model, self.template, [items[i] for i in fits], self.micro_batch_size)
@@ -247,14 +248,17 @@ class PairwiseJudge:
 def check_judge_tokenizer(pwrm_dir: Path, policy_dir: Path) -> None:
     """The judge reads the policy's decoded answers in the policy's chat format: one tokenizer for both."""
     if not same_tokenizer(pwrm_dir, policy_dir):
-        raise ConfigError(f"the PWRM's tokenizer ({pwrm_dir}) differs from the policy's ({policy_dir}): train the PWRM "
-                          "from a model of the policy's family (recipes.pwrm source=...) or judge with the matching PWRM")
+        raise ConfigError(f"the PWRM's tokenizer ({pwrm_dir}) differs from the policy's ({policy_dir}): "
+                          "train the PWRM from a model of the policy's family (recipes.pwrm source=...) "
+                          "or judge with the matching PWRM")
 
 
 def load_judge(manifest: str, policy: str | None = None, micro_batch_size: int = 4) -> PairwiseJudge:
     """The judge of a finished PWRM stage (its ``manifest.json``: checkpoint, chat format, context, tau), loaded in
-    the running layout (``initialize`` has run); ``policy`` (a model source) must share its tokenizer. For Hydra:
-    ``judge: {_target_: nemo_plugins.rl.pwrm.load_judge, manifest: runs/pwrm/pwrm/manifest.json, policy: ${policy}}``."""
+    the running layout (``initialize`` has run); ``policy`` (a model source) must share its tokenizer. For Hydra::
+
+        judge: {_target_: nemo_plugins.rl.pwrm.load_judge, manifest: runs/pwrm/pwrm/manifest.json, policy: ${policy}}
+    """
     record = read_json(manifest)
     if record is None or "calibration" not in record:
         raise ConfigError(f"judge.manifest={manifest}: not a finished PWRM stage's manifest.json (run recipes.pwrm)")
@@ -330,7 +334,8 @@ class PWRMStep:
             output = chunk(rows["tokens"], rows["positions"], return_hidden=True)
 
             def loss_func(output):
-                z = label_logits(last_hidden(output, rows["last"], sequence_parallel), model.output_weight(), self.label_ids)
+                hidden = last_hidden(output, rows["last"], sequence_parallel)
+                z = label_logits(hidden, model.output_weight(), self.label_ids)
                 loss_sum = soft_cross_entropy(z, rows["targets"]).sum()
                 count = torch.tensor(z.shape[0], dtype=torch.int, device=z.device)
                 return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "rows": count}
@@ -343,9 +348,11 @@ class PWRMStep:
         """This data-parallel rank's rows as micro-batches on this rank's device."""
         tokens, positions, last, targets = batch
         per_rank = self.train.micro_batch_size * self.train.microbatches(parallel_state.get_data_parallel_world_size())
-        mine = slice(parallel_state.get_data_parallel_rank() * per_rank, (parallel_state.get_data_parallel_rank() + 1) * per_rank)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         size = self.train.micro_batch_size
-        return [{"tokens": t.to(device()), "positions": p.to(device()), "last": la.to(device()), "targets": g.to(device())}
+        return [{"tokens": t.to(device()), "positions": p.to(device()), "last": la.to(device()),
+                 "targets": g.to(device())}
                 for t, p, la, g in zip(*(x[mine].split(size) for x in (tokens, positions, last, targets)))]
 
 
@@ -378,13 +385,14 @@ class HeldoutEvaluation:
     """The loop's ``evaluate``: scores the held-out pairs in both orders and keeps the latest scores, which the
     calibration then reuses (the end-of-training evaluation is the trained model's)."""
 
-    def __init__(self, model: torch.nn.Module, template: PairTemplate, pairs: Sequence[Pair], micro_batch_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, template: PairTemplate, pairs: Sequence[Pair],
+                 micro_batch_size: int) -> None:
         self.model, self.template, self.pairs, self.micro_batch_size = model, template, pairs, micro_batch_size
         self.latest: BothOrders | None = None
 
     def score(self) -> BothOrders:
-        self.latest = score_both_orders(self.model, self.template, [(p.messages, p.chosen, p.rejected) for p in self.pairs],
-                                        self.micro_batch_size)
+        both = [(p.messages, p.chosen, p.rejected) for p in self.pairs]
+        self.latest = score_both_orders(self.model, self.template, both, self.micro_batch_size)
         return self.latest
 
     def __call__(self) -> dict:
@@ -406,8 +414,9 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
     dtype = torch.bfloat16 if stage.train.precision == "bfloat16" else torch.float32
     config = source_config(source)
     if chat_format.vocab_size > config.vocab_size:
-        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
-                          f"vocabulary has {config.vocab_size}: set pairs.format to the model's own (hf_template)")
+        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} "
+                          f"but the model's vocabulary has {config.vocab_size}: "
+                          "set pairs.format to the model's own (hf_template)")
     template = PairTemplate(chat_format)
     train_pairs, heldout = [p for p in pairs if p.split == "train"], [p for p in pairs if p.split == "heldout"]
     fit_set, test_set = calibration_sets(heldout)
@@ -431,10 +440,11 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
     outcomes = torch.tensor([float(p.target >= 0.5) for p in test_set], dtype=torch.float64)
     fit_targets = torch.tensor([p.target for p in fit_set], dtype=torch.float64)
     report = calibrate(fit.ab_logits, fit_targets, test.ab_logits, outcomes, stage.calibration)
-    first = next((r for r in MetricsLog.read(Path(out_dir) / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == 0), {})
-    manifest = {**(manifest_extra or {}), "stage": stage.name, "config": dataclasses.asdict(stage), "source": str(source),
-                "chat_format": chat_format_spec, "label_ids": list(template.label_ids), **result,
-                "pairs": pair_stats(pairs), "pairs_dropped_too_long": stream.dropped,
+    records = MetricsLog.read(Path(out_dir) / "metrics.jsonl")
+    first = next((r for r in records if r["kind"] == "eval" and r["step"] == 0), {})
+    manifest = {**(manifest_extra or {}), "stage": stage.name, "config": dataclasses.asdict(stage),
+                "source": str(source), "chat_format": chat_format_spec, "label_ids": list(template.label_ids),
+                **result, "pairs": pair_stats(pairs), "pairs_dropped_too_long": stream.dropped,
                 "heldout": {"before": {k: first.get(k) for k in ("accuracy", "nll", "position_bias")},
                             "after": heldout_report(scores, fit_set + test_set, report.tau)},
                 "calibration": report.to_dict(), "wall_seconds": time.monotonic() - started}
@@ -444,8 +454,8 @@ def run_pwrm_stage(stage: PWRMStage, source: ModelSource, pairs: Sequence[Pair],
                          Path(out_dir) / "reliability.png", stage.calibration.bins)
         write_manifest(out_dir, manifest)
         logger.info("%s done: held-out accuracy %.3f (before %s), position bias %.3f, tau %.3g, ECE %.3f -> %.3f, "
-                    "%.0f s", stage.name, manifest["heldout"]["after"]["accuracy"], manifest["heldout"]["before"]["accuracy"],
-                    manifest["heldout"]["after"]["position_bias"], report.tau, report.ece_before, report.ece_after,
-                    manifest["wall_seconds"])
+                    "%.0f s", stage.name, manifest["heldout"]["after"]["accuracy"],
+                    manifest["heldout"]["before"]["accuracy"], manifest["heldout"]["after"]["position_bias"],
+                    report.tau, report.ece_before, report.ece_after, manifest["wall_seconds"])
     dist.barrier()
     return manifest

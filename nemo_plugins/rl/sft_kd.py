@@ -252,8 +252,9 @@ def run_sft_stage(stage: SFTStage, teacher_source: ModelSource, student_source: 
         check_tokenizers(teacher_tokenizer_dir, tokenizer_dir)
     check_screen(stage, chat)
     if chat_format.vocab_size > s_config.vocab_size:
-        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} but the model's "
-                          f"vocabulary has {s_config.vocab_size}: set chat_data.format to the model's own (hf_template)")
+        raise ConfigError(f"the chat format {chat_format.name} emits ids up to {chat_format.vocab_size} "
+                          f"but the model's vocabulary has {s_config.vocab_size}: "
+                          "set chat_data.format to the model's own (hf_template)")
     facts, done = prepare_stage(stage.name, stage.train, stage.optimizer,
                                 stage_facts(stage, teacher_source, student_source, chat, chat_format), chat, cursor,
                                 out_dir, resume_with_changes, before_work)
@@ -284,7 +285,8 @@ def finish_plain_stage(stage: SFTStage, student_source: ModelSource, s_config, r
     manifest = {**extra, "stage": stage.name, "config": dataclasses.asdict(stage), "teacher": None,
                 "student_input": str(student_source), "student_config": s_config.to_dict(),
                 "parameters": s_config.num_parameters(), **result,
-                "train_flops": 6 * s_config.num_parameters() * result["tokens"], "wall_seconds": time.monotonic() - started}
+                "train_flops": 6 * s_config.num_parameters() * result["tokens"],
+                "wall_seconds": time.monotonic() - started}
     if dist.get_rank() == 0:
         write_manifest(out_dir, manifest)
         logger.info("%s done (plain SFT): %d tokens, held-out assistant-token loss %.4f, ppl %.2f, %.0f s", stage.name,

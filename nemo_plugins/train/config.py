@@ -57,14 +57,16 @@ class TrainSettings:
     keep_last: int = 2
     max_nonfinite_steps: int = 3
     seed: int = 1234
-    frozen_parameters: tuple[str, ...] = ()  # globs over parameter names (e.g. "vision.*"): no gradient, no optimizer state
+    # globs over parameter names (e.g. "vision.*"): no gradient, no optimizer state
+    frozen_parameters: tuple[str, ...] = ()
     recompute: str = "none"  # activation recompute: none | selective | full
     fp8_recipe: str = "delayed"  # with train.fp8 on TE: delayed | tensorwise | blockwise | mxfp8
     fp8_amax_history_len: int = 1024  # delayed scaling: amax history length
     fp8_bf16_first_last: bool = False  # first and last layers in bf16 (current-scaling recipes only)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.frozen_parameters, (list, tuple)) or not all(isinstance(p, str) for p in self.frozen_parameters):
+        frozen = self.frozen_parameters
+        if not isinstance(frozen, (list, tuple)) or not all(isinstance(p, str) for p in frozen):
             raise ConfigError(f"train.frozen_parameters must be a list of globs over parameter names (e.g. "
                               f"['vision.*']), got {self.frozen_parameters!r}")
         object.__setattr__(self, "frozen_parameters", tuple(self.frozen_parameters))

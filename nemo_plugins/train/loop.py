@@ -207,7 +207,8 @@ class TrainingRun:
     def run(self, step_fn: StepFunction, data: DataStream, evaluate: Evaluate, cursor_start: Cursor) -> dict:
         frozen = freeze_parameters(self.model, list(self.train.frozen_parameters))
         if frozen:
-            logger.info("%s: %d parameter tensors frozen (%s)", self.name, len(frozen), ", ".join(self.train.frozen_parameters))
+            logger.info("%s: %d parameter tensors frozen (%s)", self.name, len(frozen),
+                        ", ".join(self.train.frozen_parameters))
         total_steps = self.train.steps
         ddp, distributed = wrap_for_training(self.model)
         optimizer, scheduler = build_optimizer(ddp, self.optimizer, total_steps, distributed)
@@ -229,7 +230,8 @@ class TrainingRun:
                 history.append({"step": state["step"], "changes": {k: list(v) for k, v in changes.items()}})
                 _apply_settings(optimizer, scheduler, settings)
             scheduler.load_state_dict(state["scheduler"])
-            step, cursor, nonfinite_in_a_row = state["step"], Cursor.from_dict(state["cursor"]), state["nonfinite_in_a_row"]
+            step, cursor = state["step"], Cursor.from_dict(state["cursor"])
+            nonfinite_in_a_row = state["nonfinite_in_a_row"]
             logger.info("%s: resumed from %s (step %d/%d, %d tokens read)", self.name, resume_from, step, total_steps,
                         cursor.tokens())
 
@@ -346,4 +348,5 @@ def _check_finite_parameters(model: torch.nn.Module) -> None:
     flag = torch.tensor([float(len(bad))], device=device())
     dist.all_reduce(flag)
     if flag.item():
-        raise NonFiniteLossError(f"refusing to save a checkpoint with non-finite weights ({', '.join(bad[:5]) or 'on another rank'})")
+        raise NonFiniteLossError("refusing to save a checkpoint with non-finite weights "
+                                 f"({', '.join(bad[:5]) or 'on another rank'})")

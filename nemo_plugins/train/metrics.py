@@ -16,7 +16,8 @@ class MetricsLog:
     """Appends ``{"step", "kind", ...}`` records; on resume, records past the resumed step are dropped
     (a killed run may have logged steps it never checkpointed), so the file matches an uninterrupted run."""
 
-    def __init__(self, out_dir: str | Path, resume_step: int, total_steps: int, tokens_per_step: int, name: str) -> None:
+    def __init__(self, out_dir: str | Path, resume_step: int, total_steps: int, tokens_per_step: int,
+                 name: str) -> None:
         self.enabled = dist.get_rank() == 0
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
