@@ -1,7 +1,8 @@
 """One distillation stage: the parent (model.source) teaches a student; resumable, single-pass data.
 
     python -m recipes.distill student=megatron:runs/prune/22L_384h_1024f/megatron
-    python -m recipes.distill stage@stage.distill=distill_long student=megatron:runs/distill/distill_short/checkpoints/step_00000016 \\
+    python -m recipes.distill stage@stage.distill=distill_long \\
+        student=megatron:runs/distill/distill_short/checkpoints/step_00000016 \\
         cursor=runs/distill/distill_short/manifest.json
     torchrun --nproc-per-node 2 -m recipes.distill parallel.tp=2 student=...
 
@@ -30,7 +31,8 @@ def run(cfg: DistillConfig) -> dict:
     if not cfg.model.source:
         raise ConfigError("model.source is null: say where the teacher's weights are")
     if not cfg.student:
-        raise ConfigError("student is null: say where the student starts, e.g. student=megatron:runs/prune/<child>/megatron")
+        raise ConfigError("student is null: say where the student starts, "
+                          "e.g. student=megatron:runs/prune/<child>/megatron")
     stage, parallel = cfg.stage.distill, cfg.parallel
     teacher_source, student_source = ModelSource.parse(cfg.model.source), ModelSource.parse(cfg.student)
     initialize(parallel, stage.train.seed)

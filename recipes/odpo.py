@@ -28,7 +28,8 @@ from recipes._entry import hydra_entry
 
 def run(cfg: ODPOConfig) -> dict:
     if not cfg.policy:
-        raise ConfigError("policy is null: say which SFT model to train, e.g. policy=megatron:runs/sft/sft_kd/checkpoints/...")
+        raise ConfigError("policy is null: say which SFT model to train, "
+                          "e.g. policy=megatron:runs/sft/sft_kd/checkpoints/...")
     if not isinstance(cfg.judge, dict) or "_target_" not in cfg.judge:
         raise ConfigError("judge is not set: give 'judge={_target_: <module>.<callable>}' building an object with "
                           "prob_first_wins(conversations, responses_a, responses_b) (the calibrated PWRM)")

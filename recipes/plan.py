@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             lines = launch_lines(cfg, args.overrides)
             if args.commands:
-                output = [f"# {row}" for text, _ in lines for row in text.splitlines()] + [launch.line() for _, launch in lines]
+                comments = [f"# {row}" for text, _ in lines for row in text.splitlines()]
+                output = comments + [launch.line() for _, launch in lines]
             else:
                 output = [f"{text}\n    {launch.command}" for text, launch in lines]
     print("\n".join(output))

@@ -26,7 +26,8 @@ from recipes._entry import hydra_entry
 
 def run(cfg: SFTConfig) -> dict:
     if not cfg.student:
-        raise ConfigError("student is null: say where the student starts, e.g. student=megatron:runs/demo/<child>/distill_long/...")
+        raise ConfigError("student is null: say where the student starts, "
+                          "e.g. student=megatron:runs/demo/<child>/distill_long/...")
     stage, parallel = cfg.stage.sft_kd, cfg.parallel
     if stage.teacher is None and not cfg.model.source:
         raise ConfigError("no teacher: set stage.sft_kd.teacher or model.source")

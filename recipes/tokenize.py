@@ -1,6 +1,7 @@
 """Tokenise a run's corpus before the run: the token files ``data`` (and ``chat_data``) name, built with N processes.
 
-    python -m recipes.tokenize cascade=ministral3 model.source=hf:/data/models/Mistral-Small-3.1-24B-Base-2503 workers=32
+    python -m recipes.tokenize cascade=ministral3 \\
+        model.source=hf:/data/models/Mistral-Small-3.1-24B-Base-2503 workers=32
     python -m recipes.tokenize data=user_corpus model.source=hf:/data/models/... workers=16 parts=64
     python -m recipes.tokenize ... parts=64 shard=3/16     # one Slurm array task: parts 3, 19, 35, 51; no merge
     python -m recipes.tokenize ... parts=64                # after the array: finds the parts done, merges
@@ -17,7 +18,8 @@ system prompt (so ``recipes.sft stage@stage.sft_kd=reasoning_sft`` finds its fil
 the cascade's ``reasoning_data`` by ``stage.reasoning_sft``'s and its ``problem_data`` with that stage's system
 prompt alone. (Rendering unscreened files and refusing them in the stage would leave the cluster path,
 ``require_prebuilt: true``, with no way to build what the stage opens.) A run whose data config says
-``require_prebuilt: true`` refuses to start without these files and prints this command with its own overrides (``prebuilt_by``).
+``require_prebuilt: true`` refuses to start without these files and prints this command with its own overrides
+(``prebuilt_by``).
 """
 
 from __future__ import annotations
