@@ -70,7 +70,8 @@ def recipe(name: str, *overrides: str, tmp: Path, env: dict | None = None) -> su
     """``python -m recipes.<name>`` with Hydra's own output inside the test's temp dir."""
     return subprocess.run([sys.executable, "-m", f"recipes.{name}", *overrides, f"hydra.run.dir={tmp / 'hydra'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "CASCADE_CACHE_DIR": str(tmp / "cache"), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "CASCADE_CACHE_DIR": str(tmp / "cache"),
+                               **(env or {})})
 
 
 def refused(done: subprocess.CompletedProcess, kind: str, *fragments: str) -> str:
@@ -144,7 +145,8 @@ def test_a_corpus_smaller_than_the_stage_is_refused_before_the_first_step(models
     corpus.write_text("def f(x):\n    return x + 1\n" * 10)
     before = snapshot(models)
     done = recipe("distill", *distill(models, tmp_path / "run", f"data.cache_dir={tmp_path / 'tokens'}",
-                                      f"data.sources=[{{name: small, paths: ['{corpus}'], weight: 1.0}}]"), tmp=tmp_path)
+                                      f"data.sources=[{{name: small, paths: ['{corpus}'], weight: 1.0}}]"),
+                  tmp=tmp_path)
     refused(done, "DataError", "more training rows of 64 tokens", "the stage needs 4", "lower the train_tokens")
     assert not (tmp_path / "run").exists(), "a refused run leaves no output folder behind"
     assert snapshot(models) == before
@@ -209,14 +211,16 @@ def test_evaluate_with_nan_weights_is_an_error_and_writes_no_nan(models, tmp_pat
 @pytest.mark.slow
 def test_a_refused_cascade_rerun_leaves_resolved_config_yaml_as_it_was(models, tmp_path):
     run = tmp_path / "cascade"
-    cascade = [f"model.source=megatron:{models / 'teacher'}", "model.architecture=null", "posttrain=false",
-               "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0}]", f"data.cache_dir={models / 'tokens'}",
-               "cascade.children=[{name: a, num_layers: 1, hidden_size: 32, ffn_hidden_size: 64, tie_embeddings: false}]",
-               "stage.prune.calibration.tokens=128", "stage.prune.calibration.seq_len=64", "stage.prune.eval.seq_len=64",
-               "stage.prune.eval.max_windows=1", "stage.distill_short.train.seq_len=64",
-               "stage.distill_short.train.train_tokens=512", "stage.distill_long.train.seq_len=128",
-               "stage.distill_long.train.train_tokens=512", "stage.distill_long.context.original_context=64",
-               "stage.distill_long.context.yarn_factor=2.0", "until=a/prune", f"output_dir={run}"]
+    cascade = [
+        f"model.source=megatron:{models / 'teacher'}", "model.architecture=null", "posttrain=false",
+        "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0}]", f"data.cache_dir={models / 'tokens'}",
+        "cascade.children=[{name: a, num_layers: 1, hidden_size: 32, ffn_hidden_size: 64, tie_embeddings: false}]",
+        "stage.prune.calibration.tokens=128", "stage.prune.calibration.seq_len=64", "stage.prune.eval.seq_len=64",
+        "stage.prune.eval.max_windows=1", "stage.distill_short.train.seq_len=64",
+        "stage.distill_short.train.train_tokens=512", "stage.distill_long.train.seq_len=128",
+        "stage.distill_long.train.train_tokens=512", "stage.distill_long.context.original_context=64",
+        "stage.distill_long.context.yarn_factor=2.0", "until=a/prune", f"output_dir={run}",
+    ]
     first = recipe("cascade", *cascade, tmp=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     recorded = (run / "resolved_config.yaml").read_text()
@@ -231,12 +235,17 @@ def test_a_refused_cascade_rerun_leaves_resolved_config_yaml_as_it_was(models, t
 
 
 @pytest.mark.parametrize("cls,key,values,message", [
-    (ParallelConfig, "parallel", {"tp": "two"}, "parallel.tp: Value 'two' of type 'str' could not be converted to Integer"),
-    (ParallelConfig, "parallel", {"sequence_parallel": "maybe"}, "parallel.sequence_parallel: Value 'maybe' is not a valid bool"),
-    (ParallelConfig, "parallel", {"tp": True}, "parallel.tp: Value 'True' of type 'bool' could not be converted to Integer"),
-    (TrainSettings, "train", {"frozen_parameters": "vision.*"}, r"train.frozen_parameters: Invalid value assigned: .* is not a ListConfig, list or tuple"),
+    (ParallelConfig, "parallel", {"tp": "two"},
+     "parallel.tp: Value 'two' of type 'str' could not be converted to Integer"),
+    (ParallelConfig, "parallel", {"sequence_parallel": "maybe"},
+     "parallel.sequence_parallel: Value 'maybe' is not a valid bool"),
+    (ParallelConfig, "parallel", {"tp": True},
+     "parallel.tp: Value 'True' of type 'bool' could not be converted to Integer"),
+    (TrainSettings, "train", {"frozen_parameters": "vision.*"},
+     r"train.frozen_parameters: Invalid value assigned: .* is not a ListConfig, list or tuple"),
     (TrainSettings, "train", {"fp8": [8]}, r"train.fp8: Cannot convert 'ListConfig' to string"),
-    (OptimizerSettings, "optimizer", {"lr": "fast"}, "optimizer.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    (OptimizerSettings, "optimizer", {"lr": "fast"},
+     "optimizer.lr: Value 'fast' of type 'str' could not be converted to Float"),
 ])
 def test_a_value_of_the_wrong_type_is_named_by_its_key(cls, key, values, message):
     with pytest.raises(ConfigError, match=f"^{message}"):
@@ -245,7 +254,8 @@ def test_a_value_of_the_wrong_type_is_named_by_its_key(cls, key, values, message
 
 def test_the_full_path_is_named_inside_nested_settings_and_integers_stand_for_floats():
     stage = composed("distill", "stage.distill.optimizer.lr=1", "stage.distill.kl.temperature=2").stage.distill
-    assert stage.optimizer.lr == 1.0 and isinstance(stage.optimizer.lr, float) and isinstance(stage.kl.temperature, float)
+    assert stage.optimizer.lr == 1.0 and isinstance(stage.optimizer.lr, float)
+    assert isinstance(stage.kl.temperature, float)
     with pytest.raises(ConfigError, match=r"^stage.distill.train.seq_len: Value '1k' of type 'str' could not be"):
         composed("distill", "stage.distill.train.seq_len=1k")
     with pytest.raises(ConfigError, match=r"^stage.distill.optimizer.lrr: unknown key \(allowed here: lr, min_lr,"):
@@ -311,7 +321,8 @@ def test_a_stage_whose_data_runs_out_is_refused_before_anything_is_loaded_or_wri
 
 def test_the_cascade_checks_what_all_its_stages_read_before_the_first(mix):
     plan = plan_from_config(composed("cascade", "posttrain=false", "stage.distill_short.train.seq_len=32",
-                                     "stage.distill_short.train.train_tokens=2048", "stage.distill_long.train.seq_len=64",
+                                     "stage.distill_short.train.train_tokens=2048",
+                                     "stage.distill_long.train.seq_len=64",
                                      "stage.distill_long.context.original_context=32",
                                      "stage.distill_long.train.train_tokens=2048"))
     inputs = CascadeInputs(None, mix, None, None, None, None, None, Path("unused"), torch.float32, "", 0, 0)
@@ -348,8 +359,9 @@ def test_damaged_json_files_are_named(tmp_path, mix):
     manifest.write_text('{"cursor_end": {"offsets"')
     with pytest.raises(DataError, match=rf"^{manifest}: not valid JSON"):
         cursor_from_manifest(str(manifest), {})
-    for directory, name, read in ((tmp_path / "hf", "config.json", hf_io.read_config),
-                                  (tmp_path / "megatron", megatron_checkpoint.CONFIG_NAME, megatron_checkpoint.read_config)):
+    readers = ((tmp_path / "hf", "config.json", hf_io.read_config),
+               (tmp_path / "megatron", megatron_checkpoint.CONFIG_NAME, megatron_checkpoint.read_config))
+    for directory, name, read in readers:
         directory.mkdir()
         (directory / name).write_text('{"hidden_size": 5')
         with pytest.raises(DataError, match=rf"^{directory / name}: not valid JSON"):
@@ -473,8 +485,10 @@ def test_a_disk_that_fills_up_during_the_save_is_reported_as_full(small_disk, mi
         run()
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")])
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598"),
+])
 def test_a_save_that_fails_for_lack_of_space_says_so(tmp_path, mix, monkeypatch, failure):
     def full(*args, **kwargs):
         monkeypatch.setattr(disk_space, "free_bytes", lambda path: 0)  # what the failed write left free

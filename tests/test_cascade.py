@@ -40,7 +40,8 @@ def test_demo_and_ministral3_configs_validate():
     assert build_plan(_compose("token_scale=2")).short.train.train_tokens == 2 * demo.short.train.train_tokens
     assert demo.order()[3] == ("child_14b_like", "sft_kd") and paper.sft.train.fp8 == "hybrid"
     base_only = build_plan(_compose("posttrain=false"))
-    assert base_only.sft is None and {stage for _, stage in base_only.order()} == {"prune", "distill_short", "distill_long"}
+    assert base_only.sft is None
+    assert {stage for _, stage in base_only.order()} == {"prune", "distill_short", "distill_long"}
     assert base_only.pwrm is None and base_only.odpo is None
     stages = [stage for _, stage in demo.order()]
     assert stages.count("pwrm") == 1 and demo.order()[4:6] == [("child_14b_like", "pwrm"), ("child_14b_like", "odpo")]
@@ -53,7 +54,8 @@ def test_demo_and_ministral3_configs_validate():
 
 @pytest.mark.parametrize("override,message", [
     ("tokn_scale=2", "^tokn_scale: unknown key"),
-    ("stage.distill_short.train.seq_lenn=64", r"^stage.distill_short.train.seq_lenn: unknown key \(allowed here: seq_len,"),
+    ("stage.distill_short.train.seq_lenn=64",
+     r"^stage.distill_short.train.seq_lenn: unknown key \(allowed here: seq_len,"),
 ])
 def test_misspelt_keys_are_rejected_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -61,7 +63,8 @@ def test_misspelt_keys_are_rejected_by_name(override, message):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("cascade.children=[{name: a, num_layers: 2, hiden_size: 8, ffn_hidden_size: 8}]", r"^cascade.children.*hiden_size: unknown key"),
+    ("cascade.children=[{name: a, num_layers: 2, hiden_size: 8, ffn_hidden_size: 8}]",
+     r"^cascade.children.*hiden_size: unknown key"),
     ("until=child_8b_like/distil_short", "until=child_8b_like/distil_short is not a stage"),
     ("ablations=[kl_mix]", "unknown ablation"),
     ("+cascade.stage_parallel.distill={tp: 2}", "unknown stage"),
@@ -111,7 +114,8 @@ def test_the_reasoning_branch_in_the_plan():
     (["grpo_stem_sources=[]"], "grpo_stem_sources is empty"),
     (["grpo_stem_sources=[reasoning_math,poems]"], r"grpo_stem_sources names \['poems'\]"),
     (["rubric_judge=hub:mistral"], "hub"),
-    (["+cascade.stage_parallel.grpo_stem={pp: 2}"], r"stage_parallel.grpo_stem .*GRPO \(STEM\) samples from the policy"),
+    (["+cascade.stage_parallel.grpo_stem={pp: 2}"],
+     r"stage_parallel.grpo_stem .*GRPO \(STEM\) samples from the policy"),
     (["posttrain=false", "+cascade.stage_parallel.odpo={cp: 2}", "+cascade.stage_parallel.grpo_stem={}",
       "+cascade.stage_parallel.grpo_general={}"], r"stage_parallel.odpo \(the layout of odpo_reasoning\)"),
     (["stage.grpo_general.sampling.max_new_tokens=4096"], "leaves no room for a prompt"),
@@ -127,7 +131,8 @@ def test_invalid_reasoning_settings_are_rejected_before_any_work(overrides, mess
 def test_children_must_shrink_and_fit_the_parent():
     plan = build_plan(_compose())
     parent = tiny_config(num_layers=4, hidden_size=48, tie_embeddings=True)
-    grow = CascadePlan([ChildSpec("a", 3, 40, 80, True), ChildSpec("b", 3, 40, 80, False)], plan.short, plan.long, plan.parallel)
+    children = [ChildSpec("a", 3, 40, 80, True), ChildSpec("b", 3, 40, 80, False)]
+    grow = CascadePlan(children, plan.short, plan.long, plan.parallel)
     with pytest.raises(ConfigError, match="'b' has .* not fewer"):
         grow.child_configs(parent)
     with pytest.raises(ConfigError, match="hidden_size=64 must be between 1 and the parent's 48"):
@@ -160,7 +165,8 @@ TINY = [
     "ablations=[kl_ce_mix,independent_pruning,random_init]",
     "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
     "stage.sft_kd.train.seq_len=256", "stage.sft_kd.train.train_tokens=2048", "stage.sft_kd.train.save_interval=1",
-    "stage.sft_kd.train.eval_rows_per_source=2", "stage.sft_kd.optimizer.lr=3e-3", "stage.sft_kd.sample.max_new_tokens=4",
+    "stage.sft_kd.train.eval_rows_per_source=2", "stage.sft_kd.optimizer.lr=3e-3",
+    "stage.sft_kd.sample.max_new_tokens=4",
     "pairs.counts={arithmetic: 8, code: 0, loops: 8, format: 8}", "pwrm_init=first_child",
     "stage.pwrm.train.seq_len=512", "stage.pwrm.train.global_batch_size=8", "stage.pwrm.train.micro_batch_size=4",
     "stage.pwrm.train.train_tokens=8192", "stage.pwrm.train.save_interval=1",
@@ -179,14 +185,16 @@ def tiny_parent(tmp_path_factory):
 
 
 def _cascade(parent, out_dir, env, extra=(), **popen):
-    command = [sys.executable, "-m", "recipes.cascade", f"model.source=hf:{parent}", *TINY, *extra, f"output_dir={out_dir}"]
+    command = [sys.executable, "-m", "recipes.cascade", f"model.source=hf:{parent}", *TINY, *extra,
+               f"output_dir={out_dir}"]
     return subprocess.Popen(command, env=env, **popen)
 
 
 def _outcome(out_dir: Path) -> dict:
     """Everything a run measured (metrics of every stage, samples), without wall times."""
     found = {str(p.relative_to(out_dir)): MetricsLog.read(p) for p in sorted(out_dir.rglob("metrics.jsonl"))}
-    found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["completion"] for p in sorted(out_dir.rglob("sample.json"))})
+    found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["completion"]
+                  for p in sorted(out_dir.rglob("sample.json"))})
     found.update({str(p.relative_to(out_dir)): json.loads(p.read_text())["samples"]
                   for p in sorted(out_dir.glob("*/instruct_sft/manifest.json"))})
     found.update({str(p.relative_to(out_dir)): StepMetrics.read(p) for p in sorted(out_dir.rglob(STEP_METRICS))})
@@ -226,7 +234,8 @@ def test_tiny_cascade_end_to_end_and_after_a_kill(tiny_parent, tmp_path):
     short = [r for r in MetricsLog.read(reference / "a" / "distill_short" / "metrics.jsonl") if r["kind"] == "eval"]
     assert short[-1]["kl"] < short[0]["kl"]
     cached = sorted((reference / "teacher_heldout").glob("*.pt"))
-    assert len(cached) == 2, f"one teacher held-out pass per row length (short, long), shared by both children: {cached}"
+    assert len(cached) == 2, ("one teacher held-out pass per row length (short, long), shared by both children: "
+                              f"{cached}")
 
     pwrm = json.loads((reference / "pwrm" / "manifest.json").read_text())
     odpo = [json.loads((reference / child / "instruct_odpo" / "manifest.json").read_text()) for child in ("a", "b")]

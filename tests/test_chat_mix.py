@@ -70,7 +70,8 @@ def test_rows_hold_whole_conversations_greedily_with_padding_masked(chatml, sour
         assert runs, "every row holds at least one conversation"
         for run_tokens, run_targets in runs:
             assert run_tokens == pending.tokens, "a whole conversation, in file order, never cut"
-            assert run_targets == pending.assistant_mask[1:] + [0], "target at t = assistant token at t+1, same conversation"
+            shifted = pending.assistant_mask[1:] + [0]
+            assert run_targets == shifted, "target at t = assistant token at t+1, same conversation"
             pending = next(expected)
         if padding is not None:
             assert set(padding[1]) == {0.0}
@@ -83,7 +84,8 @@ def test_two_calls_read_what_one_call_of_twice_the_rows_reads(chatml, source_fil
     mix = build_chat_mix(chatml, [SourceSpec("a", [source_file])], tmp_path / "cache", heldout_fraction=0.1)
     *whole, end = mix.next_rows(Cursor(), rows=6, seq_len=SEQ_LEN)
     *first, middle = mix.next_rows(Cursor(), rows=3, seq_len=SEQ_LEN)
-    *second, end_again = mix.next_rows(Cursor.from_dict(json.loads(json.dumps(middle.to_dict()))), rows=3, seq_len=SEQ_LEN)
+    resumed = Cursor.from_dict(json.loads(json.dumps(middle.to_dict())))
+    *second, end_again = mix.next_rows(resumed, rows=3, seq_len=SEQ_LEN)
     for one, a, b in zip(whole, first, second):
         assert torch.equal(one, torch.cat([a, b]))
     assert end.to_dict() == end_again.to_dict()
@@ -102,7 +104,8 @@ def test_heldout_is_disjoint_from_everything_training_reads_and_long_ones_are_co
             tokens, positions, targets, cursor = mix.next_rows(cursor, rows=1, seq_len=SEQ_LEN)
             trained += [tuple(t) for t, _ in row_conversations(tokens[0], positions[0], targets[0], chatml.pad_id)[0]]
     tokens, positions, targets = mix.heldout_rows(SEQ_LEN, max_rows_per_source=10)
-    heldout = [tuple(t) for r in range(len(tokens)) for t, _ in row_conversations(tokens[r], positions[r], targets[r], chatml.pad_id)[0]]
+    heldout = [tuple(t) for r in range(len(tokens))
+               for t, _ in row_conversations(tokens[r], positions[r], targets[r], chatml.pad_id)[0]]
     encoded = [tuple(e.tokens) for e in reference(chatml, [conversation(i, i in LONG) for i in range(20)])]
     assert trained == [e for i, e in enumerate(encoded[:15]) if i not in LONG]
     assert heldout == encoded[15:]
@@ -120,8 +123,10 @@ def test_weights_set_the_share_of_rows(chatml, tmp_path):
 @pytest.mark.parametrize("line, match", [
     ("{not json", "not valid JSON"),
     (json.dumps({"text": "hello"}), 'an object with "messages"'),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}), "unknown role 'robot'"),
-    (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}), r"message 0 \(user\): missing content"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}),
+     "unknown role 'robot'"),
+    (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}),
+     r"message 0 \(user\): missing content"),
     (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), "no assistant turn"),
 ])
 def test_a_bad_line_is_an_error_naming_file_and_line(chatml, tmp_path, line, match):

@@ -77,7 +77,8 @@ def test_a_value_of_the_wrong_type_is_named_with_its_full_path(recipe, key, valu
 def test_every_recipe_composes_to_its_schema():
     for name, schema in SCHEMAS.items():
         assert type(composed(name)) is schema, name
-    assert isinstance(composed("tokenize"), CascadeConfig), "tokenize prepares the cascade's data: its config extends it"
+    tokenize = composed("tokenize")
+    assert isinstance(tokenize, CascadeConfig), "tokenize prepares the cascade's data: its config extends it"
 
 
 def test_one_dtype_setting_decides_every_stage_precision():

@@ -81,7 +81,8 @@ def test_stages_read_disjoint_contiguous_token_ranges(tmp_path, teacher, mix):
     """short -> long (extended context) -> the next child: each starts where the previous stopped."""
     cursor, ranges = Cursor(), []
     long_config = ContextExtension(original_context=32, yarn_factor=2.0, attention_temperature_beta=0.1).apply(STUDENT)
-    plan = [("short", STUDENT, 32), ("long", long_config, 64), ("next_child", tiny_config(hidden_size=24, ffn_hidden_size=48), 32)]
+    next_child = tiny_config(hidden_size=24, ffn_hidden_size=48)
+    plan = [("short", STUDENT, 32), ("long", long_config, 64), ("next_child", next_child, 32)]
     for name, config, seq_len in plan:
         _, run = _run(tmp_path / name, teacher, mix, config=config, seq_len=seq_len, train_tokens=2 * 4 * seq_len)
         result = run(cursor)

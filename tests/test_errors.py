@@ -91,7 +91,8 @@ def test_misspelt_stage_key_is_named():
     from nemo_plugins.config.build import build
     from nemo_plugins.prune.pipeline import PruneOptions
 
-    with pytest.raises(ConfigError, match=r"^stage.prune.options.layer_metod: unknown key \(allowed here: layer_method,"):
+    with pytest.raises(ConfigError,
+                       match=r"^stage.prune.options.layer_metod: unknown key \(allowed here: layer_method,"):
         build(PruneOptions, {"layer_metod": "random"}, "stage.prune.options")
     with pytest.raises(ConfigError, match=r"^stage.prune.options.layer_method: Invalid value 'norm'"):
         build(PruneOptions, {"layer_method": "norm"}, "stage.prune.options")
