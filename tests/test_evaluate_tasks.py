@@ -50,9 +50,11 @@ def test_humaneval_task_writes_its_report(checkpoints, tmp_path):
     assert (report["task"], report["problems"], report["pass@1"]) == ("humaneval", 2, 0.0)
 
 
-@pytest.mark.parametrize("override, message", [("task=mmlu", r"^task: Invalid value 'mmlu', expected one of \[perplexity, problems, humaneval\]"),
-                                               ("humaneval.samples=3", "temperature 0"),
-                                               ("+humaneval.bogus=1", r"^humaneval.bogus: unknown key")])
+@pytest.mark.parametrize("override, message", [
+    ("task=mmlu", r"^task: Invalid value 'mmlu', expected one of \[perplexity, problems, humaneval\]"),
+    ("humaneval.samples=3", "temperature 0"),
+    ("+humaneval.bogus=1", r"^humaneval.bogus: unknown key"),
+])
 def test_bad_settings_are_refused(checkpoints, tmp_path, override, message):
     task = [] if override.startswith("task=") else ["task=humaneval"]
     with pytest.raises(ConfigError, match=message):

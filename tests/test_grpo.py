@@ -121,7 +121,8 @@ def test_the_recipe_asks_the_problems_with_the_policys_sft_system_prompt(tmp_pat
     screened, plain = (composed("grpo", *base, *extra) for extra in ([], ["stage.sft_kd.system_prompt=null"]))
     system = composed("sft", "stage@stage.sft_kd=reasoning_sft").stage.sft_kd.system_prompt
     tokenizer = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
-    asked, bare = (ChatPrompts(load_problems(cfg, tokenizer)[1], 0, Cursor(), 1).heldout(4) for cfg in (screened, plain))
+    asked, bare = (ChatPrompts(load_problems(cfg, tokenizer)[1], 0, Cursor(), 1).heldout(4)
+                   for cfg in (screened, plain))
     decode = AutoTokenizer.from_pretrained(tokenizer).decode
     assert system and all(system in decode(p.ids) for p in asked)
     assert not any(system in decode(p.ids) for p in bare)

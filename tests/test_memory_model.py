@@ -46,7 +46,8 @@ def test_pruning_memory_is_per_slice_not_per_model():
 
 def test_plan_lines_name_host_and_gpu_memory_per_stage():
     lines = [s.describe() for s in stage_memory("prune", PARENT, C14, TP8, seq_len=16384)]
-    lines += [s.describe() for s in stage_memory("distill_short", PARENT, C14, ParallelConfig(tp=8, sequence_parallel=True),
+    lines += [s.describe() for s in stage_memory("distill_short", PARENT, C14,
+                                                 ParallelConfig(tp=8, sequence_parallel=True),
                                                  data_parallel=8, seq_len=16384, microbatches=32)]
     assert [line.split(":")[0] for line in lines] == ["load", "prune", "export", "distill", "export"]
     for line in lines:

@@ -211,7 +211,8 @@ def test_the_ministral3_plan_with_the_reasoning_branch_runs_it_per_child_in_the_
     # conf/cascade/ministral3.yaml has no paper-scale reasoning SFT / ODPO budgets yet: given here
     code, out, err = planner("--commands", "cascade=ministral3", "model.source=null", "reasoning=true",
                              "reasoning_data.format=tekken", "problem_data.format=tekken",
-                             "stage.reasoning_sft.train.global_batch_size=128", "stage.reasoning_sft.train.seq_len=32768",
+                             "stage.reasoning_sft.train.global_batch_size=128",
+                             "stage.reasoning_sft.train.seq_len=32768",
                              "stage.odpo_reasoning.train.global_batch_size=256",
                              "stage.odpo_reasoning.train.seq_len=16384",
                              *(f"stage.{s}.train.train_tokens=419430400" for s in ("reasoning_sft", "odpo_reasoning")))

@@ -37,7 +37,8 @@ def planted_records() -> tuple[list[dict], dict[int, tuple[str, str]]]:
         1: ({"messages": [user, {"role": "assistant", "content": answer}]}, ("format", "no think block")),
         3: ({"messages": [user, {"role": "assistant", "thinking": "Let me add them again. " * 30, "content": answer}]},
             ("repetition", "excessive repetition")),
-        4: ({"messages": [user, {"role": "assistant", "thinking": thinking + "\n然后我们计算总价格并且找零钱给顾客计算总价格。",
+        4: ({"messages": [user, {"role": "assistant",
+                                 "thinking": thinking + "\n然后我们计算总价格并且找零钱给顾客计算总价格。",
                                  "content": answer}]}, ("language", "script switch (CJK in LATIN text)")),
         6: ({"messages": [user, {"role": "assistant", "thinking": thinking, "content": answer}],
              "meta": {"finish_reason": "length"}}, ("truncation", "cut at the length limit")),
@@ -127,8 +128,8 @@ def test_the_recipe_trains_on_think_block_data_and_reports_the_filter_counts(tmp
     planted.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "run"
     command = [sys.executable, "-m", "recipes.sft", "stage@stage.sft_kd=reasoning_sft", "data@chat_data=reasoning_demo",
-               "model=tiny", f"model.source=megatron:{tmp_path / 'teacher'}", f"student=megatron:{tmp_path / 'student'}",
-               f"chat_data.cache_dir={tmp_path / 'chat'}",
+               "model=tiny", f"model.source=megatron:{tmp_path / 'teacher'}",
+               f"student=megatron:{tmp_path / 'student'}", f"chat_data.cache_dir={tmp_path / 'chat'}",
                "chat_data.sources=[{name: math, paths: ['builtin:reasoning_math?count=300'], weight: 3.0}, "
                f"{{name: planted, paths: ['{planted}'], weight: 1.0}}]",
                "chat_data.heldout_fraction=0.1", "stage.sft_kd.train.seq_len=512",

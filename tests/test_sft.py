@@ -36,14 +36,16 @@ def test_the_distillation_step_with_a_target_mask_is_the_kl_of_the_masked_tokens
     """Against a naive reference on full logits: the mean KL over the masked targets of the whole batch (two
     micro-batches with unequal target counts weigh every target alike)."""
     torch.manual_seed(0)
-    teacher_model, student = build_model(tiny_config(), ParallelConfig()), build_model(tiny_config(hidden_size=32), ParallelConfig())
+    teacher_model = build_model(tiny_config(), ParallelConfig())
+    student = build_model(tiny_config(hidden_size=32), ParallelConfig())
     train = TrainSettings(seq_len=16, micro_batch_size=2, global_batch_size=4, train_tokens=64)
     tokens = torch.randint(0, 128, (4, 16))
     positions = torch.arange(16).expand(4, -1).contiguous()
     target_mask = (torch.rand(4, 16) < 0.4).float()
     use_per_token_loss(student)
     ddp, _ = wrap_for_training(student)
-    loss = DistillationStep(Teacher(teacher_model), KLOptions(chunk_tokens=8), train)(ddp, (tokens, positions, target_mask))
+    step = DistillationStep(Teacher(teacher_model), KLOptions(chunk_tokens=8), train)
+    loss = step(ddp, (tokens, positions, target_mask))
 
     with torch.no_grad():
         mask = target_mask.clone()
@@ -133,7 +135,8 @@ def test_plain_sft_is_the_masked_cross_entropy_of_the_assistant_tokens_without_a
         mask[:, -1] = 0  # the last position has no next token
         assert mask[:2].sum() != mask[2:].sum(), "the micro-batches must differ in target count"
         logits = student(tokens, positions).float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), tokens[:, 1:].reshape(-1), reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), tokens[:, 1:].reshape(-1),
+                                                reduction="none")
         expected = float((nll * mask[:, :-1].reshape(-1)).sum() / mask.sum())
     heldout = heldout_nll(student, tokens, positions, target_mask, micro_batch_size=3)
     assert heldout["loss"] == pytest.approx(expected, rel=1e-5) and heldout["tokens"] == int(mask.sum())

@@ -98,8 +98,8 @@ def test_a_bad_line_in_a_later_piece_names_its_line(tmp_path):
 
 def test_parts_and_shards_merge_to_the_bytes_of_one_build(tmp_path, tokenizer):
     corpus = str(make_corpus(tmp_path / "corpus"))
-    reference = write_token_file((tokenizer(t, add_special_tokens=False)["input_ids"] for t in naive_documents(Path(corpus))),
-                                 tmp_path / "ref" / "c", len(tokenizer), tokenizer.eos_token_id,
+    documents = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in naive_documents(Path(corpus)))
+    reference = write_token_file(documents, tmp_path / "ref" / "c", len(tokenizer), tokenizer.eos_token_id,
                                  {"paths": [corpus], "key": store_prefix(tokenizer, [corpus], tmp_path, "c")[1]})
     one = build_token_file(tokenizer, [corpus], tmp_path / "one", "c").prefix
     assert store_bytes(one) == store_bytes(reference.prefix)
@@ -108,7 +108,8 @@ def test_parts_and_shards_merge_to_the_bytes_of_one_build(tmp_path, tokenizer):
     first = build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5, shard="0/2"))
     prefix = first.prefix
     assert first.parts_built == 3 and 0 < first.tokens_built < TokenFile(reference.prefix).metadata["tokens"]
-    assert sorted(p.name for p in cache.glob("*.json")) == [f"{prefix.name}.part-0000{i}-of-00005.json" for i in (0, 2, 4)]
+    written = [f"{prefix.name}.part-0000{i}-of-00005.json" for i in (0, 2, 4)]
+    assert sorted(p.name for p in cache.glob("*.json")) == written
     build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5, shard="1/2"))
     merged = build_token_file(tokenizer, [corpus], cache, "c", BuildOptions(parts=5))
     assert merged.prefix == prefix and merged.parts_built == 0  # every part was done: only the merge
@@ -179,7 +180,8 @@ def _rank_body(tok_dir: str, corpus: str, cache: str, out: str) -> None:
     rank = dist.get_rank()
     published = []
     publish = token_store._publish
-    token_store._publish = lambda partial, prefix, write: (published.append(prefix.name), publish(partial, prefix, write))
+    token_store._publish = lambda partial, prefix, write: (published.append(prefix.name),
+                                                           publish(partial, prefix, write))
     tokenizer = load_tokenizer(tok_dir)
     try:
         build_mix(tokenizer, [SourceSpec("c", [corpus])], cache, 0.1, prebuilt_by="python -m recipes.tokenize x=1")
@@ -209,7 +211,8 @@ def test_two_ranks_with_an_empty_cache_write_it_once(tmp_path):
 
 
 def _recipe(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CASCADE_CACHE_DIR": str(cwd / "cache")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "CASCADE_CACHE_DIR": str(cwd / "cache")}
     return subprocess.run([sys.executable, "-m", module, *overrides, f"hydra.run.dir={cwd / 'hydra'}"], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=600)
 
@@ -246,10 +249,11 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
     small = ["data@chat_data=reasoning_demo", f"chat_data.cache_dir={tmp_path / 'chat'}",
              "chat_data.sources=[{name: reasoning_math, paths: ['builtin:reasoning_math?count=40'], weight: 1.0}]"]
     screen = ["stage@stage.sft_kd=reasoning_sft", "stage.sft_kd.filters.max_repetition=0.4"]
-    assert data_overrides([*small, *screen, "stage.sft_kd.optimizer.lr=1", "student=x", "+stage.reasoning_sft.name=r"]) \
-        == [*small, *screen]
+    asked = [*small, *screen, "stage.sft_kd.optimizer.lr=1", "student=x", "+stage.reasoning_sft.name=r"]
+    assert data_overrides(asked) == [*small, *screen]
     corpus = make_corpus(tmp_path / "corpus")
-    text = [f"data.sources=[{{name: c, paths: ['{corpus / 'a.jsonl'}'], weight: 1.0}}]", f"data.cache_dir={tmp_path / 'tok'}"]
+    text = [f"data.sources=[{{name: c, paths: ['{corpus / 'a.jsonl'}'], weight: 1.0}}]",
+            f"data.cache_dir={tmp_path / 'tok'}"]
     built = tokenize(composed("tokenize", "model.source=embedded:smollm2", *small, *screen, *text, "chat=true",
                               "posttrain=false"))
     sft = composed("sft", *small, *screen, "chat_data.require_prebuilt=true")
@@ -273,7 +277,8 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
 def _tokenize_interleaved(tmp_path, *overrides: str) -> dict:
     from recipes.tokenize import run as tokenize
 
-    captions = "data.sources=[{name: captions, kind: interleaved, paths: ['builtin:captions?count=4&size=56'], weight: 1.0}]"
+    captions = ("data.sources=[{name: captions, kind: interleaved, paths: ['builtin:captions?count=4&size=56'], "
+                "weight: 1.0}]")
     return tokenize(composed("tokenize", captions, f"data.cache_dir={tmp_path / 'tok'}", "posttrain=false", *overrides))
 
 
@@ -283,6 +288,7 @@ def test_interleaved_sources_need_a_vision_parent_and_a_valid_max_image_side(tmp
     with pytest.raises(ConfigError, match=r"'captions' is interleaved \(images\) but the model has no vision part"):
         _tokenize_interleaved(tmp_path, "model.source=embedded:smollm2")
     for bad in ("0", "-5", "big"):
-        with pytest.raises(ConfigError, match=rf"data.max_image_side={bad} must be a positive|data.max_image_side: Value '{bad}'"):
+        refusal = rf"data.max_image_side={bad} must be a positive|data.max_image_side: Value '{bad}'"
+        with pytest.raises(ConfigError, match=refusal):
             _tokenize_interleaved(tmp_path, "model.source=embedded:smollm2", f"data.max_image_side={bad}")
     assert not (tmp_path / "tok").exists()

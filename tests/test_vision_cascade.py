@@ -41,8 +41,8 @@ BASE = [
     "model.architecture=null", "posttrain=false",
     "data.sources=[{name: json, paths: ['stdlib:json'], weight: 1.0},"
     "{name: captions, kind: interleaved, paths: ['builtin:captions?count=64&seed=0&size=56'], weight: 1.0}]",
-    "cascade.children=[" + ",".join(f"{{name: {n}, num_layers: {l}, hidden_size: {h}, ffn_hidden_size: {f}, "
-                                     "tie_embeddings: true}" for n, (l, h, f) in CHILDREN.items()) + "]",
+    "cascade.children=[" + ",".join(f"{{name: {n}, num_layers: {layers}, hidden_size: {h}, ffn_hidden_size: {f}, "
+                                     "tie_embeddings: true}" for n, (layers, h, f) in CHILDREN.items()) + "]",
     "stage.prune.calibration.tokens=256", "stage.prune.calibration.seq_len=64",
     "stage.prune.eval.seq_len=64", "stage.prune.eval.max_windows=2",
     "stage.distill_short.train.seq_len=64", "stage.distill_short.train.train_tokens=512",
@@ -153,7 +153,8 @@ def test_tiny_multimodal_cascade_keeps_the_encoder_and_trains_a_projector_per_ch
 
 
 @pytest.mark.slow
-def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenised_beforehand(multimodal_parent, tmp_path):
+def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenised_beforehand(
+        multimodal_parent, tmp_path):
     """``python -m recipes.tokenize`` then ``python -m recipes.cascade ... data.require_prebuilt=true`` with the
     same overrides: the tokenize command writes the captions' token file and images side file exactly where the
     cascade's mix opens them (it may not build any), and the first child's distill_short reads image rows."""
@@ -164,13 +165,15 @@ def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenise
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CASCADE_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "recipes.cascade", *overrides, f"output_dir={run_dir}",
-                           "until=a/distill_short", "data.require_prebuilt=true", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                           "until=a/distill_short", "data.require_prebuilt=true",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = read_json(run_dir / "a" / "distill_short" / "manifest.json")
     assert manifest["cursor_end"]["rows"]["captions"] > 0 and manifest["cursor_end"]["rows"]["json"] > 0
     assert manifest["eval"]["captions/tokens"] > 0, "the captions' held-out rows are evaluated with their images"
-    assert source_vision(ModelSource("megatron", manifest["checkpoint"])) is not None  # the student kept its vision part
+    # the student kept its vision part
+    assert source_vision(ModelSource("megatron", manifest["checkpoint"])) is not None
     assert not (run_dir / "b").exists()
 
 
@@ -180,7 +183,8 @@ SFT = ["posttrain=true", "chat_data.sources=[{name: arithmetic, paths: ['builtin
 
 
 @pytest.mark.slow
-def test_sft_of_a_vision_model_on_text_chat_exports_mistral3_with_its_encoder_and_projector(multimodal_parent, tmp_path):
+def test_sft_of_a_vision_model_on_text_chat_exports_mistral3_with_its_encoder_and_projector(
+        multimodal_parent, tmp_path):
     """The cascade's SFT stage (``runner.sft_child``) on a Mistral3 base with text-only conversations: the checkpoint
     stays vision-language and the export is a Mistral3 directory holding the base's encoder bit for bit and the
     projector the SFT checkpoint carries, which transformers loads."""
@@ -195,7 +199,8 @@ def test_sft_of_a_vision_model_on_text_chat_exports_mistral3_with_its_encoder_an
     _, _, trained = load_vision_language_model(ModelSource("megatron", done["checkpoint"]), ParallelConfig())
     parent_tensors = load_file(str(multimodal_parent / "model.safetensors"))
     exported_dir = run_dir / "sft" / "hf"
-    assert json.loads((exported_dir / "config.json").read_text())["architectures"] == ["Mistral3ForConditionalGeneration"]
+    architectures = json.loads((exported_dir / "config.json").read_text())["architectures"]
+    assert architectures == ["Mistral3ForConditionalGeneration"]
     exported = load_file(str(exported_dir / "model.safetensors"))
     encoder = {k: v for k, v in parent_tensors.items() if k.startswith("vision_tower.")}
     assert encoder and all(torch.equal(exported[k], t) for k, t in encoder.items())
@@ -211,10 +216,11 @@ def test_sft_of_a_vision_model_on_text_chat_exports_mistral3_with_its_encoder_an
 def test_the_distill_command_distils_a_mistral3_student_on_image_rows(multimodal_parent, tmp_path):
     """``python -m recipes.distill`` with a Mistral3 teacher and student on the captions alone: image rows read,
     the student's checkpoint vision-language; an image larger than ``data.max_image_side`` stops it with one line."""
-    captions = "data.sources=[{name: captions, kind: interleaved, paths: ['builtin:captions?count=64&seed=0&size=56']," \
-               " weight: 1.0}]"
-    command = [sys.executable, "-m", "recipes.distill", f"model.source=hf:{multimodal_parent}", "model.architecture=null",
-               f"student=hf:{multimodal_parent}", captions, f"data.cache_dir={tmp_path / 'tokens'}",
+    captions = ("data.sources=[{name: captions, kind: interleaved, "
+                "paths: ['builtin:captions?count=64&seed=0&size=56'], weight: 1.0}]")
+    command = [sys.executable, "-m", "recipes.distill", f"model.source=hf:{multimodal_parent}",
+               "model.architecture=null", f"student=hf:{multimodal_parent}", captions,
+               f"data.cache_dir={tmp_path / 'tokens'}",
                "data.heldout_fraction=0.2", "stage.distill.train.seq_len=64", "stage.distill.train.train_tokens=512",
                "stage.distill.train.eval_rows_per_source=2", f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CASCADE_CACHE_DIR": str(tmp_path)}
