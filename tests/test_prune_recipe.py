@@ -3,13 +3,12 @@
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, hf_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from recipes import prune as prune_recipe
-from recipes._entry import CONF_DIR as CONF
+from tests.configs import composed
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
 
@@ -37,9 +36,7 @@ def test_prune_recipe_writes_checkpoint_hf_dir_and_report(tiny_parent_with_token
         "stage.prune.eval.max_windows=2",
         f"output_dir={out}",
     ]
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="prune", overrides=overrides)
-    report = prune_recipe.run(cfg)
+    report = prune_recipe.run(composed("prune", *overrides))
     child_config = megatron_checkpoint.read_config(out / "megatron")
     assert (child_config.num_layers, child_config.hidden_size, child_config.ffn_hidden_size) == (3, 32, 64)
     assert child_config.tie_embeddings, "tied parent -> tied child"
@@ -56,9 +53,7 @@ def test_prune_recipe_writes_checkpoint_hf_dir_and_report(tiny_parent_with_token
 def test_prune_recipe_refuses_a_target_larger_than_the_parent(tiny_parent_with_tokenizer, tmp_path):
     from nemo_plugins.errors import ConfigError
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="prune", overrides=[f"model.source=hf:{tiny_parent_with_tokenizer}",
-                                                      "model.architecture=null", "stage.prune.target.num_layers=5",
-                                                      f"output_dir={tmp_path}/x"])
+    cfg = composed("prune", f"model.source=hf:{tiny_parent_with_tokenizer}", "model.architecture=null",
+                   "stage.prune.target.num_layers=5", f"output_dir={tmp_path}/x")
     with pytest.raises(ConfigError, match="prune.target.num_layers=5 must be between 1 and the parent's 4"):
         prune_recipe.run(cfg)

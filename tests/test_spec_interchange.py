@@ -11,6 +11,7 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -110,7 +111,7 @@ def test_both_specs_write_the_same_checkpoint_keys(te_model):
 
 
 def test_spec_neutral_keeps_te_only_extra_state_out_of_the_checkpoint(te_model):
-    plain = builder.GPTModel.sharded_state_dict(te_model(0))
+    plain = GPTModel.sharded_state_dict(te_model(0))
     te_only = {item.key for item in plain.values() if isinstance(item, ShardedObject)} - checkpoint_keys(te_model(0))
     assert te_only == {"decoder.layers.self_attention.core_attention._extra_state"}
 

@@ -220,7 +220,7 @@ def fused_kl_loss(
     if isinstance(teacher, torch.Tensor):
         teacher = DenseTeacher(teacher)
     if teacher.shape != (hidden.shape[0], weight.shape[0]):
-        raise ValueError(
+        raise ConfigError(
             f"teacher logits {teacher.shape} do not match student tokens x vocab shard "
             f"({hidden.shape[0]}, {weight.shape[0]}): teacher and student need the same vocabulary and TP layout"
         )
