@@ -193,8 +193,8 @@ def write_streamed(
     hf_config: dict | None = None,
 ) -> Path:
     """Write config.json + safetensors from ``tensors`` arriving in sorted name order (``specs`` announces them),
-    holding one shard at a time; atomically: temp dir, then rename. ``hf_config`` replaces ``bridges.config_to_hf(config)`` as
-    config.json (a Mistral3 export's, from ``vision.checkpoint``).
+    holding one shard at a time; atomically: temp dir, then rename. ``hf_config`` replaces
+    ``bridges.config_to_hf(config)`` as config.json (a Mistral3 export's, from ``vision.checkpoint``).
 
     An existing ``out_dir`` is replaced only if it is an earlier export of this project and ``overwrite`` is set
     (``output_dir.claim``); a failure before the rename leaves it as it was.
