@@ -198,23 +198,30 @@ class TokenizeConfig(CascadeConfig):
 
 
 @dataclass
+class OneStageConfig:
+    """What every single-stage recipe's config has: the parent (``model``: the teacher, or the start), the layout,
+    the dtype, where the stage writes, and whether a resumed run may change its settings."""
+
+    model: ModelGroup = MISSING
+    parallel: ParallelConfig = MISSING
+    dtype: Dtype = Dtype.float32
+    output_dir: str = MISSING
+    resume_with_changes: bool = False
+
+
+@dataclass
 class DistillStages:
     distill: DistillStage = MISSING
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(OneStageConfig):
     """``conf/distill.yaml`` (``recipes.distill``)."""
 
-    model: ModelGroup = MISSING
     data: TokenData = MISSING
     stage: DistillStages = field(default_factory=DistillStages)
-    parallel: ParallelConfig = MISSING
-    dtype: Dtype = Dtype.float32
     student: str | None = None
     cursor: str | None = None
-    output_dir: str = MISSING
-    resume_with_changes: bool = False
 
 
 @dataclass
@@ -224,7 +231,7 @@ class PruneStages:
 
 @dataclass
 class PruneConfig:
-    """``conf/prune.yaml`` (``recipes.prune``)."""
+    """``conf/prune.yaml`` (``recipes.prune``: no training state, so nothing to resume with changes)."""
 
     model: ModelGroup = MISSING
     stage: PruneStages = field(default_factory=PruneStages)
@@ -239,18 +246,13 @@ class SFTStages:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(OneStageConfig):
     """``conf/sft.yaml`` (``recipes.sft``)."""
 
-    model: ModelGroup = MISSING
     chat_data: ChatData = MISSING
     stage: SFTStages = field(default_factory=SFTStages)
-    parallel: ParallelConfig = MISSING
-    dtype: Dtype = Dtype.float32
     student: str | None = None
     chat_cursor: str | None = None
-    output_dir: str = MISSING
-    resume_with_changes: bool = False
 
 
 @dataclass
@@ -259,17 +261,24 @@ class PWRMStages:
 
 
 @dataclass
-class PWRMConfig:
+class PWRMConfig(OneStageConfig):
     """``conf/pwrm.yaml`` (``recipes.pwrm``)."""
 
-    model: ModelGroup = MISSING
     pairs: PairData = MISSING
     stage: PWRMStages = field(default_factory=PWRMStages)
-    parallel: ParallelConfig = MISSING
-    dtype: Dtype = Dtype.float32
     source: str | None = None
-    output_dir: str = MISSING
-    resume_with_changes: bool = False
+
+
+@dataclass
+class SampledStageConfig(OneStageConfig):
+    """A stage that samples from its policy on a chat mix's prompts and grades the answers (online DPO, GRPO).
+    ``judge``: ``{_target_: ...}``, instantiated by Hydra once the process group exists."""
+
+    chat_data: ChatData = MISSING
+    policy: str | None = None
+    reference: str | None = None
+    judge: Any = None
+    chat_cursor: str | None = None
 
 
 @dataclass
@@ -278,20 +287,10 @@ class ODPOStages:
 
 
 @dataclass
-class ODPOConfig:
-    """``conf/odpo.yaml`` (``recipes.odpo``). ``judge``: ``{_target_: ...}`` instantiated by Hydra."""
+class ODPOConfig(SampledStageConfig):
+    """``conf/odpo.yaml`` (``recipes.odpo``)."""
 
-    model: ModelGroup = MISSING
-    chat_data: ChatData = MISSING
     stage: ODPOStages = field(default_factory=ODPOStages)
-    parallel: ParallelConfig = MISSING
-    dtype: Dtype = Dtype.float32
-    policy: str | None = None
-    reference: str | None = None
-    judge: Any = None
-    chat_cursor: str | None = None
-    output_dir: str = MISSING
-    resume_with_changes: bool = False
 
 
 @dataclass
@@ -301,21 +300,11 @@ class GRPOStages:
 
 
 @dataclass
-class GRPOConfig:
-    """``conf/grpo.yaml`` (``recipes.grpo``). ``judge`` / ``rewards``: ``{_target_: ...}`` instantiated by Hydra."""
+class GRPOConfig(SampledStageConfig):
+    """``conf/grpo.yaml`` (``recipes.grpo``). ``rewards``: null, or ``{_target_: ...}`` replacing the graders."""
 
-    model: ModelGroup = MISSING
-    chat_data: ChatData = MISSING
     stage: GRPOStages = field(default_factory=GRPOStages)
-    parallel: ParallelConfig = MISSING
-    dtype: Dtype = Dtype.float32
-    policy: str | None = None
-    reference: str | None = None
-    judge: Any = None
     rewards: Any = None
-    chat_cursor: str | None = None
-    output_dir: str = MISSING
-    resume_with_changes: bool = False
 
 
 class Task(StrEnum):
