@@ -56,9 +56,10 @@ def _added_keys(node: DictConfig | ListConfig, path: str = "") -> Iterator[tuple
         where = f"{path}[{key}]" if isinstance(node, ListConfig) else _joined(path, str(key))
         if declared is not None and key not in declared:
             yield where, schema
-        child = node._get_node(key)
-        if isinstance(child, (DictConfig, ListConfig)) and not (child._is_none() or child._is_missing()
-                                                                 or child._is_interpolation()):
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue  # checked where it resolves to (or reported missing by to_object)
+        child = node[key]
+        if isinstance(child, (DictConfig, ListConfig)):
             yield from _added_keys(child, where)
 
 
