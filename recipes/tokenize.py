@@ -19,7 +19,7 @@ the cascade's ``reasoning_data`` by ``stage.reasoning_sft``'s and its ``problem_
 prompt alone. (Rendering unscreened files and refusing them in the stage would leave the cluster path,
 ``require_prebuilt: true``, with no way to build what the stage opens.) A run whose data config says
 ``require_prebuilt: true`` refuses to start without these files and prints this command with its own overrides
-(``prebuilt_by``).
+(``nemo_plugins.data.from_config.prebuilt_by``).
 """
 
 from __future__ import annotations
