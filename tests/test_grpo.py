@@ -251,7 +251,8 @@ def test_a_sigkilled_grpo_run_with_a_kl_term_resumes_bit_identically(root, chat,
     interrupted = tmp_path / "interrupted"
     code, _ = interrupt_after_step(_command(root, interrupted, steps), interrupted, kill_after + 1, signal.SIGKILL)
     assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
-    subprocess.run(_command(root, interrupted, steps), check=True, env=env, capture_output=True)
+    resumed_run = subprocess.run(_command(root, interrupted, steps), env=env, capture_output=True, text=True)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]  # a refusal names its reason
     assert train_records(interrupted) == train_records(reference), f"killed after step {kill_after + 1}"
     steps_metrics = StepMetrics.read(reference / STEP_METRICS)
     assert StepMetrics.read(interrupted / STEP_METRICS) == steps_metrics
