@@ -88,7 +88,8 @@ def hydra_entry(config_name: str, run: Callable[[Any], object]) -> Callable[[], 
     def main() -> None:
         nonlocal show_traceback
         register_schemas()
-        show_traceback = os.environ.get(FULL_ERROR) == "1"
+        users_setting = os.environ.get(FULL_ERROR)
+        show_traceback = users_setting == "1"
         # Hydra prints its composition errors over several lines and exits 1 unless HYDRA_FULL_ERROR is set, in which
         # case it raises them: they then reach this function, which prints them as the one-line ConfigError they are
         os.environ[FULL_ERROR] = "1"
@@ -100,7 +101,9 @@ def hydra_entry(config_name: str, run: Callable[[Any], object]) -> Callable[[], 
             with project_errors(show_traceback):
                 raise composition_error(err) from None
         finally:
-            if not show_traceback:
+            if users_setting is None:
                 del os.environ[FULL_ERROR]
+            else:
+                os.environ[FULL_ERROR] = users_setting
 
     return main

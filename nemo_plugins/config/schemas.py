@@ -5,7 +5,8 @@ Each root YAML names its schema first in its defaults list (``- schema@_global_:
 group file and override onto the schema and rejects an unknown key or a value of the wrong type with its full path
 (``stage.distill.optimizer.lrr``) before the recipe runs; ``nemo_plugins.config.build.typed_config`` then builds the
 root dataclass once (each group's ``__post_init__`` checks what a type cannot say). Groups that several recipes share
-(a data mix, a stage kind) have one dataclass here or next to the code that reads it.
+(a data mix, a stage kind) have one dataclass here or next to the code that reads it. None of them is frozen:
+OmegaConf makes a frozen dataclass's node read-only, and Hydra could not compose the YAML files onto it.
 """
 
 from __future__ import annotations
