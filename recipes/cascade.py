@@ -39,8 +39,6 @@ from nemo_plugins.cascade.report import write_report
 from nemo_plugins.cascade.runner import CascadeInputs, PairData, parent_long_context, run_cascade
 from nemo_plugins.config.schemas import CascadeConfig
 from nemo_plugins.convert.sources import ModelSource, check_declared, source_config, tokenizer_dir
-from nemo_plugins.data.chat import load_chat_format
-from nemo_plugins.data.chat_mix import build_chat_mix
 from nemo_plugins.data.from_config import load_chat_data, load_pairs, mix_images, prebuilt_by
 from nemo_plugins.data.mix import build_mix
 from nemo_plugins.data.tokenizer import check_vocab, load_tokenizer
@@ -53,14 +51,9 @@ from recipes._entry import hydra_entry
 def reasoning_data(cfg: CascadeConfig, plan: CascadePlan, tok_dir) -> tuple:
     """The reasoning SFT mix (screened as its stage screens it) and the problem mix (with the reasoning system
     prompt only: no filter drops a problem), rendered once and cached."""
-    chat_format = load_chat_format(cfg.reasoning_data.format, tok_dir)
-    mixes = []
-    for group, screen in (("reasoning_data", plan.reasoning_sft.data_screen()),
-                          ("problem_data", plan.reasoning_sft.prompt_screen())):
-        data = getattr(cfg, group)
-        mixes.append(build_chat_mix(chat_format, data.sources, data.cache_dir, data.heldout_fraction,
-                                    prebuilt_by(cfg, group), screen))
-    return chat_format, *mixes
+    chat_format, reasoning = load_chat_data(cfg, tok_dir, plan.reasoning_sft.data_screen(), "reasoning_data")
+    _, problems = load_chat_data(cfg, tok_dir, plan.reasoning_sft.prompt_screen(), "problem_data")
+    return chat_format, reasoning, problems
 
 
 def pair_data(cfg: CascadeConfig) -> PairData:

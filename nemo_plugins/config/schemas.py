@@ -132,16 +132,9 @@ class ReportSettings:
     sample_tokens: int = 24
 
 
-class Dtype(StrEnum):
-    """The dtype of every model a run loads and trains (``dtype=bfloat16`` on GPUs); the stages' ``train.precision``
-    follow it unless set on their own."""
-
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-assert set(Dtype) == set(DTYPES), "errors.DTYPES and Dtype name the same dtypes"
+# The dtype of every model a run loads and trains (``dtype=bfloat16`` on GPUs); the stages' ``train.precision``
+# follow it unless set on their own. Its members are the names ``errors.torch_dtype`` maps.
+Dtype = StrEnum("Dtype", {name: name for name in DTYPES})
 
 
 # ------------------------------------------------------------------------------------------------ roots
