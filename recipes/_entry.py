@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -52,6 +53,18 @@ def composition_error(err: HydraException | OmegaConfBaseException) -> ConfigErr
         prefix = override.group(1) if override and not str(cause.full_key).startswith(override.group(1)) else ""
         return ConfigError(schema_message(cause, prefix))
     return ConfigError(first_line)
+
+
+def compose_typed(name: str, *overrides: str) -> Any:
+    """``conf/<name>.yaml`` with ``overrides`` composed as the entry point composes it, as its recipe's typed config
+    (for code that composes without Hydra's command line: ``recipes.plan``, the tests); a composition error is the
+    one-line ConfigError the entry point prints."""
+    register_schemas()
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return typed_config(compose(name, overrides=list(overrides)))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise composition_error(err) from None
 
 
 @contextlib.contextmanager

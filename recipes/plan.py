@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
 from nemo_plugins.cascade.launch import (
     STORAGE_KEYS,
     ClusterConfig,
@@ -31,12 +27,11 @@ from nemo_plugins.cascade.launch import (
 )
 from nemo_plugins.cascade.memory import estimate_memory, stage_memory
 from nemo_plugins.cascade.plan import plan_from_config
-from nemo_plugins.config.build import typed_config
-from nemo_plugins.config.schemas import CascadeConfig, register_schemas
+from nemo_plugins.config.schemas import CascadeConfig
 from nemo_plugins.convert.sources import ModelSource, source_config
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
-from recipes._entry import CONF_DIR, composition_error, project_errors
+from recipes._entry import compose_typed, project_errors
 
 
 def parent_config(cfg: CascadeConfig) -> MistralConfig:
@@ -110,16 +105,6 @@ def _select(cfg: object, key: str) -> object:
     return cfg
 
 
-def compose_cascade(overrides: list[str]) -> CascadeConfig:
-    """The cascade's typed config with these overrides, as ``recipes.cascade`` composes it."""
-    register_schemas()
-    try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            return typed_config(compose("cascade", overrides=overrides))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise composition_error(err) from None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -129,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for recipes.cascade")
     args = parser.parse_args(argv)
     with project_errors():
-        cfg = compose_cascade(args.overrides)
+        cfg = compose_typed("cascade", *args.overrides)
         if args.container_flags:
             cluster, storage = cluster_storage(cfg, args.overrides)
             if storage is None:

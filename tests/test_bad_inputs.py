@@ -45,8 +45,7 @@ from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.facts import RunFacts
 from nemo_plugins.train.loop import NonFiniteLossError
 from nemo_plugins.train.metrics import MetricsLog
-from recipes._entry import ERROR_EXIT_CODE
-from tests.configs import composed
+from recipes._entry import ERROR_EXIT_CODE, compose_typed
 from tests.conftest import random_token_mix, save_tiny_teacher_and_student, tiny_config
 
 STUDENT = tiny_config(hidden_size=32, ffn_hidden_size=64)
@@ -253,15 +252,15 @@ def test_a_value_of_the_wrong_type_is_named_by_its_key(cls, key, values, message
 
 
 def test_the_full_path_is_named_inside_nested_settings_and_integers_stand_for_floats():
-    stage = composed("distill", "stage.distill.optimizer.lr=1", "stage.distill.kl.temperature=2").stage.distill
+    stage = compose_typed("distill", "stage.distill.optimizer.lr=1", "stage.distill.kl.temperature=2").stage.distill
     assert stage.optimizer.lr == 1.0 and isinstance(stage.optimizer.lr, float)
     assert isinstance(stage.kl.temperature, float)
     with pytest.raises(ConfigError, match=r"^stage.distill.train.seq_len: Value '1k' of type 'str' could not be"):
-        composed("distill", "stage.distill.train.seq_len=1k")
+        compose_typed("distill", "stage.distill.train.seq_len=1k")
     with pytest.raises(ConfigError, match=r"^stage.distill.optimizer.lrr: unknown key \(allowed here: lr, min_lr,"):
-        composed("distill", "stage.distill.optimizer.lrr=1")
+        compose_typed("distill", "stage.distill.optimizer.lrr=1")
     with pytest.raises(ConfigError, match=r"^stage.distill.optimizer.lrr: unknown key"):
-        composed("distill", "+stage.distill.optimizer.lrr=1")  # added past the schema: refused all the same
+        compose_typed("distill", "+stage.distill.optimizer.lrr=1")  # added past the schema: refused all the same
 
 
 # ----------------------------------------------------------------------- the data: budget, cursor, parsing
@@ -320,7 +319,7 @@ def test_a_stage_whose_data_runs_out_is_refused_before_anything_is_loaded_or_wri
 
 
 def test_the_cascade_checks_what_all_its_stages_read_before_the_first(mix):
-    plan = plan_from_config(composed("cascade", "posttrain=false", "stage.distill_short.train.seq_len=32",
+    plan = plan_from_config(compose_typed("cascade", "posttrain=false", "stage.distill_short.train.seq_len=32",
                                      "stage.distill_short.train.train_tokens=2048",
                                      "stage.distill_long.train.seq_len=64",
                                      "stage.distill_long.context.original_context=32",

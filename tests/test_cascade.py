@@ -23,13 +23,13 @@ from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.rl.odpo import STEP_METRICS, StepMetrics
 from nemo_plugins.train.metrics import MetricsLog
-from tests.configs import composed
+from recipes._entry import compose_typed
 from tests.conftest import tiny_config
 from tests.hf_reference import assert_loads_with_our_logits, hf_model, hf_state, load_in_transformers
 
 
 def _compose(*overrides):
-    return composed("cascade", *overrides)
+    return compose_typed("cascade", *overrides)
 
 
 def test_demo_and_ministral3_configs_validate():

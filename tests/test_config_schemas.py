@@ -10,8 +10,7 @@ import pytest
 
 from nemo_plugins.config.schemas import SCHEMAS, CascadeConfig
 from nemo_plugins.errors import ConfigError
-from recipes._entry import ERROR_EXIT_CODE
-from tests.configs import composed
+from recipes._entry import ERROR_EXIT_CODE, compose_typed
 from tests.recipe_runs import recipe_env
 
 # (recipe, a key of each config group, a value of the wrong type for it)
@@ -43,50 +42,56 @@ GROUP_KEYS = [
 ]
 
 
-def _misspelt(key: str) -> str:
-    """``key`` with its last part misspelt (``a.b.seq_len`` -> ``a.b.seq_lenx``)."""
-    return key + "x"
+def _list_item_override(recipe: str, key: str, changes: dict) -> str:
+    """An override of the list holding ``key`` (``group[0].field``): the list replaced by its first item with
+    ``changes`` (an override cannot address one item)."""
+    group = key.split("[0].")[0]
+    current = compose_typed(recipe)
+    for part in group.split("."):
+        current = getattr(current, part)
+    item = {**vars(current[0]), **changes}
+    rendered = ", ".join(f"{k}: {list(v) if isinstance(v, list) else v}" for k, v in item.items())
+    return f"{group}=[{{{rendered}}}]"
 
 
 @pytest.mark.parametrize("recipe,key,_", GROUP_KEYS, ids=[f"{r}:{k}" for r, k, _ in GROUP_KEYS])
 def test_a_misspelt_key_is_named_with_its_full_path(recipe, key, _):
-    misspelt = _misspelt(key)
-    if "[" in key:  # inside a list: the override replaces the list's item
-        pytest.skip("list items are checked by the wrong-type case and test_cascade's children case")
-    for override in (f"{misspelt}=1", f"+{misspelt}=1"):  # + adds past the schema: refused all the same
-        with pytest.raises(ConfigError, match=rf"^{misspelt.replace('.', '[.]')}: unknown key \(allowed here: "):
-            composed(recipe, override)
+    misspelt = key + "x"
+    if "[" in key:  # a list item: the list replaced by its item with the misspelt key added
+        group, field = key.split("[0].")
+        overrides = [_list_item_override(recipe, key, {f"{field}x": 1})]
+        pattern = rf"^{group.replace('.', '[.]')}.*{field}x: unknown key \(allowed here: "
+    else:  # + adds past the schema: refused all the same
+        overrides = [f"{misspelt}=1", f"+{misspelt}=1"]
+        pattern = rf"^{misspelt.replace('.', '[.]')}: unknown key \(allowed here: "
+    for override in overrides:
+        with pytest.raises(ConfigError, match=pattern):
+            compose_typed(recipe, override)
 
 
 @pytest.mark.parametrize("recipe,key,value", GROUP_KEYS, ids=[f"{r}:{k}" for r, k, _ in GROUP_KEYS])
 def test_a_value_of_the_wrong_type_is_named_with_its_full_path(recipe, key, value):
-    if "[" in key:  # a list item: replace the whole list, with the bad value in its first item
-        group, field = key.split("[0].")
-        current = composed(recipe)
-        for part in group.split("."):
-            current = getattr(current, part)
-        item = {**{k: v for k, v in vars(current[0]).items()}, field: value}
-        rendered = ", ".join(f"{k}: {list(v) if isinstance(v, list) else v}" for k, v in item.items())
-        override = f"{group}=[{{{rendered}}}]"
+    if "[" in key:  # a list item: the list replaced by its item with the bad value
+        override = _list_item_override(recipe, key, {key.split("[0].")[1]: value})
     else:
         override = f"{key}={value}"
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]').replace('[0]', '.*')}: .*'{value}'"):
-        composed(recipe, override)
+        compose_typed(recipe, override)
 
 
 def test_every_recipe_composes_to_its_schema():
     for name, schema in SCHEMAS.items():
-        assert type(composed(name)) is schema, name
-    tokenize = composed("tokenize")
+        assert type(compose_typed(name)) is schema, name
+    tokenize = compose_typed("tokenize")
     assert isinstance(tokenize, CascadeConfig), "tokenize prepares the cascade's data: its config extends it"
 
 
 def test_one_dtype_setting_decides_every_stage_precision():
-    cfg = composed("cascade", "dtype=bfloat16")
+    cfg = compose_typed("cascade", "dtype=bfloat16")
     stages = [getattr(cfg.stage, name) for name in ("distill_short", "distill_long", "sft_kd", "pwrm", "odpo",
                                                     "reasoning_sft", "grpo_stem", "grpo_general", "odpo_reasoning")]
     assert {s.train.precision for s in stages} == {"bfloat16"}
-    assert {s.train.precision for s in (getattr(composed("cascade").stage, s.name) for s in stages)} == {"float32"}
+    assert {s.train.precision for s in (getattr(compose_typed("cascade").stage, s.name) for s in stages)} == {"float32"}
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 
 from nemo_plugins.errors import ConfigError
 from recipes import evaluate as evaluate_recipe
-from tests.configs import composed
+from recipes._entry import compose_typed
 from tests.conftest import save_tiny_teacher_and_student
 
 
@@ -18,7 +18,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _run(overrides):
-    return evaluate_recipe.run(composed("evaluate", *overrides))
+    return evaluate_recipe.run(compose_typed("evaluate", *overrides))
 
 
 def _model(checkpoints):

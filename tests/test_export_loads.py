@@ -18,7 +18,7 @@ from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, hf_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from recipes import prune as prune_recipe
-from tests.configs import composed
+from recipes._entry import compose_typed
 from tests.conftest import tiny_config
 from tests.hf_reference import assert_loads_with_our_logits, hf_model, hf_state
 
@@ -65,7 +65,7 @@ def run_prune(parent: str, out: Path, *target: str) -> Path:
     overrides = [f"model.source={parent}", "model.architecture=null", *target,
                  "stage.prune.calibration.tokens=256", "stage.prune.calibration.seq_len=64",
                  "stage.prune.eval.seq_len=64", "stage.prune.eval.max_windows=1", f"output_dir={out}"]
-    prune_recipe.run(composed("prune", *overrides))
+    prune_recipe.run(compose_typed("prune", *overrides))
     return out
 
 

@@ -97,9 +97,9 @@ def test_bad_settings_are_named():
 
 
 def test_the_paper_presets_compose():
-    from tests.configs import composed
+    from recipes._entry import compose_typed
 
-    stem, general = (composed("grpo", f"stage@stage.grpo={name}", "dtype=bfloat16").stage.grpo
+    stem, general = (compose_typed("grpo", f"stage@stage.grpo={name}", "dtype=bfloat16").stage.grpo
                      for name in ("grpo_stem", "grpo_general"))
     assert (stem.name, general.name) == ("grpo_stem", "grpo_general")
     assert stem.sampling.max_new_tokens == 32768 and general.sampling.max_new_tokens == 81920
@@ -113,13 +113,13 @@ def test_the_recipe_asks_the_problems_with_the_policys_sft_system_prompt(tmp_pat
     (a policy SFT'd without one) leaves the problems as they are."""
     from transformers import AutoTokenizer
 
+    from recipes._entry import compose_typed
     from recipes.grpo import load_problems
-    from tests.configs import composed
 
     base = ["model=tiny", f"chat_data.cache_dir={tmp_path}", "chat_data.heldout_fraction=0.2",
             "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=20'], weight: 1.0}]"]
-    screened, plain = (composed("grpo", *base, *extra) for extra in ([], ["stage.sft_kd.system_prompt=null"]))
-    system = composed("sft", "stage@stage.sft_kd=reasoning_sft").stage.sft_kd.system_prompt
+    screened, plain = (compose_typed("grpo", *base, *extra) for extra in ([], ["stage.sft_kd.system_prompt=null"]))
+    system = compose_typed("sft", "stage@stage.sft_kd=reasoning_sft").stage.sft_kd.system_prompt
     tokenizer = tokenizer_dir(ModelSource.parse("embedded:smollm2"))
     asked, bare = (ChatPrompts(load_problems(cfg, tokenizer)[1], 0, Cursor(), 1).heldout(4)
                    for cfg in (screened, plain))

@@ -20,8 +20,7 @@ from nemo_plugins.eval.perplexity import token_windows
 from nemo_plugins.model.config import MistralConfig, YarnScaling
 from recipes import convert
 from recipes import evaluate as evaluate_recipe
-from recipes._entry import CONF_DIR
-from tests.configs import composed
+from recipes._entry import CONF_DIR, compose_typed
 from tests.conftest import tiny_config
 
 VISION = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -154,7 +153,7 @@ def test_evaluate_on_a_mistral3_source_matches_transformers_perplexity(tmp_path)
         (src / name).write_bytes(file.read_bytes())
     overrides = [f"model.source=hf:{src}", "model.architecture=null", "data.seq_len=32", "data.max_windows=3",
                  "micro_batch_size=3", f"output={tmp_path / 'ppl.json'}"]
-    report = evaluate_recipe.run(composed("evaluate", *overrides))
+    report = evaluate_recipe.run(compose_typed("evaluate", *overrides))
     windows = token_windows(load_tokenizer(src), iter_documents(["stdlib:json", "stdlib:email"]), 32, 3)
     logits = text_logits(reference, windows[:, :-1])
     expected = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()

@@ -23,9 +23,8 @@ from nemo_plugins.cascade.plan import plan_from_config
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.train.loop import REQUEUE_EXIT_CODE, REQUEUE_MARKER
-from recipes._entry import CONF_DIR
+from recipes._entry import CONF_DIR, compose_typed
 from recipes.plan import main as plan_main
-from tests.configs import composed
 
 IMAGE = "nvcr.io#org/cascade:test"
 SLURM = dict(kind="slurm", nodes=2, gpus_per_node=8, runs_dir="/workspace/runs", cache_dir="/workspace/cache",
@@ -36,7 +35,7 @@ VALUES = {"output_dir": "/workspace/runs/ministral3", "data.cache_dir": "/somewh
 
 
 def _compose(*overrides):
-    return composed("cascade", *overrides)
+    return compose_typed("cascade", *overrides)
 
 
 def _dry_run(*overrides, image=IMAGE):

@@ -8,7 +8,7 @@ from nemo_plugins.convert import hf_io, megatron_checkpoint
 from nemo_plugins.convert.sources import ModelSource, hf_dir
 from nemo_plugins.data.tokenizer import tokenizer_files
 from recipes import prune as prune_recipe
-from tests.configs import composed
+from recipes._entry import compose_typed
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
 
@@ -36,7 +36,7 @@ def test_prune_recipe_writes_checkpoint_hf_dir_and_report(tiny_parent_with_token
         "stage.prune.eval.max_windows=2",
         f"output_dir={out}",
     ]
-    report = prune_recipe.run(composed("prune", *overrides))
+    report = prune_recipe.run(compose_typed("prune", *overrides))
     child_config = megatron_checkpoint.read_config(out / "megatron")
     assert (child_config.num_layers, child_config.hidden_size, child_config.ffn_hidden_size) == (3, 32, 64)
     assert child_config.tie_embeddings, "tied parent -> tied child"
@@ -53,7 +53,7 @@ def test_prune_recipe_writes_checkpoint_hf_dir_and_report(tiny_parent_with_token
 def test_prune_recipe_refuses_a_target_larger_than_the_parent(tiny_parent_with_tokenizer, tmp_path):
     from nemo_plugins.errors import ConfigError
 
-    cfg = composed("prune", f"model.source=hf:{tiny_parent_with_tokenizer}", "model.architecture=null",
+    cfg = compose_typed("prune", f"model.source=hf:{tiny_parent_with_tokenizer}", "model.architecture=null",
                    "stage.prune.target.num_layers=5", f"output_dir={tmp_path}/x")
     with pytest.raises(ConfigError, match="prune.target.num_layers=5 must be between 1 and the parent's 4"):
         prune_recipe.run(cfg)

@@ -8,11 +8,11 @@ from nemo_plugins.data.chat_prompts import Prompt
 from nemo_plugins.generation.engine import Response
 from nemo_plugins.rl.logprobs import sample_rows
 from nemo_plugins.rl.odpo import ODPOStage, Pair, _row_samples, judged
-from tests.configs import composed
+from recipes._entry import compose_typed
 
 
 def _stage(name: str) -> ODPOStage:
-    return composed("odpo", f"stage@stage.odpo={name}").stage.odpo
+    return compose_typed("odpo", f"stage@stage.odpo={name}").stage.odpo
 
 
 class RecordingJudge:

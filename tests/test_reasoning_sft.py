@@ -20,7 +20,7 @@ from nemo_plugins.errors import ConfigError
 from nemo_plugins.rl.filters import FilterSettings
 from nemo_plugins.rl.sft_kd import SFTScreen, SFTStage, check_screen
 from nemo_plugins.train.metrics import MetricsLog
-from tests.configs import composed
+from recipes._entry import compose_typed
 from tests.conftest import save_tiny_teacher_and_student
 from tests.recipe_runs import recipe_env
 
@@ -102,7 +102,7 @@ def test_the_system_prompt_goes_before_a_system_message_already_there():
 
 
 def _stage(overrides: list[str]) -> SFTStage:
-    cfg = composed("sft", "stage@stage.sft_kd=reasoning_sft", "data@chat_data=reasoning_demo", *overrides)
+    cfg = compose_typed("sft", "stage@stage.sft_kd=reasoning_sft", "data@chat_data=reasoning_demo", *overrides)
     return cfg.stage.sft_kd, cfg
 
 

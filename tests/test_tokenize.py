@@ -27,7 +27,7 @@ from nemo_plugins.data.token_store import (
 )
 from nemo_plugins.data.tokenizer import load_tokenizer
 from nemo_plugins.errors import ConfigError, DataError
-from tests.configs import composed
+from recipes._entry import compose_typed
 
 SMOLLM2 = "embedded:smollm2"
 
@@ -147,7 +147,7 @@ def test_a_missing_prebuilt_store_names_the_command(tmp_path, tokenizer):
 
 
 def _cascade_config(*overrides):
-    return composed("cascade", *overrides)
+    return compose_typed("cascade", *overrides)
 
 
 def test_ministral3_prunes_on_the_user_corpus_and_requires_prebuilt_stores():
@@ -254,9 +254,9 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
     corpus = make_corpus(tmp_path / "corpus")
     text = [f"data.sources=[{{name: c, paths: ['{corpus / 'a.jsonl'}'], weight: 1.0}}]",
             f"data.cache_dir={tmp_path / 'tok'}"]
-    built = tokenize(composed("tokenize", "model.source=embedded:smollm2", *small, *screen, *text, "chat=true",
+    built = tokenize(compose_typed("tokenize", "model.source=embedded:smollm2", *small, *screen, *text, "chat=true",
                               "posttrain=false"))
-    sft = composed("sft", *small, *screen, "chat_data.require_prebuilt=true")
+    sft = compose_typed("sft", *small, *screen, "chat_data.require_prebuilt=true")
     stage = sft.stage.sft_kd
     _, chat = load_chat_data(sft, tokenizer_dir(ModelSource.parse("embedded:smollm2")), stage.data_screen())
     assert str(chat.sources[0].data.file.prefix) == built["chat_data:reasoning_math"]["prefix"]
@@ -265,7 +265,7 @@ def test_prebuilt_chat_data_is_screened_as_the_stage_that_reads_it_screens_it(tm
     reasoning = [f"reasoning_data.cache_dir={tmp_path / 'r'}", f"problem_data.cache_dir={tmp_path / 'r'}",
                  *(f"{g}.sources=[{{name: reasoning_math, paths: ['builtin:reasoning_math?count=40'], weight: 1.0}}]"
                    for g in ("reasoning_data", "problem_data"))]
-    cfg = composed("tokenize", "model.source=embedded:smollm2", *text, *reasoning, "chat=false", "reasoning=true")
+    cfg = compose_typed("tokenize", "model.source=embedded:smollm2", *text, *reasoning, "chat=false", "reasoning=true")
     built = tokenize(cfg)
     stage = cfg.stage.reasoning_sft
     screens = {group: json.loads(Path(built[f"{group}:reasoning_math"]["prefix"] + ".json").read_text()).get("screen")
@@ -279,7 +279,8 @@ def _tokenize_interleaved(tmp_path, *overrides: str) -> dict:
 
     captions = ("data.sources=[{name: captions, kind: interleaved, paths: ['builtin:captions?count=4&size=56'], "
                 "weight: 1.0}]")
-    return tokenize(composed("tokenize", captions, f"data.cache_dir={tmp_path / 'tok'}", "posttrain=false", *overrides))
+    return tokenize(compose_typed("tokenize", captions, f"data.cache_dir={tmp_path / 'tok'}", "posttrain=false",
+                                  *overrides))
 
 
 def test_interleaved_sources_need_a_vision_parent_and_a_valid_max_image_side(tmp_path):

@@ -29,8 +29,8 @@ from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.vision.checkpoint import image_inputs, load_vision_language_model, source_vision
 from nemo_plugins.vision.config import IMAGE_TOKENS
 from nemo_plugins.vision.projector import build_projector
+from recipes._entry import compose_typed
 from recipes.tokenize import run as tokenize
-from tests.configs import composed
 from tests.conftest import tiny_config
 from tests.test_mistral3_source import VISION
 from tests.test_vision import TOKEN_PIXELS, our_logits, transformers_logits
@@ -92,7 +92,7 @@ def cascade_inputs(cfg) -> tuple:
 
 
 def compose_tiny(parent: Path, out_dir: Path, *extra: str):
-    return composed("cascade", *BASE, f"model.source=hf:{parent}", f"output_dir={out_dir}",
+    return compose_typed("cascade", *BASE, f"model.source=hf:{parent}", f"output_dir={out_dir}",
                     f"data.cache_dir={out_dir / 'cache'}", *extra)
 
 
@@ -160,7 +160,7 @@ def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenise
     cascade's mix opens them (it may not build any), and the first child's distill_short reads image rows."""
     overrides = [*BASE, f"model.source=hf:{multimodal_parent}", f"data.cache_dir={tmp_path / 'tokens'}",
                  "data.heldout_fraction=0.1"]  # a held-out row of the captions
-    built = tokenize(composed("tokenize", *overrides))
+    built = tokenize(compose_typed("tokenize", *overrides))
     assert built["captions"]["images"] == 64 and Path(built["captions"]["prefix"] + ".images.json").is_file()
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CASCADE_CACHE_DIR": str(tmp_path)}
