@@ -38,8 +38,6 @@ def schema_message(err: OmegaConfBaseException, prefix: str = "") -> str:
 def build(cls: type[T], values: Mapping[str, Any] | DictConfig | None, key: str = "") -> T:
     """``cls`` from ``values`` (a Hydra node, a manifest's JSON, a dict), validated by OmegaConf against ``cls``'s
     fields; ``key`` is the node's path in the run's config, so errors name ``key.<field>``."""
-    if isinstance(values, cls):
-        return values
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values or {}))
     except OmegaConfBaseException as err:
