@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from nemo_plugins.convert import megatron_checkpoint
 from nemo_plugins.errors import CheckpointError
@@ -127,6 +128,15 @@ def _read_json(path: Path, missing: str) -> dict:
         raise CheckpointError(f"{path} is unreadable ({reason}); the checkpoint is damaged") from None
 
 
+# How megatron's DistributedOptimizer (GPU runs) lays its state out in a checkpoint. Its default,
+# 'fully_sharded_model_space', builds flattened ShardedTensors that megatron-core's own validation refuses
+# ("ShardedTensor.flattened_range is not supported", 0.16 and 0.19: the first save of a GPU run failed until this was
+# set). 'dp_reshardable' is Megatron-LM's training default: every rank writes its own buckets, nothing is gathered,
+# and a resume may change the data-parallel size but not TP/PP (which a resume keeps anyway). The plain optimizer of
+# CPU runs ignores it.
+OPTIMIZER_STATE_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer, config: MistralConfig,
                     train_state: dict, tokenizer_dir: str | Path | None, keep_last: int) -> Path:
     """Write step ``step`` atomically, then delete all but the newest ``keep_last`` checkpoints.
@@ -138,7 +148,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     out = megatron_checkpoint.save_model(
         model, config, step_dir(root, step), tokenizer_dir,
-        extra_sharded={"optimizer": optimizer.sharded_state_dict(model_state)},
+        extra_sharded={"optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_STATE_FORMAT)},
         json_files={TRAIN_STATE: {"step": step, **train_state}},
         rank_json_files={_rng_file(): _rng_state()} if replica == 0 else None,
         overwrite=True,
@@ -150,6 +160,23 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     return out
 
 
+def _fill_fresh_distributed_optimizer_state(optimizer) -> None:
+    """Give a DistributedOptimizer that has not stepped yet its Adam state (zeros), so that it can describe the state
+    it is about to load. Without Apex or Transformer Engine megatron reads Adam's step count from each parameter's
+    state when it builds the sharded state dict, and a fresh optimizer has none (``assert len(steps) == 1``: every
+    resume of a GPU run without them failed). One step on zero gradients makes the state, as megatron does before
+    loading Megatron-FSDP checkpoints; the load then overwrites the main weights, moments and step count."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if not isinstance(chained, DistributedOptimizer) or all(inner.state[p] for p in params):
+            continue
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad()
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore model, optimizer and RNG from ``path``; returns its train state (step, cursor, schedule...)."""
     path = Path(path)
@@ -157,9 +184,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
         raise CheckpointError(f"{path} is not a training checkpoint ({TRAIN_STATE} missing): resume from a "
                               "directory the training loop wrote (<output_dir>/checkpoints/step_*)")
     model_state = model.sharded_state_dict()
+    _fill_fresh_distributed_optimizer_state(optimizer)
     loaded = megatron_checkpoint.load_weights(
-        model, path, extra_sharded={"optimizer": optimizer.sharded_state_dict(model_state, is_loading=True)})
-    optimizer.load_state_dict(loaded["optimizer"])
+        model, path, extra_sharded={"optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                            metadata=OPTIMIZER_STATE_FORMAT)})
+    with torch.no_grad():  # the distributed optimizer's fp32 main weights of an fp32 model are views of its leaves
+        optimizer.load_state_dict(loaded["optimizer"])
     _set_rng_state(_read_json(path / _rng_file(), "the checkpoint was written with another tensor/pipeline layout; "
                                                   "resume with the parallel settings it was written with"))
     return _read_json(path / TRAIN_STATE, "the checkpoint is incomplete")
