@@ -29,6 +29,7 @@ from nemo_plugins.cascade.memory import estimate_memory, stage_memory
 from nemo_plugins.cascade.plan import plan_from_config
 from nemo_plugins.config.schemas import CascadeConfig
 from nemo_plugins.convert.sources import ModelSource, source_config
+from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.model.config import MistralConfig
 from recipes._entry import compose_typed, project_errors
@@ -86,13 +87,15 @@ def launch_lines(cfg: CascadeConfig, overrides: list[str]) -> list[tuple[str, St
         else:
             spec = plan.training_stage(stage)  # the memory model takes the parent as the teacher of every stage
             microbatches = spec.train.microbatches(data_parallel)
+            kl = getattr(spec, "kl", None)  # the stages with the fused KL (distillation, SFT with KD)
+            chunk_tokens = kl.chunk_tokens if kl is not None else KLOptions().chunk_tokens
             memory = estimate_memory(children[child], parent, layout, data_parallel, spec.train.seq_len,
-                                     spec.train.micro_batch_size, microbatches)
+                                     spec.train.micro_batch_size, microbatches, chunk_tokens=chunk_tokens)
             text += f", seq {spec.train.seq_len:,}, {spec.train.steps:,} steps; memory {memory.describe()}"
             if memory.total > cluster.gpu_memory_gib:
                 text += "  <-- EXCEEDS the GPU: change cascade.stage_parallel"
             steps = stage_memory(stage, parent, children[child], layout, data_parallel, spec.train.seq_len,
-                                 spec.train.micro_batch_size, microbatches)
+                                 spec.train.micro_batch_size, microbatches, chunk_tokens=chunk_tokens)
         text += "".join(f"\n      {step.describe()}" for step in steps)
         until = [] if index == len(order) - 1 and plan.until is None else [f"until={child}/{stage}"]
         lines.append((text, stage_launch(cluster, storage, f"{child}/{stage}", nodes, index, overrides, until)))

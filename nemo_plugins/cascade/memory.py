@@ -2,10 +2,11 @@
 
 Assumptions, stated so the numbers can be checked: bf16 weights (2 B/param), fp32 gradient buffers (4 B),
 Adam with fp32 main weights and moments (12 B) sharded over data x context parallel ranks by megatron's
-distributed optimizer; parameters split evenly over TP x PP; activations of a transformer layer with flash
-attention and sequence parallelism 34 x s x b x h bytes / TP (Korthikanti et al. 2022, selective
-recomputation), s divided by CP, and under 1F1B the first pipeline stage holds PP micro-batches of L / PP
-layers, i.e. L layers' worth; the teacher's final hidden states (bf16) for every micro-batch of a step.
+distributed optimizer; parameters split evenly over TP x PP; flash attention and sequence parallelism, so every
+activation is split over TP; s divided by CP, and under 1F1B the first pipeline stage holds PP micro-batches of
+L / PP layers, i.e. L layers' worth; the teacher's final hidden states (bf16) for every micro-batch of a step; the
+fused distillation loss's working set on the last stage (``output_stage_bytes``). Checked against a measured peak on
+one H200 by ``bench/gpu_validate.py`` (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class MemoryEstimate:
     teacher_weights: float
     activations: float
     teacher_hidden: float
+    output_stage: float
 
     @property
     def total(self) -> float:
@@ -36,13 +38,36 @@ class MemoryEstimate:
         return f"{self.total:.1f} GiB/GPU ({parts})"
 
 
+def layer_activation_bytes(config: MistralConfig) -> int:
+    """Bytes per token one layer keeps for its backward (bf16): the two norms' inputs and outputs (4 h: the outputs
+    are the QKV and FC1 GEMMs' saved inputs), the fused QKV output (q + 2 kv: the value is a view of it and keeps it
+    alive), the rotated query and key (q + kv), the attention output and the output projection's contiguous input
+    (2 q), FC1's output (2 f) and the SwiGLU product (f); q = heads x head_dim, kv = kv heads x head_dim, f = FFN.
+    The Korthikanti et al. (2022) 34 s b h is this count for GPT's 4 h GELU MLP; SwiGLU and GQA change it."""
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
+    return 2 * (4 * config.hidden_size + 4 * q + 3 * kv + 3 * config.ffn_hidden_size)
+
+
+def output_stage_bytes(config: MistralConfig, tp: int, chunk_tokens: int) -> float:
+    """The fused KL at its peak (``distill/kl_loss.py``, ``_FusedKL.forward``), on the last pipeline stage: the fp32
+    gradient of the output weight [V/TP, h] it accumulates, and seven fp32 [chunk, V/TP] blocks alive inside
+    ``_chunk_loss_and_grad`` (student and teacher logits, both log-probabilities and probabilities, the log-ratio).
+    ``estimate_memory`` adds it to the first stage's activations: an upper bound when PP > 1."""
+    vocab = config.vocab_size / tp
+    return 4 * vocab * config.hidden_size + 7 * 4 * chunk_tokens * vocab
+
+
 def estimate_memory(student: MistralConfig, teacher: MistralConfig | None, parallel: ParallelConfig, data_parallel: int,
-                    seq_len: int, micro_batch_size: int, microbatches: int, training: bool = True) -> MemoryEstimate:
+                    seq_len: int, micro_batch_size: int, microbatches: int, training: bool = True,
+                    chunk_tokens: int = 256) -> MemoryEstimate:
+    """``chunk_tokens``: the stage's ``kl.chunk_tokens`` (the fused KL's rows per chunk)."""
     model_parallel = parallel.tp * parallel.pp
     student_params = student.num_parameters() / model_parallel
     sharding = data_parallel * parallel.cp
     tokens_per_rank = seq_len * micro_batch_size / parallel.cp
-    activations = 34 * tokens_per_rank * student.hidden_size * student.num_layers / parallel.tp if training else 0.0
+    activations = (layer_activation_bytes(student) * tokens_per_rank * student.num_layers / parallel.tp
+                   if training else 0.0)
     return MemoryEstimate(
         student_weights=2 * student_params / GIB,
         gradients=(4 * student_params if training else 0.0) / GIB,
@@ -50,6 +75,7 @@ def estimate_memory(student: MistralConfig, teacher: MistralConfig | None, paral
         teacher_weights=(2 * teacher.num_parameters() / model_parallel if teacher else 0.0) / GIB,
         activations=activations / GIB,
         teacher_hidden=(2 * tokens_per_rank * teacher.hidden_size * microbatches if teacher else 0.0) / GIB,
+        output_stage=(output_stage_bytes(student, parallel.tp, chunk_tokens) if training and teacher else 0.0) / GIB,
     )
 
 
@@ -144,10 +170,11 @@ def prune_memory(parent: MistralConfig, child: MistralConfig, parallel: Parallel
 
 def distill_memory(student: MistralConfig, teacher: MistralConfig, parallel: ParallelConfig, data_parallel: int,
                    seq_len: int, micro_batch_size: int, microbatches: int, file_bytes: int = 2,
-                   runtime: float | None = None) -> StepMemory:
+                   runtime: float | None = None, chunk_tokens: int = 256) -> StepMemory:
     """A distillation stage on GPUs: the GPU side is ``estimate_memory``; the host holds what loading the larger
     of the two models keeps in flight."""
-    gpu = estimate_memory(student, teacher, parallel, data_parallel, seq_len, micro_batch_size, microbatches).total
+    gpu = estimate_memory(student, teacher, parallel, data_parallel, seq_len, micro_batch_size, microbatches,
+                          chunk_tokens=chunk_tokens).total
     larger = max(student, teacher, key=MistralConfig.num_parameters)
     loading = load_memory(larger, parallel, file_bytes, 2, True, runtime)
     return StepMemory("distill", loading.host, gpu)
@@ -155,7 +182,7 @@ def distill_memory(student: MistralConfig, teacher: MistralConfig, parallel: Par
 
 def stage_memory(stage: str, parent: MistralConfig, child: MistralConfig, parallel: ParallelConfig,
                  data_parallel: int = 1, seq_len: int = 4096, micro_batch_size: int = 1, microbatches: int = 1,
-                 dtype_bytes: int = 2, source_bytes: int = 2) -> list[StepMemory]:
+                 dtype_bytes: int = 2, source_bytes: int = 2, chunk_tokens: int = 256) -> list[StepMemory]:
     """The steps of one cascade stage on GPUs, for ``recipes.plan`` (one ``describe()`` line each): pruning reads the
     parent's slices, prunes and exports the child; a training stage loads, trains and exports."""
     if stage == "prune":
@@ -163,5 +190,5 @@ def stage_memory(stage: str, parent: MistralConfig, child: MistralConfig, parall
                 prune_memory(parent, child, parallel, source_bytes, dtype_bytes, seq_len, micro_batch_size),
                 export_memory(child, parallel, dtype_bytes)]
     return [distill_memory(child, parent, parallel, data_parallel, seq_len, micro_batch_size, microbatches,
-                           source_bytes),
+                           source_bytes, chunk_tokens=chunk_tokens),
             export_memory(child, parallel, dtype_bytes)]
