@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -55,10 +56,13 @@ from nemo_plugins.distributed import ParallelConfig, device, initialize
 from nemo_plugins.model.builder import build_model, transformer_engine_usable
 from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.fast_path import SpeedOptions
+from nemo_plugins.train.checkpoint import load_checkpoint, save_checkpoint
 from nemo_plugins.train.config import OptimizerSettings, TrainSettings
 from nemo_plugins.train.optimizer import build_optimizer, wrap_for_training
 
 FP32_TOLERANCE = 1e-4  # relative L2 error of fp32 logits computed two ways
+RUN_TO_RUN_FACTOR = 4  # see checkpoint_resume
+KD_CHUNK = 1024  # the fused KL's rows per chunk in these runs (the memory model is told the same)
 BF16_FLOOR = 1e-3  # the TE-vs-local bound never goes below this (bf16 has 8 significant bits)
 # dense bf16 peak FLOP/s by GPU name (NVIDIA data sheets, SXM parts)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
@@ -211,8 +215,8 @@ def kd_batch(scale: Scale) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, torch.arange(scale.seq_len).expand(scale.rows, -1).contiguous()
 
 
-def our_kd(scale: Scale, states: dict, batch: tuple, use_te: bool, fp8: str | None = None) -> KDRun:
-    """Our distillation step with megatron's optimizer: the first step's loss, then the mean time of the others."""
+def kd_training(scale: Scale, states: dict, use_te: bool, fp8: str | None = None):
+    """Student (DDP-wrapped), optimizer, scheduler and our distillation step on ``states``, as a stage builds them."""
     teacher = Teacher(megatron_model(scale.teacher, states["teacher"], scale.dtype, use_te))
     student = megatron_model(scale.student, states["student"], scale.dtype, use_te, fp8)
     use_per_token_loss(student)
@@ -221,22 +225,70 @@ def our_kd(scale: Scale, states: dict, batch: tuple, use_te: bool, fp8: str | No
                                            distributed)
     train = TrainSettings(seq_len=scale.seq_len, micro_batch_size=scale.micro_batch_size,
                           global_batch_size=scale.rows, train_tokens=scale.rows * scale.seq_len)
-    step = DistillationStep(teacher, KLOptions(chunk_tokens=1024), train)
+    return student, ddp, optimizer, scheduler, DistillationStep(teacher, KLOptions(chunk_tokens=KD_CHUNK), train)
+
+
+def train_step(ddp, optimizer, scheduler, step, batch) -> float:
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = step(ddp, batch)
+    optimizer.step()
+    scheduler.step(1)
+    return loss
+
+
+def our_kd(scale: Scale, states: dict, batch: tuple, use_te: bool, fp8: str | None = None) -> KDRun:
+    """Our distillation step with megatron's optimizer: the first step's loss, then the mean time of the others."""
+    _, ddp, optimizer, scheduler, step = kd_training(scale, states, use_te, fp8)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for _ in range(scale.timed_steps + 1):
         _synchronise()
         start = time.perf_counter()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses.append(step(ddp, batch))
-        optimizer.step()
-        scheduler.step(1)
+        losses.append(train_step(ddp, optimizer, scheduler, step, batch))
         _synchronise()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
     return KDRun(losses[0], sum(times[1:]) / scale.timed_steps, peak)
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[name].double() - b[name].double()).abs().max()) for name in a)
+
+
+def checkpoint_resume(scale: Scale, states: dict, use_te: bool) -> Row:
+    """Two KD steps straight through against one step, ``save_checkpoint``, a fresh model and optimizer restored by
+    ``load_checkpoint`` and the second step. On a GPU this is megatron's distributed optimizer writing and reading its
+    sharded state (CPU runs have the plain optimizer). Where two straight runs agree bit for bit (the CPU) the
+    resumed weights must too; where the GPU's kernels are not deterministic (atomics in backward passes) they must
+    be no further from the straight run than RUN_TO_RUN_FACTOR times the two straight runs are from each other: a
+    resume that loses the optimizer's moments is off by ~lr, far beyond that spread."""
+    batch = kd_batch(scale)
+
+    def straight_run() -> dict[str, torch.Tensor]:
+        student, *training = kd_training(scale, states, use_te)
+        for _ in range(2):
+            train_step(*training, batch)
+        return gather_hf_state(student, scale.student)
+
+    straight, again = straight_run(), straight_run()
+    with tempfile.TemporaryDirectory() as root:
+        student, ddp, optimizer, scheduler, step = kd_training(scale, states, use_te)
+        train_step(ddp, optimizer, scheduler, step, batch)
+        saved = save_checkpoint(root, 1, student, optimizer, scale.student,
+                                {"scheduler": scheduler.state_dict()}, None, keep_last=1)
+        student, ddp, optimizer, scheduler, step = kd_training(scale, states, use_te)
+        scheduler.load_state_dict(load_checkpoint(saved, student, optimizer)["scheduler"])
+        train_step(ddp, optimizer, scheduler, step, batch)
+        resumed = gather_hf_state(student, scale.student)
+    spread, error = largest_difference(straight, again), largest_difference(straight, resumed)
+    optimizer_kind = type(optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers")
+                          else optimizer).__name__
+    bound = RUN_TO_RUN_FACTOR * spread
+    return Row(f"checkpoint save -> resume == straight run ({optimizer_kind})", "ok" if error <= bound else "FAIL",
+               f"largest weight difference after the resumed step {error:.1e} (two straight runs: {spread:.1e}; "
+               f"bound {bound:.1e})")
 
 
 def plain_kd(scale: Scale, states: dict, batch: tuple) -> KDRun:
@@ -349,7 +401,8 @@ def kd_rows(scale: Scale, states: dict, peak: tuple[float | None, str]) -> list[
         rows.append(Row("peak GPU memory vs memory model", "skipped: no GPU"))
     else:
         model = estimate_memory(scale.student, scale.teacher, ParallelConfig(), 1, scale.seq_len,
-                                scale.micro_batch_size, scale.rows // scale.micro_batch_size).total
+                                scale.micro_batch_size, scale.rows // scale.micro_batch_size,
+                                chunk_tokens=KD_CHUNK).total
         rows.append(Row("peak GPU memory vs memory model", "measured",
                         f"measured {ours.peak_gib:.1f} GiB, model {model:.1f} GiB, ratio {ours.peak_gib / model:.2f}"))
     return rows
@@ -368,7 +421,10 @@ def validate(scale: Scale, peak: tuple[float | None, str]) -> list[Row]:
         te_vs_local("THD + attention temperature == local block-diagonal", long_config, scale, states["student"]),
     ]
     _release()
-    return rows + kd_rows(scale, states, peak)
+    rows += kd_rows(scale, states, peak)
+    _release()
+    tiny = states if scale is CPU else random_states(CPU)  # the format is what is checked: tiny models suffice
+    return rows + [checkpoint_resume(CPU, tiny, transformer_engine_usable())]
 
 
 def table(rows: list[Row]) -> str:

@@ -38,6 +38,7 @@ def test_cpu_mode_checks_what_it_can_and_names_what_it_skips(gpu_validate, capsy
                        "THD + attention temperature == local block-diagonal", "MFU float32", "MFU fp8",
                        "peak GPU memory vs memory model"]
     assert all(name in out for name in rows) and "needs Transformer Engine on a GPU" in out
+    assert rows["checkpoint save -> resume == straight run (FP32Optimizer)"].result == "ok"
 
 
 def test_the_logits_row_fails_when_transformers_sees_rows_instead_of_documents(gpu_validate, states, monkeypatch):
@@ -52,3 +53,20 @@ def test_the_kd_row_fails_when_our_step_computes_another_loss(gpu_validate, stat
                         lambda chunk_tokens: KLOptions(temperature=2.0, chunk_tokens=chunk_tokens))
     rows = gpu_validate.kd_rows(gpu_validate.CPU, states, (None, "no GPU"))
     assert rows[0].name == "KD step loss == plain transformers + PyTorch loop" and rows[0].result == "FAIL"
+
+
+def test_the_resume_row_fails_when_the_checkpoint_loses_the_optimizer_state(gpu_validate, states, monkeypatch):
+    """Restoring the weights but not Adam's moments changes the resumed step."""
+    real_load = gpu_validate.load_checkpoint
+
+    def load_then_lose_the_moments(path, model, optimizer):
+        state = real_load(path, model, optimizer)
+        for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for moments in chained.optimizer.state.values():
+                moments["exp_avg"].zero_()
+                moments["exp_avg_sq"].zero_()
+        return state
+
+    monkeypatch.setattr(gpu_validate, "load_checkpoint", load_then_lose_the_moments)
+    row = gpu_validate.checkpoint_resume(gpu_validate.CPU, states, use_te=False)
+    assert row.result == "FAIL" and "two straight runs: 0.0e+00" in row.detail
