@@ -1,4 +1,11 @@
 import logging
+import os
+
+# The suite is the CPU suite (gloo, the CPU compat, tensors built on the host), also on a GPU machine, where its
+# multi-rank tests would otherwise ask one GPU for several NCCL ranks. GPU checks live in bench/gpu_validate.py.
+# Set before anything initialises CUDA; spawned workers and recipe subprocesses inherit it.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 from pathlib import Path
 
 import pytest
