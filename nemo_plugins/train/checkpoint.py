@@ -167,9 +167,11 @@ def _fill_fresh_distributed_optimizer_state(optimizer) -> None:
     resume of a GPU run without them failed). One step on zero gradients makes the state, as megatron does before
     loading Megatron-FSDP checkpoints; the load then overwrites the main weights, moments and step count."""
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(chained, DistributedOptimizer):
+            continue
         inner = chained.optimizer
         params = [p for group in inner.param_groups for p in group["params"]]
-        if not isinstance(chained, DistributedOptimizer) or all(inner.state[p] for p in params):
+        if all(inner.state[p] for p in params):
             continue
         for param in params:
             param.grad = torch.zeros_like(param)
