@@ -27,6 +27,21 @@ def test_different_answers_do_not(gold, answer):
     assert not is_correct(answer, gold)
 
 
+@pytest.mark.parametrize("answer, correct", [
+    ("15 + 2", False), ("15+2", False), ("(15 + 2)", False), ("17 - 0", False), ("10 + 7", False),
+    ("15 + 2 = 17", True), ("17", True), ("x = 17", True), ("17 apples", True), ("\\frac{34}{2} = 17", True),
+])
+def test_an_expression_is_no_answer_where_the_gold_is_one_number(answer, correct):
+    """The hack a GRPO run found: restating the question ("Answer: 15 + 2") verifies as 17 under sympy."""
+    response = f"<think>2 is a single part</think>\nAnswer: {answer}"
+    assert _reward(response, "17") == float(correct)
+
+
+def test_symbolic_golds_are_still_compared_by_equivalence():
+    assert is_correct("x = 3", "3") and is_correct("1/2", "\\frac{1}{2}")
+    assert is_correct("2x+2", "2*(x+1)")  # the gold is no single number: any equivalent expression
+
+
 def test_extraction_order_answer_line_then_boxed_then_last_number():
     both = "We get \\boxed{\\frac{1}{3}} first.\nAnswer: 5\nso 9 is wrong"
     assert final_answer(both) == "5"  # the answer line wins over the box and the later number

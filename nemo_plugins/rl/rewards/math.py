@@ -12,6 +12,11 @@ math-verify parses the extracted answer and the gold one (plain expressions and 
 sympy, so 1/2 == 0.5 == \\frac{1}{2} while 7/3 != 2.33 (its float rounding is to 6 places). Its parse and verify
 time-outs use SIGALRM, which only the main thread may set: elsewhere they are off.
 
+Where the gold answer is one number (an integer, a decimal, a fraction), the answer must be one number too
+(``x = 12``, ``12 cm``, ``\\frac{7}{3}``, or a computation ending ``= 12``): sympy evaluates an expression, so
+without this ``Answer: 15 + 2`` verifies as 17. A GRPO run learnt exactly that, restating each question as its
+answer, from 0.02 to 1.00 held-out "pass@1" in 24 steps (bench/RESULTS.md).
+
 The optional format reward gives a share ``w`` of the reward to a well-formed response: one closed think block
 first, then an answer line: reward = (1 - w) * correct + w * well_formed.
 """
@@ -76,9 +81,25 @@ def _parse(text: str, timeout: int | None) -> list:
     return parse(text, extraction_config=_EXTRACTION, parsing_timeout=timeout)
 
 
+_LATEX_FRACTION = re.compile(r"\\d?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
+_ONE_NUMBER = re.compile(r"[^\d]*?-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?[^\d]*")
+
+
+def is_one_number(text: str) -> bool:
+    """Whether ``text`` holds one number: ``-4``, ``2.5``, ``1,000``, ``7/3``, ``\\frac{7}{3}``, with words or
+    units around it (``x is 12 cm``), and no second number (``15 + 2`` holds two)."""
+    return _ONE_NUMBER.fullmatch(_LATEX_FRACTION.sub(r"\1/\2", text).strip()) is not None
+
+
 def is_correct(answer: str | None, gold: str) -> bool:
-    """Whether ``answer`` equals ``gold`` by math-verify (sympy equivalence); no answer is wrong."""
-    if not answer:
+    """Whether ``answer`` equals ``gold`` by math-verify (sympy equivalence); no answer is wrong. Where the gold is
+    one number, what follows the answer's last ``=`` is compared and must be one number too (the module's
+    docstring)."""
+    if answer and is_one_number(gold):
+        answer = answer.rsplit("=", 1)[-1]
+        if not is_one_number(answer):
+            return False
+    if not answer or not answer.strip():
         return False
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     gold_parsed = _parse(gold, timeout)
