@@ -74,9 +74,9 @@ def easy_arithmetic(count: int, seed: int, max_operand: int) -> list[dict]:
 
 
 class GradedLog:
-    """The stage's math reward, and one JSON line per graded response (question, reward, well-formed: a closed
-    think block then an ``Answer:`` line) appended to ``log``: the bench splits a pass@1 change into format and
-    correctness from it."""
+    """The stage's math reward, and one JSON line per graded response (question, response, reward, well-formed: a
+    closed think block then an ``Answer:`` line) appended to ``log``: the bench splits a pass@1 change into format
+    and correctness from it, and shows what the last evaluation's rewards were paid for."""
 
     def __init__(self, log: str):
         self.log, self.math = Path(log), build_rewards(RewardSettings(), None)
@@ -85,8 +85,8 @@ class GradedLog:
         rewards = self.math(items)
         with self.log.open("a") as f:
             for item, reward in zip(items, rewards):
-                f.write(json.dumps({"question": item.messages[-1]["content"], "reward": reward,
-                                    "well_formed": well_formed(item.response)}) + "\n")
+                f.write(json.dumps({"question": item.messages[-1]["content"], "response": item.response,
+                                    "reward": reward, "well_formed": well_formed(item.response)}) + "\n")
         return rewards
 
 
@@ -135,14 +135,18 @@ def heldout_questions(args: argparse.Namespace) -> set[str]:
     return {r["messages"][-2]["content"] for r in records[int(len(records) * (1.0 - args.heldout_fraction)):]}
 
 
-def eval_formats(args: argparse.Namespace, evaluations: int, problems: int) -> list[tuple[float, float]]:
-    """Per evaluation, (share of well-formed responses, pass rate among those), from the graded log's held-out
-    lines in order (each evaluation grades the same ``problems`` held-out problems once)."""
+def heldout_verdicts(args: argparse.Namespace, evaluations: int, problems: int) -> list[dict]:
+    """The graded log's held-out lines in order (each evaluation grades the same ``problems`` problems once)."""
     heldout = heldout_questions(args)
     lines = [json.loads(line) for line in graded_log(args).read_text().splitlines()]
     lines = [r for r in lines if r["question"] in heldout]
     if len(lines) != evaluations * problems:
         raise SystemExit(f"{graded_log(args)}: {len(lines)} held-out verdicts for {evaluations} x {problems}")
+    return lines
+
+
+def eval_formats(lines: list[dict], evaluations: int, problems: int) -> list[tuple[float, float]]:
+    """Per evaluation, (share of well-formed responses, pass rate among those)."""
     shares = []
     for i in range(evaluations):
         chunk = lines[i * problems : (i + 1) * problems]
@@ -155,9 +159,11 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
     n = int(evals[0]["problems"])
     if args.problems_source == "two_step":
-        formats = eval_formats(args, len(evals), n)
+        verdicts = heldout_verdicts(args, len(evals), n)
+        formats = eval_formats(verdicts, len(evals), n)
+        last = verdicts[-n:][:3]  # read what the last evaluation paid for (a reward can be gamed)
     else:
-        formats = [(math.nan, math.nan)] * len(evals)
+        formats, last = [(math.nan, math.nan)] * len(evals), []
 
     def se(p: float) -> float:
         return math.sqrt(p * (1 - p) / n)
@@ -187,6 +193,8 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     lines += [f"| {r['step']} | {r['reward']:.3f} | {r['pass_rate']:.3f} | {r['kept_groups']:.0f} | "
               f"{r['zero_advantage_groups']:.0f} | {r['truncation_rate']:.3f} | {r['clip_fraction']:.2e} |"
               for r in steps]
+    lines += ["", f"The last evaluation's first {len(last)} held-out responses:"]
+    lines += [f"- {r['question']} -> {json.dumps(r['response'])} (reward {r['reward']:g})" for r in last]
     return "\n".join(lines)
 
 
