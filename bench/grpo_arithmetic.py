@@ -121,6 +121,7 @@ def command(args: argparse.Namespace) -> list[str]:
             f"stage.grpo.sampling.temperature={args.temperature}",
             f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
             f"stage.grpo.problem_filter.samples={args.filter_samples}", f"stage.grpo.eval_prompts={args.eval_problems}",
+            f"stage.grpo.loss.kl_beta={args.kl_beta}",
             f"output_dir={args.out}"]
 
 
@@ -174,7 +175,7 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              + (f" (operands up to {args.max_operand})" if args.problems_source == "two_step" else "")
              + f", policy {args.policy}, {args.steps} steps x {args.problems} problems x G={args.group_size} "
              f"at T={args.temperature}, "
-             f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, {wall / 60:.1f} min wall",
+             f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, KL beta {args.kl_beta}, {wall / 60:.1f} min wall",
              f"problem filter ({args.filter_samples} samples each): {manifest['problem_filter']}",
              f"held-out pass@1 (greedy, {n} problems): {evals[0]['pass_at_1']:.3f} +- {se(evals[0]['pass_at_1']):.3f} "
              f"at the start, {evals[-1]['pass_at_1']:.3f} +- {se(evals[-1]['pass_at_1']):.3f} after step "
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--warmup-fraction", type=float, default=0.0)
     parser.add_argument("--heldout-fraction", type=float, default=0.05, help="the SFT run's chat_data.heldout_fraction")
     parser.add_argument("--filter-samples", type=int, default=4)
+    parser.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL to the starting policy (0: off)")
     parser.add_argument("--eval-problems", type=int, default=48)
     parser.add_argument("--eval-interval", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_grpo"))
