@@ -82,7 +82,7 @@ def _parse(text: str, timeout: int | None) -> list:
 
 
 _LATEX_FRACTION = re.compile(r"\\d?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
-_ONE_NUMBER = re.compile(r"[^\d]*?-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?[^\d]*")
+_ONE_NUMBER = re.compile(rf"\D*(?:{_NUMBER.pattern})\D*")  # the last-number extraction's number, alone
 
 
 def is_one_number(text: str) -> bool:
@@ -95,12 +95,12 @@ def is_correct(answer: str | None, gold: str) -> bool:
     """Whether ``answer`` equals ``gold`` by math-verify (sympy equivalence); no answer is wrong. Where the gold is
     one number, what follows the answer's last ``=`` is compared and must be one number too (the module's
     docstring)."""
-    if answer and is_one_number(gold):
+    if not answer:
+        return False
+    if is_one_number(gold):
         answer = answer.rsplit("=", 1)[-1]
         if not is_one_number(answer):
             return False
-    if not answer or not answer.strip():
-        return False
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     gold_parsed = _parse(gold, timeout)
     if not gold_parsed:
