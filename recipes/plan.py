@@ -87,8 +87,7 @@ def launch_lines(cfg: CascadeConfig, overrides: list[str]) -> list[tuple[str, St
         else:
             spec = plan.training_stage(stage)  # the memory model takes the parent as the teacher of every stage
             microbatches = spec.train.microbatches(data_parallel)
-            kl = getattr(spec, "kl", None)  # the stages with the fused KL (distillation, SFT with KD)
-            chunk_tokens = kl.chunk_tokens if kl is not None else KLOptions().chunk_tokens
+            chunk_tokens = getattr(spec, "kl", KLOptions()).chunk_tokens  # the stages with the fused KL have theirs
             memory = estimate_memory(children[child], parent, layout, data_parallel, spec.train.seq_len,
                                      spec.train.micro_batch_size, microbatches, chunk_tokens=chunk_tokens)
             text += f", seq {spec.train.seq_len:,}, {spec.train.steps:,} steps; memory {memory.describe()}"

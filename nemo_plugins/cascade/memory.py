@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nemo_plugins.distill.kl_loss import KLOptions
 from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.model.config import MistralConfig
 
@@ -60,7 +61,7 @@ def output_stage_bytes(config: MistralConfig, tp: int, chunk_tokens: int) -> flo
 
 def estimate_memory(student: MistralConfig, teacher: MistralConfig | None, parallel: ParallelConfig, data_parallel: int,
                     seq_len: int, micro_batch_size: int, microbatches: int, training: bool = True,
-                    chunk_tokens: int = 256) -> MemoryEstimate:
+                    chunk_tokens: int = KLOptions.chunk_tokens) -> MemoryEstimate:
     """``chunk_tokens``: the stage's ``kl.chunk_tokens`` (the fused KL's rows per chunk)."""
     model_parallel = parallel.tp * parallel.pp
     student_params = student.num_parameters() / model_parallel
@@ -170,7 +171,7 @@ def prune_memory(parent: MistralConfig, child: MistralConfig, parallel: Parallel
 
 def distill_memory(student: MistralConfig, teacher: MistralConfig, parallel: ParallelConfig, data_parallel: int,
                    seq_len: int, micro_batch_size: int, microbatches: int, file_bytes: int = 2,
-                   runtime: float | None = None, chunk_tokens: int = 256) -> StepMemory:
+                   runtime: float | None = None, chunk_tokens: int = KLOptions.chunk_tokens) -> StepMemory:
     """A distillation stage on GPUs: the GPU side is ``estimate_memory``; the host holds what loading the larger
     of the two models keeps in flight."""
     gpu = estimate_memory(student, teacher, parallel, data_parallel, seq_len, micro_batch_size, microbatches,
@@ -182,7 +183,8 @@ def distill_memory(student: MistralConfig, teacher: MistralConfig, parallel: Par
 
 def stage_memory(stage: str, parent: MistralConfig, child: MistralConfig, parallel: ParallelConfig,
                  data_parallel: int = 1, seq_len: int = 4096, micro_batch_size: int = 1, microbatches: int = 1,
-                 dtype_bytes: int = 2, source_bytes: int = 2, chunk_tokens: int = 256) -> list[StepMemory]:
+                 dtype_bytes: int = 2, source_bytes: int = 2,
+                 chunk_tokens: int = KLOptions.chunk_tokens) -> list[StepMemory]:
     """The steps of one cascade stage on GPUs, for ``recipes.plan`` (one ``describe()`` line each): pruning reads the
     parent's slices, prunes and exports the child; a training stage loads, trains and exports."""
     if stage == "prune":
