@@ -121,7 +121,7 @@ def command(args: argparse.Namespace) -> list[str]:
             f"stage.grpo.sampling.temperature={args.temperature}",
             f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
             f"stage.grpo.problem_filter.samples={args.filter_samples}", f"stage.grpo.eval_prompts={args.eval_problems}",
-            f"stage.grpo.loss.kl_beta={args.kl_beta}",
+            f"stage.grpo.loss.kl_beta={args.kl_beta}", f"stage.grpo.train.seed={args.train_seed}",
             f"output_dir={args.out}"]
 
 
@@ -175,7 +175,8 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              + (f" (operands up to {args.max_operand})" if args.problems_source == "two_step" else "")
              + f", policy {args.policy}, {args.steps} steps x {args.problems} problems x G={args.group_size} "
              f"at T={args.temperature}, "
-             f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, KL beta {args.kl_beta}, {wall / 60:.1f} min wall",
+             f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, KL beta {args.kl_beta}, "
+             f"train seed {args.train_seed}, {wall / 60:.1f} min wall",
              f"problem filter ({args.filter_samples} samples each): {manifest['problem_filter']}",
              f"held-out pass@1 (greedy, {n} problems): {evals[0]['pass_at_1']:.3f} +- {se(evals[0]['pass_at_1']):.3f} "
              f"at the start, {evals[-1]['pass_at_1']:.3f} +- {se(evals[-1]['pass_at_1']):.3f} after step "
@@ -219,6 +220,8 @@ def main() -> None:
     parser.add_argument("--max-operand", type=int, default=99, help="two_step's difficulty knob")
     parser.add_argument("--count", type=int, default=3000, help="two_step problems written (5%% held out)")
     parser.add_argument("--seed", type=int, default=0, help="two_step's generator seed")
+    parser.add_argument("--train-seed", type=int, default=1234,
+                        help="GRPO's stage.grpo.train.seed: the training samples' seeds derive from it")
     parser.add_argument("--write-problems", type=Path, help="only write the two_step JSONL here (for SFT) and exit")
     args = parser.parse_args()
     if args.write_problems:
