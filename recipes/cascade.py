@@ -1,11 +1,12 @@
 """Cascade Distillation (Algorithm 1) end to end, resumable stage by stage, with a run report.
 
-    python -m recipes.cascade                                 # the CPU demo: SmolLM2-135M -> three children
+    python -m recipes.cascade                                 # the CPU demo: SmolLM2-135M -> three children,
+                                                              # each through the Instruct and Reasoning branches
     python -m recipes.cascade token_scale=4                   # 4x the distillation tokens
     python -m recipes.cascade ablations=[kl_ce_mix,random_init]
-    python -m recipes.cascade posttrain=false                 # base models only (no Instruct branch)
+    python -m recipes.cascade posttrain=false                 # base models only (no post-training)
+    python -m recipes.cascade reasoning=false                 # the Instruct branch only
     python -m recipes.cascade pwrm_init=parent pwrm_pairs_from_policy=true
-    python -m recipes.cascade reasoning=true                  # + the Reasoning branch per child
     torchrun ... -m recipes.cascade cascade=ministral3 until=ministral3_14b/distill_short   (see slurm/)
 
 Running the same command again skips finished stages and resumes an interrupted one; a stage finished or
@@ -17,12 +18,13 @@ With ``posttrain=true`` (the default) every child also gets the Instruct branch:
 from ``pairs``) trained after the first child's SFT (nemo_plugins/cascade/plan.py: ``pwrm_init``,
 ``pwrm_pairs_from_policy``).
 
-With ``reasoning=true`` every child also gets the Reasoning branch from its long-context base: ``stage.reasoning_sft``
-on ``reasoning_data`` (screened by the stage's filters and system prompt), GRPO ``stage.grpo_stem`` (on the
-``grpo_stem_sources`` of ``problem_data``) and ``stage.grpo_general`` (all of them; rubric items answered by
-``rubric_judge``), then ``stage.odpo_reasoning`` judged by the same PWRM (trained after the first child's first SFT
-stage, whichever branch it belongs to). The problems are rendered with the reasoning system prompt, the one the
-reasoning SFT trained with.
+With ``reasoning=true`` (its default follows ``posttrain``; ``cascade=ministral3`` sets it false until it has
+paper-scale reasoning budgets) every child also gets the Reasoning branch from its long-context base:
+``stage.reasoning_sft`` on ``reasoning_data`` (screened by the stage's filters and system prompt), GRPO
+``stage.grpo_stem`` (on the ``grpo_stem_sources`` of ``problem_data``) and ``stage.grpo_general`` (all of them; rubric
+items answered by ``rubric_judge``), then ``stage.odpo_reasoning`` judged by the same PWRM (trained after the first
+child's first SFT stage, whichever branch it belongs to). The problems are rendered with the reasoning system prompt,
+the one the reasoning SFT trained with.
 """
 
 from __future__ import annotations

@@ -99,10 +99,13 @@ def test_the_reasoning_branch_in_the_plan():
     assert alone.grpo_stem_sources == ("reasoning_math", "reasoning_code") and alone.rubric_judge == "parent"
     assert alone.odpo_reasoning.sampling.strip_thinking and alone.reasoning_sft.kl.ce_weight == 1.0
     demo = {s: alone.training_stage(s).train for s in ("reasoning_sft", "grpo_stem", "grpo_general", "odpo_reasoning")}
-    assert {s: t.steps for s, t in demo.items()} == {"reasoning_sft": 4, "grpo_stem": 2, "grpo_general": 1,
+    assert {s: t.steps for s, t in demo.items()} == {"reasoning_sft": 2, "grpo_stem": 2, "grpo_general": 1,
                                                      "odpo_reasoning": 1}
     assert alone.grpo_stem.sampling.group_size == 4 and alone.grpo_stem.sampling.max_new_tokens <= 96
-    assert build_plan(_compose()).reasoning_sft is None, "the README's main command: Instruct only"
+    main = build_plan(_compose())
+    assert main.reasoning_sft is not None and main.odpo is not None, "the README's main command: both branches"
+    assert build_plan(_compose("reasoning=false")).reasoning_sft is None
+    assert build_plan(_compose("cascade=ministral3")).reasoning_sft is None, "no paper-scale reasoning budgets yet"
     paper = build_plan(_compose("cascade=ministral3", "reasoning=true", "reasoning_data.format=tekken",
                                 "problem_data.format=tekken"))
     assert paper.layout("grpo_stem") == paper.layout("odpo") and paper.layout("reasoning_sft") == paper.layout("sft_kd")
@@ -173,6 +176,7 @@ TINY = [
     "stage.odpo.train.seq_len=128", "stage.odpo.train.global_batch_size=2", "stage.odpo.train.train_tokens=768",
     "stage.odpo.train.save_interval=1", "stage.odpo.optimizer.lr=1e-3", "stage.odpo.sampling.max_new_tokens=6",
     "stage.odpo.sampling.truncation_is_loop=false", "stage.odpo.eval_prompts=2",
+    "reasoning=false",  # the Reasoning branch has its own tiny run: test_tiny_cascade_with_the_reasoning_branch...
 ]
 
 

@@ -177,7 +177,8 @@ def test_the_cascade_command_on_a_mistral3_parent_distils_on_image_rows_tokenise
     assert not (run_dir / "b").exists()
 
 
-SFT = ["posttrain=true", "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
+SFT = ["posttrain=true", "reasoning=false",
+       "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=300'], weight: 1.0}]",
        "stage.sft_kd.train.seq_len=256", "stage.sft_kd.train.train_tokens=1024", "stage.sft_kd.optimizer.lr=3e-3",
        "stage.sft_kd.train.eval_rows_per_source=2", "stage.sft_kd.sample.max_new_tokens=4"]
 

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 from nemo_plugins.cascade.launch import ClusterConfig
 from nemo_plugins.cascade.plan import ChildSpec
@@ -171,7 +171,7 @@ class CascadeConfig:
     token_scale: float = 1.0
     until: str | None = None
     posttrain: bool = True
-    reasoning: bool = False
+    reasoning: bool = II("posttrain")
     grpo_stem_sources: list[str] = field(default_factory=list)
     rubric_judge: str = "parent"
     pwrm_init: str = "parent"
