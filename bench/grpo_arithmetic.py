@@ -38,8 +38,8 @@ from pathlib import Path
 from nemo_plugins.generation.tools import format_exact
 from nemo_plugins.rl.grpo import STEP_METRICS
 from nemo_plugins.rl.online_stage import StepMetrics
-from nemo_plugins.rl.rewards import RewardSettings, build_rewards
-from nemo_plugins.rl.rewards.math import well_formed
+from nemo_plugins.rl.rewards import MathRewardSettings, RewardSettings, build_rewards
+from nemo_plugins.rl.rewards.math import final_answer, is_correct, well_formed
 from nemo_plugins.train.metrics import MetricsLog
 
 SYSTEM = "Work the sum out step by step, then give the final answer on a last line 'Answer: <value>'."
@@ -74,19 +74,23 @@ def easy_arithmetic(count: int, seed: int, max_operand: int) -> list[dict]:
 
 
 class GradedLog:
-    """The stage's math reward, and one JSON line per graded response (question, response, reward, well-formed: a
-    closed think block then an ``Answer:`` line) appended to ``log``: the bench splits a pass@1 change into format
-    and correctness from it, and shows what the last evaluation's rewards were paid for."""
+    """The stage's math reward (``format_weight``: its share for a well-formed response), and one JSON line per
+    graded response (question, response, reward, correct, well-formed: a closed think block then an ``Answer:``
+    line) appended to ``log``: the bench splits a pass@1 change into format and correctness from it, and shows what
+    the last evaluation's rewards were paid for."""
 
-    def __init__(self, log: str):
-        self.log, self.math = Path(log), build_rewards(RewardSettings(), None)
+    def __init__(self, log: str, format_weight: float = 0.0):
+        self.log = Path(log)
+        self.math = build_rewards(RewardSettings(math=MathRewardSettings(format_weight=format_weight)), None)
 
     def __call__(self, items) -> list[float]:
         rewards = self.math(items)
         with self.log.open("a") as f:
             for item, reward in zip(items, rewards):
+                correct = is_correct(final_answer(item.response), str(item.meta["answer"]))
                 f.write(json.dumps({"question": item.messages[-1]["content"], "response": item.response,
-                                    "reward": reward, "well_formed": well_formed(item.response)}) + "\n")
+                                    "reward": reward, "correct": correct,
+                                    "well_formed": well_formed(item.response)}) + "\n")
         return rewards
 
 
@@ -116,7 +120,10 @@ def command(args: argparse.Namespace) -> list[str]:
             f"stage.grpo.optimizer.warmup_fraction={args.warmup_fraction}",
             f"chat_data.heldout_fraction={args.heldout_fraction}",
             "stage.sft_kd.system_prompt=null",
-            f"rewards={{_target_: bench.grpo_arithmetic.GradedLog, log: '{graded_log(args).resolve()}'}}",
+            f"rewards={{_target_: bench.grpo_arithmetic.GradedLog, log: '{graded_log(args).resolve()}', "
+            f"format_weight: {args.format_weight}}}",
+            # pass@1 counts correct answers whatever their format: the reward of a correct one is at least 1 - w
+            f"stage.grpo.solved_at={1.0 - args.format_weight}",
             f"stage.grpo.sampling.group_size={args.group_size}",
             f"stage.grpo.sampling.temperature={args.temperature}",
             f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
@@ -152,7 +159,7 @@ def eval_formats(lines: list[dict], evaluations: int, problems: int) -> list[tup
     for i in range(evaluations):
         chunk = lines[i * problems : (i + 1) * problems]
         formed = [r for r in chunk if r["well_formed"]]
-        shares.append((len(formed) / problems, sum(r["reward"] for r in formed) / max(len(formed), 1)))
+        shares.append((len(formed) / problems, sum(r["correct"] for r in formed) / max(len(formed), 1)))
     return shares
 
 
@@ -176,6 +183,7 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              + f", policy {args.policy}, {args.steps} steps x {args.problems} problems x G={args.group_size} "
              f"at T={args.temperature}, "
              f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, KL beta {args.kl_beta}, "
+             f"format weight {args.format_weight}, "
              f"train seed {args.train_seed}, {wall / 60:.1f} min wall",
              f"problem filter ({args.filter_samples} samples each): {manifest['problem_filter']}",
              f"held-out pass@1 (greedy, {n} problems): {evals[0]['pass_at_1']:.3f} +- {se(evals[0]['pass_at_1']):.3f} "
@@ -213,6 +221,8 @@ def main() -> None:
     parser.add_argument("--heldout-fraction", type=float, default=0.05, help="the SFT run's chat_data.heldout_fraction")
     parser.add_argument("--filter-samples", type=int, default=4)
     parser.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL to the starting policy (0: off)")
+    parser.add_argument("--format-weight", type=float, default=0.0,
+                        help="the math reward's share for a well-formed response (closed think block, answer line)")
     parser.add_argument("--eval-problems", type=int, default=48)
     parser.add_argument("--eval-interval", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_grpo"))
