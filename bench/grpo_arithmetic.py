@@ -39,7 +39,7 @@ from nemo_plugins.generation.tools import format_exact
 from nemo_plugins.rl.grpo import STEP_METRICS
 from nemo_plugins.rl.online_stage import StepMetrics
 from nemo_plugins.rl.rewards import MathRewardSettings, RewardSettings, build_rewards
-from nemo_plugins.rl.rewards.math import final_answer, is_correct, well_formed
+from nemo_plugins.rl.rewards.math import well_formed
 from nemo_plugins.train.metrics import MetricsLog
 
 SYSTEM = "Work the sum out step by step, then give the final answer on a last line 'Answer: <value>'."
@@ -73,23 +73,29 @@ def easy_arithmetic(count: int, seed: int, max_operand: int) -> list[dict]:
     return records
 
 
+def solved_at(format_weight: float) -> float:
+    """The least reward of a correct answer, (1 - w) x 1 + w x 0: above every wrong answer's (at most w) for w < 0.5,
+    so pass@1 counts correct answers whatever their format."""
+    return 1.0 - format_weight
+
+
 class GradedLog:
     """The stage's math reward (``format_weight``: its share for a well-formed response), and one JSON line per
     graded response (question, response, reward, correct, well-formed: a closed think block then an ``Answer:``
     line) appended to ``log``: the bench splits a pass@1 change into format and correctness from it, and shows what
-    the last evaluation's rewards were paid for."""
+    the last evaluation's rewards were paid for. A response is correct when its reward is at least ``solved_at(w)``
+    (the stage's pass@1 threshold too)."""
 
     def __init__(self, log: str, format_weight: float = 0.0):
-        self.log = Path(log)
+        self.log, self.solved_at = Path(log), solved_at(format_weight)
         self.math = build_rewards(RewardSettings(math=MathRewardSettings(format_weight=format_weight)), None)
 
     def __call__(self, items) -> list[float]:
         rewards = self.math(items)
         with self.log.open("a") as f:
             for item, reward in zip(items, rewards):
-                correct = is_correct(final_answer(item.response), str(item.meta["answer"]))
                 f.write(json.dumps({"question": item.messages[-1]["content"], "response": item.response,
-                                    "reward": reward, "correct": correct,
+                                    "reward": reward, "correct": reward >= self.solved_at,
                                     "well_formed": well_formed(item.response)}) + "\n")
         return rewards
 
@@ -122,8 +128,7 @@ def command(args: argparse.Namespace) -> list[str]:
             "stage.sft_kd.system_prompt=null",
             f"rewards={{_target_: bench.grpo_arithmetic.GradedLog, log: '{graded_log(args).resolve()}', "
             f"format_weight: {args.format_weight}}}",
-            # pass@1 counts correct answers whatever their format: the reward of a correct one is at least 1 - w
-            f"stage.grpo.solved_at={1.0 - args.format_weight}",
+            f"stage.grpo.solved_at={solved_at(args.format_weight)}",
             f"stage.grpo.sampling.group_size={args.group_size}",
             f"stage.grpo.sampling.temperature={args.temperature}",
             f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
@@ -234,6 +239,9 @@ def main() -> None:
                         help="GRPO's stage.grpo.train.seed: the training samples' seeds derive from it")
     parser.add_argument("--write-problems", type=Path, help="only write the two_step JSONL here (for SFT) and exit")
     args = parser.parse_args()
+    if not 0.0 <= args.format_weight < 0.5:
+        parser.error(f"--format-weight {args.format_weight}: must be in [0, 0.5), or a wrong well-formed answer "
+                     "(reward w) would count as solved (a correct one earns at least 1 - w)")
     if args.write_problems:
         print(write_problems(args.write_problems, args))
         return
