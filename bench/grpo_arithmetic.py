@@ -168,6 +168,16 @@ def eval_formats(lines: list[dict], evaluations: int, problems: int) -> list[tup
     return shares
 
 
+def paired_change(lines: list[dict], problems: int) -> tuple[int, int, float]:
+    """The first and last evaluations grade the same held-out problems greedily, so their difference is read per
+    problem (McNemar): (solved only at the end, solved only at the start, z = (b - c) / sqrt(b + c))."""
+    first = {r["question"]: r["correct"] for r in lines[:problems]}
+    last = {r["question"]: r["correct"] for r in lines[-problems:]}
+    gained = sum(last[q] and not first[q] for q in first)
+    lost = sum(first[q] and not last[q] for q in first)
+    return gained, lost, (gained - lost) / math.sqrt(gained + lost) if gained + lost else 0.0
+
+
 def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
     n = int(evals[0]["problems"])
@@ -175,8 +185,11 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
         verdicts = heldout_verdicts(args, len(evals), n)
         formats = eval_formats(verdicts, len(evals), n)
         last = verdicts[-n:][:3]  # read what the last evaluation paid for (a reward can be gamed)
+        gained, lost, z = paired_change(verdicts, n)
+        paired = (f"paired, first vs last evaluation: {gained} problems solved only after, {lost} only before, "
+                  f"McNemar z = {z:.2f}")
     else:
-        formats, last = [(math.nan, math.nan)] * len(evals), []
+        formats, last, paired = [(math.nan, math.nan)] * len(evals), [], "paired change: two_step only"
 
     def se(p: float) -> float:
         return math.sqrt(p * (1 - p) / n)
@@ -196,6 +209,7 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              f"{evals[-1]['step']} (binomial SE); well-formed answers {formats[0][0]:.3f} -> {formats[-1][0]:.3f}, "
              f"pass rate among them {formats[0][1]:.3f} -> {formats[-1][1]:.3f}; truncation rate "
              f"{evals[0]['truncation_rate']:.3f} -> {evals[-1]['truncation_rate']:.3f}",
+             paired,
              "",
              "| step | held-out pass@1 (SE) | well-formed | pass among well-formed | "
              "truncation rate | response tokens |",
