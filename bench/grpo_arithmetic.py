@@ -15,8 +15,9 @@ must use the same fraction. The run is ``recipes.grpo`` as a user runs it (``sta
 the records carry their own system message, and so did the SFT run's), in a subprocess, its math reward wrapped
 by ``GradedLog`` so that every graded response's verdict and format land in ``graded.jsonl``; the script then
 prints the eval curve (held-out pass@1 with its binomial standard error, the share of responses with a well-formed
-final answer and the pass rate among those: how much of a rise is format, how much correctness) and the step means
-as a markdown block for bench/RESULTS.md. Not part of the test suite (tens of minutes on CPU).
+final answer and the pass rate among those: how much of a rise is format, how much correctness), the paired
+first-vs-last change per held-out problem (McNemar's b, c and z) and the step means as a markdown block for
+bench/RESULTS.md. Not part of the test suite (tens of minutes on CPU).
 
     python bench/grpo_arithmetic.py --write-problems runs/bench_grpo_data/two_step.jsonl   # the file for SFT
     python bench/grpo_arithmetic.py [--policy embedded:smollm2] [--steps 16] [--max-new-tokens 64]
