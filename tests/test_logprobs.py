@@ -11,7 +11,13 @@ import torch.multiprocessing as mp
 from nemo_plugins.convert.model_io import load_hf_state
 from nemo_plugins.distributed import ParallelConfig, initialize
 from nemo_plugins.model.builder import build_model
-from nemo_plugins.rl.logprobs import frozen_sequence_logprobs, micro_batches, sample_rows, sequence_logprobs
+from nemo_plugins.rl.logprobs import (
+    ROW_MULTIPLE,
+    frozen_sequence_logprobs,
+    micro_batches,
+    sample_rows,
+    sequence_logprobs,
+)
 from tests import distributed_worker
 from tests.conftest import tiny_config
 from tests.hf_reference import hf_model, hf_state
@@ -62,6 +68,18 @@ def test_sequence_logprobs_are_the_policy_tokens_log_probs_under_full_logits():
     every_token = [None if s is None else (s[0], s[1], [1] * len(s[1])) for s in samples]
     with_tools = frozen_sequence_logprobs(model, micro_batches(sample_rows(every_token, SEQ_LEN, 0), 2))
     assert not torch.allclose(with_tools[1], frozen[1]), "tool-output tokens must not be scored"
+
+
+def test_rows_stop_at_the_longest_sample_rounded_up_not_at_seq_len():
+    """Pad columns cost forward and backward work: a call's rows are as wide as its longest sample rounded up to
+    ROW_MULTIPLE (16: FP8 GEMMs, sequence parallelism), never wider than seq_len."""
+    assert ROW_MULTIPLE == 16
+    tokens, positions, mask = sample_rows([([1] * 5, [2] * 12, [1] * 12), None], 100, 0)
+    assert tokens.shape == positions.shape == mask.shape == (2, 32), "17 tokens round up to 32"
+    assert tokens[0, 17:].eq(0).all() and mask[0].sum() == 12 and positions[1].tolist() == list(range(32))
+    assert sample_rows([([1] * 5, [2] * 11, [1] * 11)], 100, 0)[0].shape == (1, 16)
+    assert sample_rows([([1] * 5, [2] * 12, [1] * 12)], 20, 0)[0].shape == (1, 20), "capped at seq_len"
+    assert sample_rows([None], 100, 0)[0].shape == (1, 16)
 
 
 def test_a_sample_longer_than_the_row_is_refused():

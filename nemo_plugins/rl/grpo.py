@@ -228,25 +228,31 @@ class GRPOStep:
         return totals[0] / max(totals[1], 1.0)
 
     def _rows(self, kept: list[tuple[Prompt, list[Response], torch.Tensor]]) -> tuple[list[dict], list[tuple]]:
-        """Micro-batches of the kept groups' responses and, per micro-batch, (old log-probs [b, s], advantages
-        [b], reference log-probs [b, s] or None); a rank with nothing kept runs one row without targets."""
+        """Micro-batches of the kept groups' responses, each as wide as its own longest response (``sample_rows``;
+        megatron's schedule without a pipeline takes micro-batches of any length, and GRPO has no pipeline: its
+        policy trains in the engine's layout) and, per micro-batch, (old log-probs [b, s], advantages [b], reference
+        log-probs [b, s] or None); a rank with nothing kept runs one row without targets."""
         train = self.stage.train
-        samples = [(prompt.ids, r.token_ids, r.policy_mask) for prompt, group, _ in kept for r in group] or [None]
-        rows = sample_rows(samples, train.seq_len, self.chat_format.pad_id)
-        old = torch.zeros(len(samples), train.seq_len)
-        advantages = torch.zeros(len(samples), dtype=torch.float64)
-        row = 0
-        for prompt, group, advantage in kept:
-            for response, value in zip(group, advantage):
-                start = len(prompt.ids) - 1
-                old[row, start : start + len(response.logprobs)] = torch.tensor(response.logprobs)
-                advantages[row] = value
-                row += 1
+        rows = [(prompt, response, value) for prompt, group, advantage in kept
+                for response, value in zip(group, advantage)] or [None]
         size = train.micro_batch_size * self.stage.sampling.group_size
-        batches = micro_batches(rows, size)
+        batches, olds, advantages = [], [], []
+        for first in range(0, len(rows), size):
+            part = rows[first : first + size]
+            samples = [None if row is None else (row[0].ids, row[1].token_ids, row[1].policy_mask) for row in part]
+            batch = micro_batches(sample_rows(samples, train.seq_len, self.chat_format.pad_id), len(part))[0]
+            old = torch.zeros(len(part), batch["tokens"].shape[1])
+            for i, row in enumerate(part):
+                if row is not None:
+                    start = len(row[0].ids) - 1
+                    old[i, start : start + len(row[1].logprobs)] = torch.tensor(row[1].logprobs)
+            batches.append(batch)
+            olds.append(old)
+            advantages.append(torch.tensor([0.0 if row is None else float(row[2]) for row in part],
+                                           dtype=torch.float64))
         reference = (self._reference_logprobs(batches) if self.stage.loss.kl_beta > 0
                      else [None] * len(batches))
-        return batches, list(zip(old.split(size), advantages.split(size), reference))
+        return batches, list(zip(olds, advantages, reference))
 
     def _reference_logprobs(self, batches: list[dict]) -> list[torch.Tensor]:
         outputs = forward_only(self.reference, [(b["tokens"], b["positions"], b["labels"]) for b in batches],
@@ -275,8 +281,8 @@ class GRPOStep:
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=[ddp],
-            num_microbatches=len(batches), seq_length=self.stage.train.seq_len,
-            micro_batch_size=self.stage.train.micro_batch_size * self.stage.sampling.group_size, forward_only=False)
+            num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],
+            micro_batch_size=batches[0]["tokens"].shape[0], forward_only=False)
         return summed_logs(outputs, ("loss_sum", "tokens", "clipped", "kl_sum"))
 
     def _record(self, step: int, stats: list[float], totals: list[float]) -> None:

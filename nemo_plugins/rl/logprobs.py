@@ -1,9 +1,12 @@
 """Per-sequence log-probs of sampled responses under a megatron model: what preference losses compare.
 
 A sample (prompt ids, response ids, policy mask) becomes one training row: prompt + response, padded, positions
-0..n-1 (one document). Its target mask is 1 at position t iff token t + 1 is a response token the policy
-sampled: tool output the engine injected (policy mask 0) is context, never scored, and neither are prompt and
-padding. The row's log-prob is the sum over those targets of log p(token).
+0..n-1 (one document). The rows of one call are as wide as its longest sample, rounded up to ``ROW_MULTIPLE``, not
+``seq_len``: ``seq_len`` must hold the longest possible response (the paper's 32K then 80K generation limits) while
+most responses are far shorter, and every pad column costs attention, MLP and vocabulary work forward and backward.
+A row's target mask is 1 at position t iff token t + 1 is a response token the policy sampled: tool output the
+engine injected (policy mask 0) is context, never scored, and neither are prompt and padding. The row's log-prob
+is the sum over those targets of log p(token).
 
 log p comes from the model's own label path: ``model(tokens, positions, labels=...)`` returns megatron's
 per-token cross-entropy, computed by ``vocab_parallel_cross_entropy`` on each TP rank's vocabulary slice of the
@@ -26,6 +29,8 @@ from nemo_plugins.distributed import device
 from nemo_plugins.errors import ConfigError
 
 Sample = tuple[Sequence[int], Sequence[int], Sequence[int]]  # (prompt ids, response ids, response policy mask)
+# a row's width is a multiple of this: FP8 GEMMs need token counts divisible by 16, sequence parallelism by TP
+ROW_MULTIPLE = 16
 
 
 def check_layout() -> None:
@@ -35,20 +40,23 @@ def check_layout() -> None:
 
 
 def sample_rows(samples: Sequence[Sample | None], seq_len: int, pad_id: int) -> tuple[torch.Tensor, ...]:
-    """``(tokens, positions, target_mask)`` [n, seq_len] for ``samples``; a ``None`` sample is a padding row with
-    no target (so every rank runs the same number of rows whatever it skipped)."""
-    tokens = torch.full((len(samples), seq_len), pad_id, dtype=torch.long)
-    target_mask = torch.zeros(len(samples), seq_len)
+    """``(tokens, positions, target_mask)`` [n, width] for ``samples``, width the longest sample rounded up to
+    ``ROW_MULTIPLE`` and at most ``seq_len``; a ``None`` sample is a padding row with no target (so every rank runs
+    the same number of rows whatever it skipped)."""
+    lengths = [len(s[0]) + len(s[1]) for s in samples if s is not None]
+    if max(lengths, default=0) > seq_len:
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit in a row of {seq_len}")
+    width = min(seq_len, -(-max(lengths, default=1) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    target_mask = torch.zeros(len(samples), width)
     for row, sample in enumerate(samples):
         if sample is None:
             continue
         prompt, response, policy = sample
         length = len(prompt) + len(response)
-        if length > seq_len:
-            raise ValueError(f"a sample of {length} tokens does not fit in a row of {seq_len}")
         tokens[row, :length] = torch.tensor([*prompt, *response])
         target_mask[row, len(prompt) - 1 : length - 1] = torch.tensor(policy, dtype=torch.float32)
-    positions = torch.arange(seq_len).expand(len(samples), -1).contiguous()
+    positions = torch.arange(width).expand(len(samples), -1).contiguous()
     return tokens, positions, target_mask
 
 

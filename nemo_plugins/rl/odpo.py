@@ -245,7 +245,7 @@ class ODPOStep:
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=[ddp],
-            num_microbatches=len(batches), seq_length=self.stage.train.seq_len,
+            num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],
             micro_batch_size=2 * self.stage.train.micro_batch_size, forward_only=False)
         return torch.tensor(summed_logs(outputs, ("loss_sum", "pairs", "margin_sum")), dtype=torch.float64)
 
