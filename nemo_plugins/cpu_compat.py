@@ -9,7 +9,10 @@ megatron-core assumes CUDA in a handful of places (checked on 0.16.1 and 0.19.x)
 * the CUDA RNG state tracker behind ``model_parallel_cuda_manual_seed`` and dropout;
 * ``LanguageModule.setup_embeddings_and_output_layer`` calling ``weight.data.cuda()`` before the
   first/last-stage all-reduce of tied embeddings under pipeline parallelism;
-* ``clip_grad_by_total_norm_fp32`` asserting ``grad.type() == 'torch.cuda.FloatTensor'``.
+* ``clip_grad_by_total_norm_fp32`` asserting ``grad.type() == 'torch.cuda.FloatTensor'``;
+* the mixed-precision optimizer (``Float16OptimizerWithFloat16Params``, a bf16 run without the distributed
+  optimizer) sorting parameters by ``param.type()`` in ``'torch.cuda.BFloat16Tensor'`` / ``'torch.cuda.FloatTensor'``
+  and refusing anything else: during its construction a CPU tensor's type is named as its CUDA twin.
 
 On a machine where CUDA is unavailable every one of those calls would raise, so nothing is lost by
 redirecting them to the CPU. The mechanism is deliberately narrow: each listed megatron module gets a
@@ -197,6 +200,36 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+@contextlib.contextmanager
+def _cpu_tensors_report_cuda_types():
+    """Inside this block ``Tensor.type()`` names a CPU tensor's type as its CUDA twin ('torch.BFloat16Tensor' ->
+    'torch.cuda.BFloat16Tensor'): what megatron's mixed-precision optimizer checks to sort parameters into bf16
+    ones (given fp32 main copies) and fp32 ones."""
+    original = torch.Tensor.type
+
+    def cuda_named(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        return name if args or kwargs or name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _patch_mixed_precision_optimizer() -> None:
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    original = Float16OptimizerWithFloat16Params.__init__
+
+    def __init__(self, *args, **kwargs):
+        with _cpu_tensors_report_cuda_types():
+            original(self, *args, **kwargs)
+
+    Float16OptimizerWithFloat16Params.__init__ = __init__
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -240,6 +273,7 @@ def install() -> bool:
     if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
         optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     _patch_tied_embedding_setup()
+    _patch_mixed_precision_optimizer()
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)

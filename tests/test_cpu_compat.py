@@ -76,13 +76,18 @@ def test_rng_tracker_forks_the_cpu_generator():
         assert torch.equal(torch.rand(3), first), "the same seed must reproduce the tracked stream"
 
 
-def _train_step(clip_grad: float):
-    """Schedule (total_num_tokens), DDP grad buffers, optimizer (found_inf/loss scale), clip_grads, all on CPU."""
+def _train_step(clip_grad: float, dtype: torch.dtype = torch.float32, keep: dict | None = None):
+    """Schedule (total_num_tokens), DDP grad buffers, optimizer (found_inf/loss scale), clip_grads, all on CPU;
+    ``keep`` receives the model and the optimizer."""
     config = tiny_config()
-    model = build_model(config, ParallelConfig())
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
-    settings = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=clip_grad, use_distributed_optimizer=False)
+    model = build_model(config, ParallelConfig(), dtype)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=False), model)
+    settings = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=clip_grad, use_distributed_optimizer=False,
+                               bf16=dtype == torch.bfloat16, params_dtype=dtype)
     optimizer = get_megatron_optimizer(settings, [ddp])
+    if keep is not None:
+        keep.update(model=model, optimizer=optimizer)
     tokens = torch.randint(0, config.vocab_size, (2, 16))
     positions = torch.arange(16).expand(2, -1)
 
@@ -117,6 +122,26 @@ def test_training_step_with_grad_clipping_on_cpu():
     assert success and grad_norm > 1e-3  # the clip path ran (coefficient < 1)
     assert torch.isfinite(losses[0]["loss"])
     assert moved > 0
+
+
+def test_a_bf16_model_trains_and_checkpoints_under_megatrons_mixed_precision_optimizer():
+    """megatron's mixed-precision optimizer (a bf16 run without the distributed optimizer) sorts parameters by their
+    CUDA type names; on CPU the patch gives it those names. Every parameter, the local spec's norms included (built
+    fp32 whatever params_dtype says), must land in its bf16 groups with an fp32 main copy: a parameter left in the
+    fp32 groups is one its checkpoint cannot map to the model's (the optimizer's sharded state dict fails)."""
+    kept: dict = {}
+    losses, success, _, moved = _train_step(clip_grad=1.0, dtype=torch.bfloat16, keep=kept)
+    model, optimizer = kept["model"], kept["optimizer"]
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    assert [type(o).__name__ for o in inner] == ["Float16OptimizerWithFloat16Params"]
+    bf16 = [p for o in inner for group in o.float16_groups for p in group]
+    assert len(bf16) == len(list(model.parameters())) and all(p.dtype == torch.bfloat16 for p in bf16)
+    assert not [p for o in inner for group in o.fp32_from_fp32_groups for p in group]
+    assert all(p.main_param.dtype == torch.float32 for p in bf16)
+    assert success and moved > 0 and torch.isfinite(losses[0]["loss"])
+    state = optimizer.sharded_state_dict(model.sharded_state_dict())
+    assert state, "the optimizer's checkpoint state maps onto the model's"
+    assert torch.Tensor.type(torch.zeros(1, dtype=torch.bfloat16)) == "torch.BFloat16Tensor", "patch left on"
 
 
 def test_distributed_optimizer_falls_back_on_cpu(caplog):

@@ -216,6 +216,8 @@ def test_rows_align_the_engines_log_probs_with_the_trainers_targets(root, chat):
     step = GRPOStep(ConstantReward(), chat_format, stage, None, reference=model)
     batches, extras = step._rows(list(zip(short, groups, advantages)))
     assert [b["tokens"].shape[0] for b in batches] == [4], "micro_batch_size groups of G rows per micro-batch"
+    longest = max(len(p.ids) + len(r.token_ids) for p, g in zip(short, groups) for r in g)
+    assert batches[0]["tokens"].shape[1] == min(stage.train.seq_len, -(-longest // 16) * 16), "no pad columns"
     (old, rows_advantage, reference), batch = extras[0], batches[0]
     assert rows_advantage.tolist() == [0.5, -0.5, 1.0, -1.0]
     with torch.no_grad():
@@ -227,10 +229,10 @@ def test_rows_align_the_engines_log_probs_with_the_trainers_targets(root, chat):
     assert bool((old[~mask] == 0).all())
 
 
-def _command(root, out_dir, steps, filter_samples=2):
+def _command(root, out_dir, steps, filter_samples=2, dtype="float32"):
     """The recipe with problem filtering and a KL term to a reference other than the policy (the student, without
     the planted end-of-turn row): the reference is loaded, and the KL is > 0 from the first step."""
-    return [sys.executable, "-m", "recipes.grpo", "model=tiny", f"policy=megatron:{root / 'policy'}",
+    return [sys.executable, "-m", "recipes.grpo", "model=tiny", f"dtype={dtype}", f"policy=megatron:{root / 'policy'}",
             f"reference=megatron:{root / 'student'}", "stage.grpo.loss.kl_beta=0.05", "stage.sft_kd.system_prompt=null",
             "rewards={_target_: tests.test_grpo.SortingReward}", f"chat_data.cache_dir={root / 'chat'}",
             "chat_data.sources=[{name: arithmetic, paths: ['builtin:arithmetic?count=100'], weight: 1.0}]",
@@ -243,15 +245,20 @@ def _command(root, out_dir, steps, filter_samples=2):
 
 
 @pytest.mark.slow
-def test_a_sigkilled_grpo_run_with_a_kl_term_resumes_bit_identically(root, chat, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_sigkilled_grpo_run_with_a_kl_term_resumes_bit_identically(root, chat, tmp_path, dtype):
+    """bfloat16: megatron's mixed-precision optimizer, its fp32 main weights saved and loaded (what GPU runs
+    without the distributed optimizer take)."""
     steps, env = 4, recipe_env()
     reference = tmp_path / "uninterrupted"
-    subprocess.run(_command(root, reference, steps), check=True, env=env, capture_output=True)
+    subprocess.run(_command(root, reference, steps, dtype=dtype), check=True, env=env, capture_output=True)
     kill_after = random.randrange(1, steps - 1)
     interrupted = tmp_path / "interrupted"
-    code, _ = interrupt_after_step(_command(root, interrupted, steps), interrupted, kill_after + 1, signal.SIGKILL)
+    code, _ = interrupt_after_step(_command(root, interrupted, steps, dtype=dtype), interrupted, kill_after + 1,
+                                   signal.SIGKILL)
     assert code == -signal.SIGKILL, f"the job finished before the kill after step {kill_after + 1}"
-    resumed_run = subprocess.run(_command(root, interrupted, steps), env=env, capture_output=True, text=True)
+    resumed_run = subprocess.run(_command(root, interrupted, steps, dtype=dtype), env=env, capture_output=True,
+                                 text=True)
     assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]  # a refusal names its reason
     assert train_records(interrupted) == train_records(reference), f"killed after step {kill_after + 1}"
     steps_metrics = StepMetrics.read(reference / STEP_METRICS)

@@ -248,6 +248,12 @@ def build_model(
         rotary_base=model.rope_theta,
     )
     gpt.uses_transformer_engine = use_te
+    for param in gpt.parameters():
+        # the local spec's norms (torch.nn.RMSNorm) ignore params_dtype (megatron's own loop casts the whole model
+        # in Float16Module): an fp32 norm weight in a bf16 model is a parameter that megatron's mixed-precision
+        # optimizer keeps outside its bf16 groups, and then cannot map when it saves a checkpoint
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
