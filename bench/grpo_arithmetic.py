@@ -135,7 +135,7 @@ def command(args: argparse.Namespace) -> list[str]:
             f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
             f"stage.grpo.problem_filter.samples={args.filter_samples}", f"stage.grpo.eval_prompts={args.eval_problems}",
             f"stage.grpo.loss.kl_beta={args.kl_beta}", f"stage.grpo.train.seed={args.train_seed}",
-            f"output_dir={args.out}"]
+            f"dtype={args.dtype}", f"output_dir={args.out}"]
 
 
 def graded_log(args: argparse.Namespace) -> Path:
@@ -202,7 +202,7 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              + f", policy {args.policy}, {args.steps} steps x {args.problems} problems x G={args.group_size} "
              f"at T={args.temperature}, "
              f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, KL beta {args.kl_beta}, "
-             f"format weight {args.format_weight}, "
+             f"format weight {args.format_weight}, {args.dtype}, "
              f"train seed {args.train_seed}, {wall / 60:.1f} min wall",
              f"problem filter ({args.filter_samples} samples each): {manifest['problem_filter']}",
              f"held-out pass@1 (greedy, {n} problems): {evals[0]['pass_at_1']:.3f} +- {se(evals[0]['pass_at_1']):.3f} "
@@ -252,6 +252,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="two_step's generator seed")
     parser.add_argument("--train-seed", type=int, default=1234,
                         help="GRPO's stage.grpo.train.seed: the training samples' seeds derive from it")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the policy's weights and compute (bfloat16: fp32 main weights in megatron's optimizer; "
+                             "the faster one on CPUs with AVX512-BF16: bench/RESULTS.md)")
     parser.add_argument("--write-problems", type=Path, help="only write the two_step JSONL here (for SFT) and exit")
     args = parser.parse_args()
     if not 0.0 <= args.format_weight < 0.5:
