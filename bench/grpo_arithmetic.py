@@ -133,6 +133,7 @@ def command(args: argparse.Namespace) -> list[str]:
             f"stage.grpo.sampling.group_size={args.group_size}",
             f"stage.grpo.sampling.temperature={args.temperature}",
             f"stage.grpo.sampling.max_new_tokens={args.max_new_tokens}",
+            f"stage.grpo.sampling.max_batch_size={args.max_batch_size}",
             f"stage.grpo.problem_filter.samples={args.filter_samples}", f"stage.grpo.eval_prompts={args.eval_problems}",
             f"stage.grpo.loss.kl_beta={args.kl_beta}", f"stage.grpo.train.seed={args.train_seed}",
             f"dtype={args.dtype}", f"output_dir={args.out}"]
@@ -252,6 +253,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="two_step's generator seed")
     parser.add_argument("--train-seed", type=int, default=1234,
                         help="GRPO's stage.grpo.train.seed: the training samples' seeds derive from it")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="requests decoded together (the stage's sampling.max_batch_size; larger is faster on CPU)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the policy's weights and compute (bfloat16: fp32 main weights in megatron's optimizer; "
                              "the faster one on CPUs with AVX512-BF16: bench/RESULTS.md)")
