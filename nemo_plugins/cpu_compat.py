@@ -29,6 +29,7 @@ on CPU (see ``use_distributed_optimizer_allowed``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import types
@@ -178,56 +179,55 @@ def _cpu_clip_grad_by_total_norm_fp32(parameters: Any, max_norm: float, total_no
 
 
 @contextlib.contextmanager
-def _tensor_cuda_is_identity():
-    """Inside this block ``Tensor.cuda()`` returns the tensor itself (CPU-only machines)."""
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+def _tensor_method(name: str, replacement: Any):
+    """Inside this block ``torch.Tensor.<name>`` is ``replacement`` (it may call the original, passed to it)."""
+    original = getattr(torch.Tensor, name)
+    setattr(torch.Tensor, name, replacement(original))
     try:
         yield
     finally:
-        torch.Tensor.cuda = original
+        setattr(torch.Tensor, name, original)
 
 
-def _patch_tied_embedding_setup() -> None:
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-
-    original = LanguageModule.setup_embeddings_and_output_layer
-
-    def setup_embeddings_and_output_layer(self, *args, **kwargs):
-        with _tensor_cuda_is_identity():
-            return original(self, *args, **kwargs)
-
-    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+def _cuda_is_identity(_original: Any) -> Any:
+    """``Tensor.cuda()`` returning the tensor itself (CPU-only machines)."""
+    return lambda self, *args, **kwargs: self
 
 
-@contextlib.contextmanager
-def _cpu_tensors_report_cuda_types():
-    """Inside this block ``Tensor.type()`` names a CPU tensor's type as its CUDA twin ('torch.BFloat16Tensor' ->
+def _cuda_type_names(original: Any) -> Any:
+    """``Tensor.type()`` naming a CPU tensor's type as its CUDA twin ('torch.BFloat16Tensor' ->
     'torch.cuda.BFloat16Tensor'): what megatron's mixed-precision optimizer checks to sort parameters into bf16
     ones (given fp32 main copies) and fp32 ones."""
-    original = torch.Tensor.type
 
     def cuda_named(self, *args, **kwargs):
         name = original(self, *args, **kwargs)
         return name if args or kwargs or name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
 
-    torch.Tensor.type = cuda_named
-    try:
-        yield
-    finally:
-        torch.Tensor.type = original
+    return cuda_named
+
+
+def _run_with_tensor_method(owner: type, method: str, name: str, replacement: Any) -> None:
+    """Patch ``owner.method`` to run with ``torch.Tensor.<name>`` swapped for ``replacement``."""
+    original = getattr(owner, method)
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        with _tensor_method(name, replacement):
+            return original(self, *args, **kwargs)
+
+    setattr(owner, method, patched)
+
+
+def _patch_tied_embedding_setup() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _run_with_tensor_method(LanguageModule, "setup_embeddings_and_output_layer", "cuda", _cuda_is_identity)
 
 
 def _patch_mixed_precision_optimizer() -> None:
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    original = Float16OptimizerWithFloat16Params.__init__
-
-    def __init__(self, *args, **kwargs):
-        with _cpu_tensors_report_cuda_types():
-            original(self, *args, **kwargs)
-
-    Float16OptimizerWithFloat16Params.__init__ = __init__
+    _run_with_tensor_method(Float16OptimizerWithFloat16Params, "__init__", "type", _cuda_type_names)
 
 
 def cuda_available() -> bool:
