@@ -55,6 +55,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_plugins.convert.sources import ModelSource
+from nemo_plugins.data.batches import local_batch
 from nemo_plugins.data.chat import ChatFormat
 from nemo_plugins.data.chat_mix import ChatMix
 from nemo_plugins.data.chat_prompts import ChatPrompts, Prompt
@@ -69,7 +70,7 @@ from nemo_plugins.manifest import write_json_atomic, write_manifest
 from nemo_plugins.model.forward import forward_only
 from nemo_plugins.parallel_ops import summed_logs
 from nemo_plugins.rl.grpo_loss import GRPOLossOptions, group_advantages, grpo_token_loss
-from nemo_plugins.rl.logprobs import micro_batches, sample_rows
+from nemo_plugins.rl.logprobs import sample_rows
 from nemo_plugins.rl.online_stage import (
     StepMetrics,
     checked_policy,
@@ -241,7 +242,7 @@ class GRPOStep:
         for first in range(0, len(rows), size):
             part = rows[first : first + size]
             samples = [None if row is None else (row[0].ids, row[1].token_ids, row[1].policy_mask) for row in part]
-            batch = micro_batches(sample_rows(samples, train.seq_len, self.chat_format.pad_id), len(part))[0]
+            batch = local_batch(*sample_rows(samples, train.seq_len, self.chat_format.pad_id))
             old = torch.zeros(len(part), batch["tokens"].shape[1])
             for i, row in enumerate(part):
                 if row is not None:
