@@ -66,6 +66,26 @@ def test_kv_cache_greedy_equals_full_recomputation_for_a_batch_of_different_leng
         _assert_logprobs_match_training_forward(model, response)
 
 
+def test_a_decode_step_rotates_only_its_new_keys_not_the_whole_cache(monkeypatch):
+    """megatron's static cache rotates every cached key again at each step; ours rotates each key once, when
+    cached (that it rotates them right is the recomputation test above)."""
+    import megatron.core.transformer.attention as megatron_attention
+
+    from nemo_plugins.model import rotated_key_cache
+
+    rotated_lengths = []
+    for module in (megatron_attention, rotated_key_cache):
+        rotate = module.apply_rotary_pos_emb
+        monkeypatch.setattr(module, "apply_rotary_pos_emb",
+                            lambda t, *a, rotate=rotate, **k: rotated_lengths.append(t.shape[0]) or rotate(t, *a, **k))
+    model = _model(YARN_TEMPERATURE)
+    TorchEngine(model).generate([Request(p, SamplingParams(temperature=0.0, max_new_tokens=6, loop=NO_LOOP_STOP))
+                                 for p in PROMPTS])
+    width = max(len(p) for p in PROMPTS)
+    layers = YARN_TEMPERATURE.num_layers
+    assert rotated_lengths == [width] * 2 * layers + [1] * 2 * layers * 5  # prefill, then 5 fed tokens: query, key
+
+
 def test_sampled_logprobs_are_the_models_plain_logprobs():
     """Sampled at temperature 0.7 with top-k/top-p, yet the log-probs are those of the unfiltered distribution."""
     model = _model(YARN_TEMPERATURE)
@@ -152,6 +172,11 @@ def test_sampling_draws_tokens_with_the_models_probabilities():
     frequencies = torch.bincount(tokens, minlength=3).float() / rows
     torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
     torch.testing.assert_close(logprobs, probs.log()[tokens])
+    top_2 = [SamplingParams(temperature=1.0, top_k=2)] * rows
+    tokens, _ = choose_tokens(probs.log().expand(rows, -1).clone(), top_2,
+                              [request_generator(seed, torch.device("cpu")) for seed in range(rows)])
+    frequencies = torch.bincount(tokens, minlength=3).float() / rows
+    torch.testing.assert_close(frequencies, torch.tensor([0.0, 2 / 3, 1 / 3]), atol=0.03, rtol=0)
 
 
 class ScriptedModel(torch.nn.Module):

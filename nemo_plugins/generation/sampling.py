@@ -1,10 +1,13 @@
 """The next token of each request from full-vocabulary logits: greedy, temperature, top-k, top-p, seeded.
 
 Each request draws its randomness from its own ``torch.Generator`` (seeded from ``SamplingParams.seed``),
-one draw per sampled token, so its tokens do not depend on the other requests in the batch or on their
-order. Sampling is an exponential race (``argmax p / E`` with ``E ~ Exp(1)`` per vocabulary entry, keyed by
-the global vocabulary index), which picks token i with probability p_i exactly like ``multinomial``. Every
-TP rank holds the same full-vocabulary logits and the same generators, so every rank picks the same token.
+one uniform number per sampled token, so its tokens do not depend on the other requests in the batch or on
+their order. The token is where that number falls in the request's cumulative distribution (inverse-CDF
+sampling, what ``multinomial`` does for one draw; the sum runs in float64 so that no token's share is off by
+the sum's rounding): token i with probability p_i. One draw per token, not one per vocabulary entry: an
+exponential race over the vocabulary drew 49,152 numbers per token and took 2/3 of the CPU sampling time at
+128 rows. Every TP rank holds the same full-vocabulary logits and the same generators, so every rank picks
+the same token.
 
 The returned log-prob is under the model's plain distribution (temperature 1, no top-k/top-p filtering):
 the quantity the policy losses compare against a training forward, independent of the sampling settings.
@@ -49,8 +52,11 @@ def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
         top_k = torch.tensor([params[i].top_k for i in sampled], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
         probs = filter_top_k_top_p(logits[index] / temperature[:, None], top_k, top_p).softmax(-1)
-        race = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=generators[i])
-                            for i in sampled])
-        tokens[index] = (probs / race).argmax(-1)
+        cumulative = probs.to(torch.float64).cumsum(-1)
+        uniform = torch.stack([torch.rand((), dtype=torch.float64, device=logits.device, generator=generators[i])
+                               for i in sampled])
+        # right=True: the first entry whose cumulative mass exceeds the draw, never a token of probability 0
+        chosen = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
+        tokens[index] = chosen.clamp(max=logits.shape[-1] - 1)
     logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     return tokens, logprobs

@@ -6,6 +6,11 @@ KV cache: megatron-core's ``StaticInferenceContext`` (same constructor in 0.16 a
 except that megatron allocates the cache lazily with ``device=torch.cuda.current_device()``; the engine
 allocates those buffers itself on ``device()`` in the model's dtype before the first forward, and megatron
 then uses them. The last position's final-norm hidden state (``return_hidden=True``) gives the logits.
+megatron indexes the buffers as ``[slot, batch, kv heads, head_dim]``; for the local spec's SDPA, which reads
+them as ``[batch, kv heads, slot, head_dim]``, the engine stores them in that order and hands megatron the
+permuted view: each head's keys are then one contiguous block, and a 128-row bf16 decode step's attention took
+7 ms a layer instead of 27 ms on strided slots (2-core CPU). Transformer Engine keeps megatron's own layout.
+Keys are cached rotated (``model.rotated_key_cache``), so a decode step rotates its new keys only.
 
 Batching: prompts are left-padded to the longest of the batch and an explicit mask hides each row's pad
 slots in the prefill and in every decode step. In the static context rotary embeddings follow the cache
@@ -213,12 +218,15 @@ class TorchEngine:
         """megatron's static KV cache with its per-layer buffers already allocated on this rank's device."""
         context = StaticInferenceContext(batch, capacity)
         dtype = self.model.config.params_dtype
+        order = (0, 1, 2, 3) if self.model.uses_transformer_engine else (1, 2, 0, 3)  # storage order of the dims
         for layer in self.model.decoder.layers:
             attention = layer.self_attention
             shape = (capacity, batch, attention.num_query_groups_per_partition,
                      attention.hidden_size_per_attention_head)
-            context.key_value_memory_dict[attention.layer_number] = (
-                torch.empty(shape, dtype=dtype, device=device()), torch.empty(shape, dtype=dtype, device=device()))
+            stored = [shape[i] for i in order]
+            view = [order.index(i) for i in range(4)]
+            context.key_value_memory_dict[attention.layer_number] = tuple(
+                torch.empty(stored, dtype=dtype, device=device()).permute(view) for _ in range(2))
         return context
 
     @staticmethod

@@ -22,6 +22,7 @@ from nemo_plugins.model.config import MistralConfig
 from nemo_plugins.model.fast_path import Available, SpeedOptions, fast_path, yarn_concentration
 from nemo_plugins.model.masks import is_single_document, packed_causal_mask
 from nemo_plugins.model.packed_sequences import cu_seqlens_from_positions, thd_params
+from nemo_plugins.model.rotated_key_cache import RotatedKeyCacheSelfAttention
 from nemo_plugins.model.sdpa_attention import SDPAttention
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def transformer_config(model: MistralConfig, parallel: ParallelConfig, dtype: to
 
 def layer_spec(config: MistralTransformerConfig, use_te: bool) -> ModuleSpec:
     """The layer spec: Transformer Engine or megatron's local one, with query scaling when needed. The local spec's
-    core attention is ``SDPAttention`` (megatron's maths in one fused PyTorch kernel)."""
+    core attention is ``SDPAttention`` (megatron's maths in one fused PyTorch kernel); under both, the
+    self-attention caches rotated keys in static-batching inference (``RotatedKeyCacheSelfAttention``)."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -103,7 +105,8 @@ def layer_spec(config: MistralTransformerConfig, use_te: bool) -> ModuleSpec:
         core = with_query_scale(core)
     spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules))
     attention = spec.submodules.self_attention
-    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules))
+    attention = dataclasses.replace(attention, module=RotatedKeyCacheSelfAttention,
+                                    submodules=dataclasses.replace(attention.submodules))
     attention.submodules.core_attention = core
     spec.submodules.self_attention = attention
     return spec
