@@ -218,15 +218,17 @@ class TorchEngine:
         """megatron's static KV cache with its per-layer buffers already allocated on this rank's device."""
         context = StaticInferenceContext(batch, capacity)
         dtype = self.model.config.params_dtype
-        order = (0, 1, 2, 3) if self.model.uses_transformer_engine else (1, 2, 0, 3)  # storage order of the dims
+
+        def buffer(groups: int, dim: int) -> torch.Tensor:
+            """``[slot, batch, groups, dim]`` as megatron indexes it, stored in SDPA's order for the local spec."""
+            if self.model.uses_transformer_engine:
+                return torch.empty(capacity, batch, groups, dim, dtype=dtype, device=device())
+            return torch.empty(batch, groups, capacity, dim, dtype=dtype, device=device()).permute(2, 0, 1, 3)
+
         for layer in self.model.decoder.layers:
             attention = layer.self_attention
-            shape = (capacity, batch, attention.num_query_groups_per_partition,
-                     attention.hidden_size_per_attention_head)
-            stored = [shape[i] for i in order]
-            view = [order.index(i) for i in range(4)]
-            context.key_value_memory_dict[attention.layer_number] = tuple(
-                torch.empty(stored, dtype=dtype, device=device()).permute(view) for _ in range(2))
+            shape = (attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head)
+            context.key_value_memory_dict[attention.layer_number] = (buffer(*shape), buffer(*shape))
         return context
 
     @staticmethod

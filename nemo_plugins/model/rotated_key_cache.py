@@ -22,6 +22,11 @@ from megatron.core.transformer.attention import SelfAttention
 class RotatedKeyCacheSelfAttention(SelfAttention):
     """``SelfAttention`` (same constructor, parameters and checkpoint) that rotates new keys before caching them."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # the YaRN scale megatron's forward gives the query's rotation: the keys must get the same one
+        self.key_rotation_mscale = _yarn_get_concentration_factor_from_config(self.config)
+
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
         static = inference_context is not None and inference_context.is_static_batching()
         if not static or rotary_pos_emb is None or self.config.flash_decode:
@@ -29,7 +34,7 @@ class RotatedKeyCacheSelfAttention(SelfAttention):
                                                            *args, **kwargs)
         start = inference_context.sequence_len_offset
         key = apply_rotary_pos_emb(key, rotary_pos_emb[1][start : start + key.size(0)], config=self.config,
-                                   mscale=_yarn_get_concentration_factor_from_config(self.config),
+                                   mscale=self.key_rotation_mscale,
                                    cp_group=self.pg_collection.cp)
         query, key, value, (query_pos_emb, _), mask_type, block_table = super()._adjust_key_value_for_inference(
             inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
