@@ -12,7 +12,7 @@ from nemo_plugins.distributed import ParallelConfig
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.generation.engine import Request, SamplingParams
 from nemo_plugins.generation.loops import NO_STOP, REPEATED_NGRAM, LoopConfig, find_loop
-from nemo_plugins.generation.sampling import choose_tokens, filter_top_k_top_p, request_generator
+from nemo_plugins.generation.sampling import RequestDraws, choose_tokens, filter_top_k_top_p
 from nemo_plugins.generation.torch_engine import TorchEngine, check_layout, plan_batches
 from nemo_plugins.model.builder import build_model
 from nemo_plugins.model.config import YarnScaling
@@ -168,13 +168,13 @@ def test_sampling_draws_tokens_with_the_models_probabilities():
     rows = 3000
     params = [SamplingParams(temperature=1.0)] * rows
     tokens, logprobs = choose_tokens(probs.log().expand(rows, -1).clone(), params,
-                                     [request_generator(seed, torch.device("cpu")) for seed in range(rows)])
+                                     [RequestDraws(seed) for seed in range(rows)])
     frequencies = torch.bincount(tokens, minlength=3).float() / rows
     torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
     torch.testing.assert_close(logprobs, probs.log()[tokens])
     top_2 = [SamplingParams(temperature=1.0, top_k=2)] * rows
     tokens, _ = choose_tokens(probs.log().expand(rows, -1).clone(), top_2,
-                              [request_generator(seed, torch.device("cpu")) for seed in range(rows)])
+                              [RequestDraws(seed) for seed in range(rows)])
     frequencies = torch.bincount(tokens, minlength=3).float() / rows
     torch.testing.assert_close(frequencies, torch.tensor([0.0, 2 / 3, 1 / 3]), atol=0.03, rtol=0)
 

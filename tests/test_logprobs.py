@@ -1,5 +1,6 @@
 """Sequence log-probs of responses: the naive full-logits sum over policy tokens at TP=1, the same numbers at
-TP=2 and PP=2 on two gloo processes (sequence parallelism needs Transformer Engine's norms: GPU only)."""
+TP=2 and PP=2 on two gloo processes (sequence parallelism needs Transformer Engine's norms: GPU only); the
+target-positions-only output layer gives the full forward's values and gradients."""
 
 import socket
 
@@ -17,6 +18,7 @@ from nemo_plugins.rl.logprobs import (
     micro_batches,
     sample_rows,
     sequence_logprobs,
+    target_token_losses,
 )
 from tests import distributed_worker
 from tests.conftest import tiny_config
@@ -70,6 +72,31 @@ def test_sequence_logprobs_are_the_policy_tokens_log_probs_under_full_logits():
     assert not torch.allclose(with_tools[1], frozen[1]), "tool-output tokens must not be scored"
 
 
+def test_target_position_losses_equal_the_full_forwards_values_and_gradients():
+    """The output layer and loss on the scored positions only: the full forward's per-token loss there (and its
+    gradient to every parameter, the tied output weight included), zero elsewhere, the padding row included."""
+    config = tiny_config()
+    model = build_model(config, ParallelConfig())
+    batch = micro_batches(sample_rows(_samples(config.vocab_size), SEQ_LEN, pad_id=0), 4)[0]
+    weights = torch.rand(batch["mask"].shape, generator=torch.Generator().manual_seed(0))
+
+    def gradients(losses):
+        model.zero_grad()
+        (losses * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    full = model(batch["tokens"], batch["positions"], labels=batch["labels"]) * batch["mask"]
+    want = gradients(full)
+    hidden = model(batch["tokens"], batch["positions"], return_hidden=True)
+    scored = target_token_losses(model, hidden, batch["labels"], batch["mask"])
+    assert scored.shape == batch["mask"].shape and not scored[batch["mask"] == 0].any()
+    torch.testing.assert_close(scored, full, atol=1e-6, rtol=1e-6)
+    got = gradients(scored)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_rows_stop_at_the_longest_sample_rounded_up_not_at_seq_len():
     """Pad columns cost forward and backward work: a call's rows are as wide as its longest sample rounded up to
     ROW_MULTIPLE (16: FP8 GEMMs, sequence parallelism), never wider than seq_len."""
@@ -105,6 +132,9 @@ def parallel_logprobs(config, parallel: ParallelConfig, state_path: str, out_pat
         with torch.no_grad():
             result["live"] = sequence_logprobs(model(batch["tokens"], batch["positions"], labels=batch["labels"]),
                                                batch["mask"]).cpu()
+            hidden = model(batch["tokens"], batch["positions"], return_hidden=True)
+            result["targets"] = sequence_logprobs(target_token_losses(model, hidden, batch["labels"], batch["mask"]),
+                                                  batch["mask"]).cpu()
     if dist.get_rank() == 0:
         torch.save(result, out_path)
 
@@ -125,3 +155,4 @@ def test_two_ranks_give_the_single_rank_numbers(tmp_path, parallel):
     assert (result["frozen"] - expected).abs().max().item() <= 1e-4
     if "live" in result:
         assert (result["live"] - expected).abs().max().item() <= 1e-4
+        assert (result["targets"] - expected).abs().max().item() <= 1e-4

@@ -79,6 +79,28 @@ def test_no_mask_is_causal_and_a_decode_step_sees_every_cached_key():
         sdpa(q[:3], k, v, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_over_a_left_padded_cache_equals_a_per_row_reference(dtype):
+    """The single-query path (two matmuls, grouped heads read in place) against float64 attention row by row over
+    each row's own keys: a head reading the wrong group, a mask applied to the wrong keys or scores rounded to bf16
+    before the softmax all fail it. A row allowed no key gives zeros, as SDPA does."""
+    sdpa, _ = attentions()
+    q, k, v = (t.detach() for t in qkv(1, 9, b=4))
+    q, k, v = (4 * q).to(dtype), k.to(dtype), v.to(dtype)  # scores of several units: bf16 would round them
+    pad = [0, 3, 8, 9]  # row r's first pad[r] cached slots are its prompt's left padding; row 3 may attend nowhere
+    padding = (torch.arange(9)[None, :] < torch.tensor(pad)[:, None])[:, None, None, :]  # True: not allowed
+    got = sdpa(q, k, v, padding)
+    group = CONFIG.num_attention_heads // CONFIG.num_kv_heads
+    for row, start in enumerate(pad[:3]):
+        qr, kr, vr = q[0, row].double(), k[start:, row].double(), v[start:, row].double()  # [heads, d], [n, groups, d]
+        kr, vr = kr.repeat_interleave(group, 1), vr.repeat_interleave(group, 1)
+        scores = torch.einsum("hd,nhd->hn", qr, kr) / CONFIG.head_dim ** 0.5
+        want = torch.einsum("hn,nhd->hd", scores.softmax(-1), vr).reshape(-1)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got[0, row].double(), want, atol=tolerance, rtol=tolerance)
+    assert got.dtype == dtype and not got[0, 3].any()
+
+
 def test_query_scale_wraps_sdpa_like_megatrons_attention():
     scaled_sdpa = with_query_scale(SDPAttention)
     scaled_old = with_query_scale(DotProductAttention)

@@ -46,7 +46,7 @@ from nemo_plugins.distributed import ParallelConfig, device
 from nemo_plugins.errors import ConfigError
 from nemo_plugins.generation.engine import Request, Response, ToolHook
 from nemo_plugins.generation.loops import NgramCounter, no_stop
-from nemo_plugins.generation.sampling import choose_tokens, request_generator
+from nemo_plugins.generation.sampling import RequestDraws, choose_tokens
 
 
 def generation_layout(parallel: ParallelConfig) -> ParallelConfig:
@@ -86,7 +86,7 @@ class _Row:
 
     index: int
     request: Request
-    generator: torch.Generator
+    draws: RequestDraws
     counter: NgramCounter
     response: Response = field(init=False)
     fed: int = 0
@@ -127,7 +127,7 @@ class TorchEngine:
         try:
             with torch.no_grad():
                 for batch in plan_batches(lengths, self.max_batch_size, self.model.uses_transformer_engine):
-                    rows = [_Row(i, requests[i], request_generator(requests[i].params.seed, device()),
+                    rows = [_Row(i, requests[i], RequestDraws(requests[i].params.seed),
                                  NgramCounter(requests[i].params.loop)) for i in batch]
                     self._run(rows, tool_hook)
                     for row in rows:
@@ -173,8 +173,9 @@ class TorchEngine:
         sampling = [i for i, r in enumerate(rows) if r.fed == len(r.response.token_ids)]
         if not sampling:
             return
-        tokens, logprobs = choose_tokens(logits[sampling], [rows[i].request.params for i in sampling],
-                                         [rows[i].generator for i in sampling])
+        ready = logits if len(sampling) == len(rows) else logits[sampling]
+        tokens, logprobs = choose_tokens(ready, [rows[i].request.params for i in sampling],
+                                         [rows[i].draws for i in sampling])
         asking: list[_Row] = []
         for i, token, logprob in zip(sampling, tokens.tolist(), logprobs.tolist()):
             row = rows[i]

@@ -6,7 +6,8 @@ answer, code tests, rubric items), the decoded text without its end-of-turn toke
 minus the group mean (optionally over the group std); a group whose rewards are all equal has no signal: it is
 dropped and counted. The loss is ``grpo_loss.grpo_token_loss`` (clip-higher surrogate, optional k3 KL to the
 frozen starting model, off by default), summed over the kept groups' response tokens and divided by their
-global count through megatron's per-token-loss path (token-level normalisation).
+global count through megatron's per-token-loss path (token-level normalisation). The training forward runs the
+output layer on the response tokens only (``logprobs.target_token_losses``).
 
 Off-policy-ness: none beyond numerics. A step samples with the weights it then updates, and the loop takes one
 optimizer step per sampled batch, so the old policy IS the current one. The ratio's denominator is the
@@ -70,7 +71,7 @@ from nemo_plugins.manifest import write_json_atomic, write_manifest
 from nemo_plugins.model.forward import forward_only
 from nemo_plugins.parallel_ops import summed_logs
 from nemo_plugins.rl.grpo_loss import GRPOLossOptions, group_advantages, grpo_token_loss
-from nemo_plugins.rl.logprobs import sample_rows
+from nemo_plugins.rl.logprobs import sample_rows, target_token_losses
 from nemo_plugins.rl.online_stage import (
     StepMetrics,
     checked_policy,
@@ -269,17 +270,17 @@ class GRPOStep:
         def forward_step(data_iterator, chunk):
             index, batch = next(data_iterator)
             old, advantages, reference = extras[index]
-            output = chunk(batch["tokens"], batch["positions"], labels=batch["labels"])
+            hidden = chunk(batch["tokens"], batch["positions"], return_hidden=True)
 
-            def loss_func(per_token_loss):
-                logp = -per_token_loss.float()
+            def loss_func(hidden):
+                logp = -target_token_losses(ddp.module, hidden, batch["labels"], batch["mask"]).float()
                 out = grpo_token_loss(logp, old.to(logp.device), advantages.to(logp.device), batch["mask"], options,
                                       reference)
                 count = out.tokens.to(torch.int)
                 return out.loss_sum, count, {"loss_sum": out.loss_sum.detach().clone(), "tokens": count,
                                              "clipped": out.clipped, "kl_sum": out.kl_sum}
 
-            return output, loss_func
+            return hidden, loss_func
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=[ddp],
