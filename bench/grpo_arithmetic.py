@@ -4,10 +4,13 @@ with the truncation rate, rewarded by the math reward (math-verify on the final 
 The policy is any model source (default: the parent, SmolLM2-135M-Instruct; a demo child after reasoning SFT is the
 paper's starting point). The problems (``--problems-source``):
 - ``two_step`` (default): ``a + b`` / ``a - b`` with operands up to ``--max-operand`` (the difficulty knob), worked
-  the way a small model can follow: the second operand split into tens and ones, one exact line per partial result,
-  then ``Answer: <value>``. Written by ``easy_arithmetic`` (seeded, deterministic) to a JSONL of chat records with
-  ``meta`` for the math reward, with a short system message in every record (GRPO renders prompts as they are, so
-  the SFT run on the same file must not add its own: ``stage.sft_kd.system_prompt=null``);
+  the way a small model can follow (``--worked``: the second operand split into tens and ones, one exact line per
+  partial result; or the tens added ten at a time and the ones counted one at a time), then ``Answer: <value>``;
+  ``--direct-fraction`` of the traces are instead one line ``a + b = c`` (a short chain of thought beside the long
+  one, as in the paper's reasoning SFT; the report splits pass@1 by the style of each response). Written by
+  ``easy_arithmetic`` (seeded, deterministic) to a JSONL of chat records with ``meta`` for the math reward, with a
+  short system message in every record (GRPO renders prompts as they are, so the SFT run on the same file must not
+  add its own: ``stage.sft_kd.system_prompt=null``);
 - ``reasoning_math``: ``builtin:reasoning_math`` (word problems, linear equations, unit conversions): a demo child
   solves ~none of them, so every group has zero advantage and GRPO has nothing to learn from.
 The held-out tail of the source (``--heldout-fraction``, 0.05) is never trained on, by SFT or GRPO: the SFT run
@@ -46,32 +49,71 @@ from nemo_plugins.train.metrics import MetricsLog
 SYSTEM = "Work the sum out step by step, then give the final answer on a last line 'Answer: <value>'."
 
 
-def easy_arithmetic(count: int, seed: int, max_operand: int) -> list[dict]:
-    """``count`` distinct problems ``a + b`` or ``a - b`` (1 <= a, b <= max_operand) as chat records: thinking that
-    adds or subtracts the tens of b, then its ones (each line exact), content ``Answer: <value>``; meta for the math
-    reward. Deterministic by (seed, max_operand)."""
+def easy_arithmetic(count: int, seed: int, max_operand: int, worked: str = "split",
+                    direct_fraction: float = 0.0) -> list[dict]:
+    """``count`` distinct problems ``a + b`` or ``a - b`` (1 <= a, b <= max_operand) as chat records with content
+    ``Answer: <value>`` and meta for the math reward. The thinking is a short or a long chain of thought, as in the
+    paper's reasoning SFT mix: a ``direct_fraction`` of the records state the result in one line (``a + b = c``); the
+    others work it out (``worked``):
+    - ``split``: b split into tens and ones, one exact line per partial result;
+    - ``counted``: b split likewise, then the tens added ten at a time and the ones counted one at a time, each
+      count numbered (``1: 38``), so every line is a successor step a small model can follow.
+    Deterministic by (seed, max_operand); the style of each record has its own seeded draw, so the problems (and a
+    held-out tail) are the same whatever the styles."""
     if count > 2 * max_operand ** 2:
         raise SystemExit(f"--count {count}: operands up to {max_operand} give only {2 * max_operand ** 2} problems")
     rng = random.Random(f"easy_arithmetic/{seed}/{max_operand}")
+    styles = random.Random(f"easy_arithmetic/styles/{seed}/{max_operand}")
     records, seen = [], set()
     while len(records) < count:
         a, b, sign = rng.randint(1, max_operand), rng.randint(1, max_operand), rng.choice("+-")
         if (a, b, sign) in seen:
             continue
         seen.add((a, b, sign))
-        tens, ones = b - b % 10, b % 10
-        step = (lambda x, y: x + y) if sign == "+" else (lambda x, y: x - y)
-        middle = step(a, tens)
-        lines = [f"{b} = {tens} + {ones}" if tens and ones else f"{b} is a single part"]
-        lines += [f"{a} {sign} {tens} = {middle}"] if tens else []
-        lines += [f"{middle} {sign} {ones} = {step(middle, ones)}"] if ones else []
-        answer = format_exact(step(a, b))
+        answer = format_exact(a + b if sign == "+" else a - b)
+        direct = styles.random() < direct_fraction
+        lines = [f"{a} {sign} {b} = {answer}"] if direct else WORKED[worked](a, b, sign)
         records.append({"messages": [{"role": "system", "content": SYSTEM},
                                      {"role": "user", "content": f"What is {a} {sign} {b}?"},
                                      {"role": "assistant", "thinking": "\n".join(lines),
                                       "content": f"Answer: {answer}"}],
                         "meta": {"reward": "math", "answer": answer, "source": "easy_arithmetic"}})
     return records
+
+
+def _split_lines(a: int, b: int, sign: str) -> list[str]:
+    tens, ones = b - b % 10, b % 10
+    step = (lambda x, y: x + y) if sign == "+" else (lambda x, y: x - y)
+    middle = step(a, tens)
+    lines = [f"{b} = {tens} + {ones}" if tens and ones else f"{b} is a single part"]
+    lines += [f"{a} {sign} {tens} = {middle}"] if tens else []
+    return lines + ([f"{middle} {sign} {ones} = {step(middle, ones)}"] if ones else [])
+
+
+def _counted_lines(a: int, b: int, sign: str) -> list[str]:
+    tens, ones = b - b % 10, b % 10
+    unit = 1 if sign == "+" else -1
+    lines = [f"{b} = {tens} + {ones}" if tens and ones else f"{b} is a single part"]
+    value = a
+    for _ in range(tens // 10):
+        lines.append(f"{value} {sign} 10 = {value + 10 * unit}")
+        value += 10 * unit
+    if ones:
+        lines.append(f"{value} {sign} {ones}:")
+        for count in range(1, ones + 1):
+            value += unit
+            lines.append(f"{count}: {value}")
+    return lines
+
+
+WORKED = {"split": _split_lines, "counted": _counted_lines}
+
+
+def direct_style(question: str, response: str) -> bool:
+    """Whether a response's thinking opens with the question's sum and its result (the short chain of thought)."""
+    expression = question.removeprefix("What is ").removesuffix("?")
+    thinking = response.lstrip().removeprefix("<think>").lstrip()
+    return thinking.startswith(f"{expression} =")
 
 
 def solved_at(format_weight: float) -> float:
@@ -103,7 +145,7 @@ class GradedLog:
 
 def write_problems(path: Path, args: argparse.Namespace) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = easy_arithmetic(args.count, args.seed, args.max_operand)
+    records = easy_arithmetic(args.count, args.seed, args.max_operand, args.worked, args.direct_fraction)
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
 
@@ -170,6 +212,27 @@ def eval_formats(lines: list[dict], evaluations: int, problems: int) -> list[tup
     return shares
 
 
+def style_split(lines: list[dict]) -> tuple[float, float, float]:
+    """(share of direct responses, pass rate among direct ones, pass rate among the others): how much of a pass@1
+    change is a change of style, how much is a change within a style."""
+    direct = [r["correct"] for r in lines if direct_style(r["question"], r["response"])]
+    worked = [r["correct"] for r in lines if not direct_style(r["question"], r["response"])]
+    return (len(direct) / max(len(lines), 1), sum(direct) / len(direct) if direct else math.nan,
+            sum(worked) / len(worked) if worked else math.nan)
+
+
+def train_chunks(args: argparse.Namespace) -> list[list[dict]]:
+    """The graded log's training responses per step (problems x G each), or none if the log does not hold exactly
+    that (a problem filter's or a resumed run's extra lines)."""
+    heldout = heldout_questions(args)
+    lines = [json.loads(line) for line in graded_log(args).read_text().splitlines()]
+    lines = [r for r in lines if r["question"] not in heldout]
+    size = args.problems * args.group_size
+    if args.filter_samples or len(lines) != args.steps * size:
+        return []
+    return [lines[i * size : (i + 1) * size] for i in range(args.steps)]
+
+
 def paired_change(lines: list[dict], problems: int) -> tuple[int, int, float]:
     """The first and last evaluations grade the same held-out problems greedily, so their difference is read per
     problem (McNemar): (solved only at the end, solved only at the start, z = (b - c) / sqrt(b + c))."""
@@ -186,12 +249,15 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     if args.problems_source == "two_step":
         verdicts = heldout_verdicts(args, len(evals), n)
         formats = eval_formats(verdicts, len(evals), n)
+        styles = [style_split(verdicts[i * n : (i + 1) * n]) for i in range(len(evals))]
+        train_styles = [style_split(chunk) for chunk in train_chunks(args)]
         last = verdicts[-n:][:3]  # read what the last evaluation paid for (a reward can be gamed)
         gained, lost, z = paired_change(verdicts, n)
         paired = (f"paired, first vs last evaluation: {gained} problems solved only after, {lost} only before, "
                   f"McNemar z = {z:.2f}")
     else:
         formats, last, paired = [(math.nan, math.nan)] * len(evals), [], "paired change: two_step only"
+        styles, train_styles = [(math.nan, math.nan, math.nan)] * len(evals), []
 
     def se(p: float) -> float:
         return math.sqrt(p * (1 - p) / n)
@@ -214,16 +280,19 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
              paired,
              "",
              "| step | held-out pass@1 (SE) | well-formed | pass among well-formed | "
-             "truncation rate | response tokens |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "truncation rate | response tokens | direct share | pass: direct / worked |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r['pass_at_1']:.3f} ({se(r['pass_at_1']):.3f}) | {shape:.3f} | {solved:.3f} | "
-              f"{r['truncation_rate']:.3f} | {r['response_tokens']:.1f} |"
-              for r, (shape, solved) in zip(evals, formats)]
-    lines += ["", "| step | train reward | pass rate | kept groups | zero-adv. groups | truncation | clip fraction |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              f"{r['truncation_rate']:.3f} | {r['response_tokens']:.1f} | {share:.3f} | "
+              f"{direct:.3f} / {worked:.3f} |"
+              for r, (shape, solved), (share, direct, worked) in zip(evals, formats, styles)]
+    train_styles = train_styles or [(math.nan, math.nan, math.nan)] * len(steps)
+    lines += ["", "| step | train reward | pass rate | kept groups | zero-adv. groups | truncation | clip fraction | "
+              "direct share | pass: direct / worked |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r['reward']:.3f} | {r['pass_rate']:.3f} | {r['kept_groups']:.0f} | "
-              f"{r['zero_advantage_groups']:.0f} | {r['truncation_rate']:.3f} | {r['clip_fraction']:.2e} |"
-              for r in steps]
+              f"{r['zero_advantage_groups']:.0f} | {r['truncation_rate']:.3f} | {r['clip_fraction']:.2e} | "
+              f"{share:.3f} | {direct:.3f} / {worked:.3f} |"
+              for r, (share, direct, worked) in zip(steps, train_styles)]
     lines += ["", f"The last evaluation's first {len(last)} held-out responses:"]
     lines += [f"- {r['question']} -> {json.dumps(r['response'])} (reward {r['reward']:g})" for r in last]
     return "\n".join(lines)
@@ -251,6 +320,10 @@ def main() -> None:
     parser.add_argument("--max-operand", type=int, default=99, help="two_step's difficulty knob")
     parser.add_argument("--count", type=int, default=3000, help="two_step problems written (5%% held out)")
     parser.add_argument("--seed", type=int, default=0, help="two_step's generator seed")
+    parser.add_argument("--worked", choices=tuple(WORKED), default="split",
+                        help="two_step's long chain of thought: tens and ones (split) or counted one at a time")
+    parser.add_argument("--direct-fraction", type=float, default=0.0,
+                        help="two_step: share of SFT traces stating the result in one line (short chain of thought)")
     parser.add_argument("--train-seed", type=int, default=1234,
                         help="GRPO's stage.grpo.train.seed: the training samples' seeds derive from it")
     parser.add_argument("--max-batch-size", type=int, default=32,
