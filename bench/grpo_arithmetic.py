@@ -339,8 +339,10 @@ def main() -> None:
     if args.write_problems:
         print(write_problems(args.write_problems, args))
         return
+    if graded_log(args).exists():
+        raise SystemExit(f"--out {args.out}: {graded_log(args)} holds an earlier run's verdicts; move it away or "
+                         "choose another --out (nothing was deleted)")
     started = time.monotonic()
-    graded_log(args).unlink(missing_ok=True)
     subprocess.run(command(args), check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     print(report(args.out, args, time.monotonic() - started))
 
