@@ -81,20 +81,23 @@ def easy_arithmetic(count: int, seed: int, max_operand: int, worked: str = "spli
     return records
 
 
+def _parts_line(b: int) -> str:
+    tens, ones = b - b % 10, b % 10
+    return f"{b} = {tens} + {ones}" if tens and ones else f"{b} is a single part"
+
+
 def _split_lines(a: int, b: int, sign: str) -> list[str]:
     tens, ones = b - b % 10, b % 10
     step = (lambda x, y: x + y) if sign == "+" else (lambda x, y: x - y)
     middle = step(a, tens)
-    lines = [f"{b} = {tens} + {ones}" if tens and ones else f"{b} is a single part"]
-    lines += [f"{a} {sign} {tens} = {middle}"] if tens else []
+    lines = [_parts_line(b)] + ([f"{a} {sign} {tens} = {middle}"] if tens else [])
     return lines + ([f"{middle} {sign} {ones} = {step(middle, ones)}"] if ones else [])
 
 
 def _counted_lines(a: int, b: int, sign: str) -> list[str]:
     tens, ones = b - b % 10, b % 10
     unit = 1 if sign == "+" else -1
-    lines = [f"{b} = {tens} + {ones}" if tens and ones else f"{b} is a single part"]
-    value = a
+    lines, value = [_parts_line(b)], a
     for _ in range(tens // 10):
         lines.append(f"{value} {sign} 10 = {value + 10 * unit}")
         value += 10 * unit
@@ -215,8 +218,9 @@ def eval_formats(lines: list[dict], evaluations: int, problems: int) -> list[tup
 def style_split(lines: list[dict]) -> tuple[float, float, float]:
     """(share of direct responses, pass rate among direct ones, pass rate among the others): how much of a pass@1
     change is a change of style, how much is a change within a style."""
-    direct = [r["correct"] for r in lines if direct_style(r["question"], r["response"])]
-    worked = [r["correct"] for r in lines if not direct_style(r["question"], r["response"])]
+    styled = [(direct_style(r["question"], r["response"]), r["correct"]) for r in lines]
+    direct = [correct for is_direct, correct in styled if is_direct]
+    worked = [correct for is_direct, correct in styled if not is_direct]
     return (len(direct) / max(len(lines), 1), sum(direct) / len(direct) if direct else math.nan,
             sum(worked) / len(worked) if worked else math.nan)
 
@@ -265,7 +269,8 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     steps = StepMetrics.read(out / STEP_METRICS)
     manifest = json.loads((out / "manifest.json").read_text())
     lines = [f"problems {args.problems_source}"
-             + (f" (operands up to {args.max_operand})" if args.problems_source == "two_step" else "")
+             + (f" (operands up to {args.max_operand}, SFT traces {args.direct_fraction:g} direct, the others "
+                f"{args.worked})" if args.problems_source == "two_step" else "")
              + f", policy {args.policy}, {args.steps} steps x {args.problems} problems x G={args.group_size} "
              f"at T={args.temperature}, "
              f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, KL beta {args.kl_beta}, "
@@ -336,6 +341,8 @@ def main() -> None:
     if not 0.0 <= args.format_weight < 0.5:
         parser.error(f"--format-weight {args.format_weight}: must be in [0, 0.5), or a wrong well-formed answer "
                      "(reward w) would count as solved (a correct one earns at least 1 - w)")
+    if not 0.0 <= args.direct_fraction <= 1.0:
+        parser.error(f"--direct-fraction {args.direct_fraction}: a share of the traces, in [0, 1]")
     if args.write_problems:
         print(write_problems(args.write_problems, args))
         return
