@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from nemo_plugins.data.thinking import split_thinking
 from nemo_plugins.generation.tools import format_exact
 from nemo_plugins.rl.grpo import STEP_METRICS
 from nemo_plugins.rl.online_stage import StepMetrics
@@ -115,8 +116,8 @@ WORKED = {"split": _split_lines, "counted": _counted_lines}
 def direct_style(question: str, response: str) -> bool:
     """Whether a response's thinking opens with the question's sum and its result (the short chain of thought)."""
     expression = question.removeprefix("What is ").removesuffix("?")
-    thinking = response.lstrip().removeprefix("<think>").lstrip()
-    return thinking.startswith(f"{expression} =")
+    thinking, _ = split_thinking(response)
+    return thinking is not None and thinking.startswith(f"{expression} =")
 
 
 def solved_at(format_weight: float) -> float:
@@ -195,11 +196,15 @@ def heldout_questions(args: argparse.Namespace) -> set[str]:
     return {r["messages"][-2]["content"] for r in records[int(len(records) * (1.0 - args.heldout_fraction)):]}
 
 
-def heldout_verdicts(args: argparse.Namespace, evaluations: int, problems: int) -> list[dict]:
-    """The graded log's held-out lines in order (each evaluation grades the same ``problems`` problems once)."""
+def graded_lines(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The graded log's lines in order, split into (held-out ones, training ones)."""
     heldout = heldout_questions(args)
     lines = [json.loads(line) for line in graded_log(args).read_text().splitlines()]
-    lines = [r for r in lines if r["question"] in heldout]
+    return [r for r in lines if r["question"] in heldout], [r for r in lines if r["question"] not in heldout]
+
+
+def heldout_verdicts(args: argparse.Namespace, lines: list[dict], evaluations: int, problems: int) -> list[dict]:
+    """The held-out lines, checked to be the evaluations' (each grades the same ``problems`` problems once)."""
     if len(lines) != evaluations * problems:
         raise SystemExit(f"{graded_log(args)}: {len(lines)} held-out verdicts for {evaluations} x {problems}")
     return lines
@@ -225,12 +230,9 @@ def style_split(lines: list[dict]) -> tuple[float, float, float]:
             sum(worked) / len(worked) if worked else math.nan)
 
 
-def train_chunks(args: argparse.Namespace) -> list[list[dict]]:
-    """The graded log's training responses per step (problems x G each), or none if the log does not hold exactly
-    that (a problem filter's or a resumed run's extra lines)."""
-    heldout = heldout_questions(args)
-    lines = [json.loads(line) for line in graded_log(args).read_text().splitlines()]
-    lines = [r for r in lines if r["question"] not in heldout]
+def train_chunks(args: argparse.Namespace, lines: list[dict]) -> list[list[dict]]:
+    """The graded log's training lines per step (problems x G each), or none if they are not exactly that (a
+    problem filter's or a resumed run's extra lines)."""
     size = args.problems * args.group_size
     if args.filter_samples or len(lines) != args.steps * size:
         return []
@@ -251,10 +253,11 @@ def report(out: Path, args: argparse.Namespace, wall: float) -> str:
     evals = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "eval"]
     n = int(evals[0]["problems"])
     if args.problems_source == "two_step":
-        verdicts = heldout_verdicts(args, len(evals), n)
+        heldout_lines, train_lines = graded_lines(args)
+        verdicts = heldout_verdicts(args, heldout_lines, len(evals), n)
         formats = eval_formats(verdicts, len(evals), n)
         styles = [style_split(verdicts[i * n : (i + 1) * n]) for i in range(len(evals))]
-        train_styles = [style_split(chunk) for chunk in train_chunks(args)]
+        train_styles = [style_split(chunk) for chunk in train_chunks(args, train_lines)]
         last = verdicts[-n:][:3]  # read what the last evaluation paid for (a reward can be gamed)
         gained, lost, z = paired_change(verdicts, n)
         paired = (f"paired, first vs last evaluation: {gained} problems solved only after, {lost} only before, "
